@@ -1,0 +1,78 @@
+"""`distgame`: the command-line entry point.
+
+    distgame train --role teacher --config default [key=value ...] [--json]
+    distgame bench --config default [--json]
+    distgame config --config default [key=value ...]     # the resolved, documented config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from experiments.config import ROLES, ConfigError, describe, load_config
+from models.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="default", help="built-in config name (experiments/configs/NAME.yaml) or a path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. teacher.train.steps=100")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distgame", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (or resume) one role's model")
+    train.add_argument("--role", required=True, choices=ROLES)
+    _common(train)
+    bench = sub.add_parser("bench", help="train-step and decode throughput, FLOPs and utilisation")
+    _common(bench)
+    show = sub.add_parser("config", help="print the resolved config with the documentation of every field")
+    _common(show)
+    return parser
+
+
+def _train(args, cfg) -> dict:
+    from experiments.train import Trainer, make_mesh
+
+    trainer = Trainer(cfg, args.role, make_mesh(cfg))
+    summary = trainer.fit(progress=not args.no_progress)
+    print(f"{args.role}: test accuracy {summary['test_accuracy']:.3f} on {summary['n_test']} problems "
+          f"after {summary['steps']} steps in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
+    return summary
+
+
+def _bench(args, cfg) -> dict:
+    from experiments.bench import format_report, run_bench
+
+    report = run_bench(cfg)
+    print(format_report(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(describe(cfg))
+            return 0
+        summary = {"train": _train, "bench": _bench}[args.command](args, cfg)
+    except USER_ERRORS as e:
+        print(f"distgame {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distgame {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Decoder-only transformer in Flax NNX with a functional core.
+
+Every parameter carries `logical_axes` metadata (e.g. ("vocab", "embed")) that the
+rule table in `models.sharding` maps to mesh axes. Parameters are float32; matmuls
+run in `compute_dtype` (bfloat16 on TPU); softmaxes and logits are float32.
+
+The model is used through pure functions on a pure-dict parameter tree:
+`graphdef, params = split_params(model)` once, then `forward(graphdef, params, ...)`
+inside `jax.jit`. The KV cache is an explicit pytree argument, not module state, so
+sampling, `jax.jvp` through the cache and `vmap` over seeds stay plain JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Params = dict[str, Any]
+Cache = dict[str, dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Transformer sizes. One preset per role lives in the experiment config."""
+
+    d_model: int = dataclasses.field(default=128, metadata={"help": "width of the residual stream"})
+    n_layers: int = dataclasses.field(default=4, metadata={"help": "number of transformer blocks"})
+    n_heads: int = dataclasses.field(default=4, metadata={"help": "query heads per attention layer"})
+    n_kv_heads: int = dataclasses.field(
+        default=4, metadata={"help": "key/value heads (< n_heads = grouped-query attention); must divide n_heads"}
+    )
+    d_ff: int = dataclasses.field(default=512, metadata={"help": "hidden width of the SwiGLU MLP"})
+    tied_embeddings: bool = dataclasses.field(
+        default=True, metadata={"help": "reuse the token embedding as the output projection"}
+    )
+    rope_base: float = dataclasses.field(default=10000.0, metadata={"help": "rotary position embedding base"})
+    norm_eps: float = dataclasses.field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    compute_dtype: str = dataclasses.field(
+        default="float32", metadata={"help": "dtype of matmuls: float32 or bfloat16 (parameters stay float32)"}
+    )
+
+    def validate(self, where: str = "model") -> None:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"{where}.n_heads={self.n_heads} must divide {where}.d_model={self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{where}.n_kv_heads={self.n_kv_heads} must divide {where}.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"{where}: head size d_model/n_heads must be even for rotary embeddings")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"{where}.compute_dtype={self.compute_dtype!r} must be 'float32' or 'bfloat16'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int) -> nnx.Param:
+    init = jax.nn.initializers.normal(stddev=fan_in**-0.5)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale_d = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x32 = x_btd.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale_d[...]).astype(x_btd.dtype)
+
+
+def rotary(x_btnh: jax.Array, positions_bt: jax.Array, base: float) -> jax.Array:
+    """Rotate-half rotary embedding at absolute `positions_bt` (float32 angles)."""
+    half = x_btnh.shape[-1] // 2
+    inv_freq_h = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h
+    sin, cos = jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.wq_dnh = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), d)
+        self.wk_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
+        self.wv_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
+        self.wo_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), n * h)
+
+    def __call__(self, x_btd, positions_bt, mask_bts, cache, cache_index):
+        cfg, dt = self.cfg, x_btd.dtype
+        q_btnh = rotary(jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt)), positions_bt, cfg.rope_base)
+        k_btkh = rotary(jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt)), positions_bt, cfg.rope_base)
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
+        if cache is not None:  # write this chunk at slot `cache_index`, attend over the whole cache
+            k_btkh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkh.astype(cache["k"].dtype), cache_index, 1)
+            v_btkh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkh.astype(cache["v"].dtype), cache_index, 1)
+            cache = {"k": k_btkh, "v": v_btkh}
+        b, t, n, h = q_btnh.shape
+        kv = cfg.n_kv_heads
+        q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh.astype(dt)).astype(jnp.float32) * h**-0.5
+        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh.astype(dt)).reshape(b, t, n, h)
+        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), cache
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), d)
+        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), d)
+        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), f)
+
+    def __call__(self, x_btd):
+        dt = x_btd.dtype
+        gate = jax.nn.silu(x_btd @ self.w_gate_df[...].astype(dt))
+        return (gate * (x_btd @ self.w_up_df[...].astype(dt))) @ self.w_down_fd[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, rngs)
+
+    def __call__(self, x_btd, positions_bt, mask_bts, cache, cache_index):
+        attn_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, cache_index)
+        x_btd = x_btd + attn_btd
+        return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, rngs: nnx.Rngs):
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed_vd = nnx.Param(
+            jax.random.normal(rngs.params(), (vocab_size, cfg.d_model), jnp.float32), logical_axes=("vocab", "embed")
+        )
+        # Named attributes rather than a list keep checkpoint keys plain strings.
+        for i in range(cfg.n_layers):
+            setattr(self, f"block_{i}", Block(cfg, rngs))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tied_embeddings:
+            self.unembed_dv = _param(rngs, (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.d_model)
+
+    def __call__(self, tokens_bt, positions_bt, mask_bts, cache: Cache | None = None, cache_index=0):
+        dt = jnp.dtype(self.cfg.compute_dtype)
+        x_btd = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
+        new_cache = {} if cache is not None else None
+        for i in range(self.cfg.n_layers):
+            name = f"block_{i}"
+            layer_cache = cache[name] if cache is not None else None
+            x_btd, layer_cache = getattr(self, name)(x_btd, positions_bt, mask_bts, layer_cache, cache_index)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        x_btd = self.final_norm(x_btd)
+        if self.cfg.tied_embeddings:
+            # Scale so tied logits start O(1) like the untied projection (embedding has unit variance).
+            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed_vd[...].astype(dt)) * self.cfg.d_model**-0.5
+        else:
+            logits = x_btd @ self.unembed_dv[...].astype(dt)
+        return logits.astype(jnp.float32), new_cache
+
+
+# ---------------------------------------------------------------------------
+# Functional core
+# ---------------------------------------------------------------------------
+
+
+def build(cfg: ModelConfig, vocab_size: int, seed: int) -> Transformer:
+    return Transformer(cfg, vocab_size, nnx.Rngs(params=seed))
+
+
+def split_params(model: Transformer) -> tuple[nnx.GraphDef, Params]:
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def logical_axes(model: Transformer) -> Params:
+    """The `logical_axes` of every parameter, as a tree shaped like the params."""
+    _, state = nnx.split(model)
+    nested: Params = {}
+    for path, var in state.flat_state():
+        node = nested
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(var.get_metadata()["logical_axes"])
+    return nested
+
+
+def causal_mask(valid_bt: jax.Array) -> jax.Array:
+    """[B, T, T] mask: query t sees keys s <= t that are valid (not padding)."""
+    t = valid_bt.shape[1]
+    causal_ts = jnp.tril(jnp.ones((t, t), bool))
+    return causal_ts[None] & valid_bt[:, None, :].astype(bool)
+
+
+def forward(graphdef, params: Params, tokens_bt, positions_bt=None, mask_bts=None, cache=None, cache_index=0):
+    """Logits [B, T, V] (float32) and the updated cache (None without one)."""
+    if positions_bt is None:
+        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    if mask_bts is None:
+        mask_bts = causal_mask(jnp.ones(tokens_bt.shape, bool))
+    model = nnx.merge(graphdef, params)
+    return model(tokens_bt, positions_bt, mask_bts, cache, cache_index)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.compute_dtype)
+    return {f"block_{i}": {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for i in range(cfg.n_layers)}
+
+
+def token_logprobs(graphdef, params: Params, tokens_bt) -> jax.Array:
+    """log q(tokens[t+1] | tokens[<=t]) as [B, T-1]: the next-token log-likelihoods."""
+    logits_btv, _ = forward(graphdef, params, tokens_bt[:, :-1])
+    logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    return jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+
+
+def param_count(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, context: int) -> float:
+    """Forward-pass model FLOPs per token (2 per multiply-add): matmuls + attention at `context`."""
+    d, f, n, k, h = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    per_layer = 2 * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f) + 2 * 2 * n * h * context
+    return float(cfg.n_layers * per_layer + 2 * d * vocab_size)
