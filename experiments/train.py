@@ -45,6 +45,14 @@ def masked_nll(graphdef, params, tokens_bt, loss_mask_bt) -> jax.Array:
     return -jnp.sum(logp_bt * mask_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)
 
 
+def opt_state_shardings(tx, params, param_shardings, replicated):
+    """Optimizer moments take their parameter's sharding; counters and other scalars are replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract, param_shardings, transform_non_params=lambda _: replicated
+    )
+
+
 @dataclasses.dataclass
 class RoleModel:
     """A role's model on the mesh: static graph, sharded params and their shardings."""
@@ -93,11 +101,14 @@ class Trainer:
         self.tokenizer = tokenizer or build_tokenizer()
         self.model = init_role_model(self.rc, self.tokenizer.vocab_size, mesh, cfg.rules, self.tc.seed)
         self.tx = make_optimizer(self.tc)
-        opt_state = jax.jit(self.tx.init)(self.model.params)  # inherits the params' shardings
-        self.state = {"params": self.model.params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
         rep = shd.replicated(mesh)
-        self.state = jax.device_put(self.state, jax.tree.map(lambda x: x.sharding, self.state) | {"step": rep})
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        opt_shardings = opt_state_shardings(self.tx, self.model.params, self.model.param_shardings, rep)
+        self.state_shardings = {"params": self.model.param_shardings, "opt_state": opt_shardings, "step": rep}
+        self.state = {
+            "params": self.model.params,
+            "opt_state": jax.jit(self.tx.init, out_shardings=opt_shardings)(self.model.params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+        }
         batch_sh = {"tokens_bt": shd.batch_sharding(mesh), "loss_mask_bt": shd.batch_sharding(mesh)}
         graphdef, tx = self.model.graphdef, self.tx
 
@@ -107,7 +118,7 @@ class Trainer:
             )
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
         self.step_fn = jax.jit(
@@ -213,12 +224,12 @@ def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> Rol
     rc = cfg.role(role)
     model = init_role_model(rc, vocab_size, mesh, cfg.rules, rc.train.seed)
     tx = make_optimizer(rc.train)
-    abstract_opt = jax.eval_shape(tx.init, model.params)
     rep = shd.replicated(mesh)
-    # Optimizer moments share their parameter's sharding; scalars are replicated.
+    abstract_opt = jax.eval_shape(tx.init, model.params)
+    opt_shardings = opt_state_shardings(tx, model.params, model.param_shardings, rep)
     target = {
         "params": abstract_like(model.params),
-        "opt_state": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_opt),
+        "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
     }
     ckpt = Checkpointer(pathlib.Path(cfg.run_dir) / role / "checkpoints", create=False)

@@ -191,7 +191,7 @@ def logical_axes(model: Transformer) -> Params:
     """The `logical_axes` of every parameter, as a tree shaped like the params."""
     _, state = nnx.split(model)
     nested: Params = {}
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         node = nested
         for key in path[:-1]:
             node = node.setdefault(key, {})

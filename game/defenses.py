@@ -1,0 +1,429 @@
+"""Decoding-time defenses: how the teacher turns expert logits into the
+distribution it samples from.
+
+Two layers:
+
+* **Pure functions** (``poe_logprobs``, ``ads_delta``, ``strategic_strength``,
+  ...) that tests and the game solver call directly. They are differentiable in
+  every numeric argument (γ, λ, τ may be traced scalars, and strengths may be
+  per-row arrays).
+* **Combiners**: small frozen dataclasses plugged into the sampler's
+  combination seam (``models/sampling.py``). Structural interface::
+
+      init(batch_size) -> carry                 # per-sequence state pytree
+      logits(outs, carry) -> [B, V] float32     # τ is applied HERE
+      update(outs, carry, token_b) -> carry     # after token [B] int32 is chosen
+
+  ``outs[i]`` is expert i's output at the current position: raw next-token
+  logits ``z_bv`` for a model expert, ``(z_bv, dz_bv)`` for a tangent (JVP)
+  expert. Each combiner class lists its expected experts in the class
+  attribute ``experts`` (documentation for the sampler; not used here).
+  Combiners are registered with ``jax.tree_util.register_static``: they carry
+  no array leaves, hash by value, and can be closed over or passed to ``jit``.
+  Their numeric fields must therefore be python numbers; to trace a strength
+  (e.g. a hypergradient in γ) call the pure functions instead.
+
+Conventions (DESIGN.md, "Conventions that must hold everywhere"):
+
+* PoE(γ):  ``log p_γ = log_softmax(((1-γ) z_T + γ z_P) / τ)``, γ ∈ [0, 1).
+  At τ=1 this is ``p_T · exp(-γ (log p_T - log p_P))`` renormalised.
+* ADS(λ):  ``logits = z_T / τ + λ Δ``, ``Δ(v) = d/dε log p_P(v; θ_P + ε g_P)``
+  at ε=0, with ``g_P`` the gradient of the proxy's held-out NLL. τ divides the
+  teacher logits only; the λΔ term is not tempered.
+  Sign: moving the proxy along +g_P *increases* its held-out loss, so Δ(v) > 0
+  marks tokens that the loss-increasing direction favours. For a student
+  trained on token v (loss ``-log p(v)``) the example value is
+  ``⟨∇(-log p(v)), g⟩ = -Δ(v)``, so ADS is ``p_T · exp(-λ · value)``: the
+  DESIGN's teacher suppression.
+* Strategic teacher: ``γ_t = clip(γ · exp(η s_t), 0, γ_max)`` with ``s_t`` the
+  running sum, over the tokens already emitted in that sequence, of
+  ``log p_T(y) - log p_P(y)``. Choice: these log-probs are τ=1 log-softmaxes
+  of the *raw* expert logits (independent of the sampling temperature and of
+  the defense itself), so s_t measures how much more the teacher knows than
+  the proxy about the emitted prefix.
+
+A non-scalar strength (γ or λ of shape [B]) is aligned with the *leading* axes
+of the logits (``[B]`` against ``[B, V]`` or ``[B, T, V]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    # validation
+    "validate_gamma",
+    "validate_gamma_max",
+    "validate_lam",
+    "validate_temperature",
+    "validate_eps",
+    "check_same_vocab",
+    # pure functions
+    "standard_logits",
+    "poe_logits",
+    "poe_logprobs",
+    "ads_delta",
+    "ads_delta_finite_difference",
+    "ads_logits",
+    "strategic_strength",
+    "strategic_increment",
+    "topk_logprobs",
+    # combiners
+    "Standard",
+    "PoE",
+    "ADS",
+    "ADSFiniteDifference",
+    "StrategicPoE",
+    "StrategicADS",
+]
+
+
+# ----------------------------------------------------------------------------
+# Validation. Checks run only on concrete python/numpy numbers; traced values
+# pass through (they cannot be inspected without a host sync).
+# ----------------------------------------------------------------------------
+
+
+def _concrete(x: Any) -> float | None:
+    """``float(x)`` if ``x`` is a concrete scalar, else None (tracers, arrays)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def validate_gamma(gamma: Any, who: str = "PoE", name: str = "gamma") -> None:
+    """γ must lie in [0, 1) (γ=1 would drop the teacher entirely)."""
+    g = _concrete(gamma)
+    if g is not None and not (0.0 <= g < 1.0):
+        raise ValueError(f"{who} {name}={gamma} must be in [0, 1)")
+
+
+def validate_gamma_max(gamma_max: Any, who: str = "StrategicPoE") -> None:
+    g = _concrete(gamma_max)
+    if g is not None and not (0.0 < g < 1.0):
+        raise ValueError(f"{who} gamma_max={gamma_max} must be in (0, 1)")
+
+
+def validate_lam(lam: Any, who: str = "ADS", name: str = "lam") -> None:
+    v = _concrete(lam)
+    if v is not None and not (v >= 0.0 and math.isfinite(v)):
+        raise ValueError(f"{who} {name}={lam} must be finite and >= 0")
+
+
+def validate_temperature(temperature: Any, who: str = "defense") -> None:
+    t = _concrete(temperature)
+    if t is not None and not (t > 0.0 and math.isfinite(t)):
+        raise ValueError(f"{who} temperature={temperature} must be finite and > 0")
+
+
+def validate_eps(eps: Any, who: str = "ADSFiniteDifference") -> None:
+    e = _concrete(eps)
+    if e is not None and not (e > 0.0 and math.isfinite(e)):
+        raise ValueError(f"{who} eps={eps} must be finite and > 0")
+
+
+def _validate_eta(eta: Any, who: str) -> None:
+    e = _concrete(eta)
+    if e is not None and not math.isfinite(e):
+        raise ValueError(f"{who} eta={eta} must be finite")
+
+
+def check_same_vocab(z_T: jax.Array, z_P: jax.Array, who: str = "defense") -> None:
+    """Teacher and proxy must share the vocabulary (and the batch layout)."""
+    if jnp.shape(z_T) != jnp.shape(z_P):
+        raise ValueError(
+            f"{who}: teacher logits {jnp.shape(z_T)} and proxy logits "
+            f"{jnp.shape(z_P)} differ in shape; teacher and proxy must share "
+            "the vocabulary"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def _lead(x: Any, ndim: int) -> jax.Array:
+    """Align a scalar or leading-axis strength with logits of rank ``ndim``."""
+    x = _f32(x)
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def standard_logits(z_T: jax.Array, temperature: Any = 1.0) -> jax.Array:
+    """``z_T / τ`` (float32)."""
+    return _f32(z_T) / _lead(temperature, jnp.ndim(z_T))
+
+
+def poe_logits(z_T: jax.Array, z_P: jax.Array, gamma: Any, temperature: Any = 1.0) -> jax.Array:
+    """``((1-γ) z_T + γ z_P) / τ`` (float32). Unnormalised; see ``poe_logprobs``."""
+    check_same_vocab(z_T, z_P, "PoE")
+    nd = jnp.ndim(z_T)
+    g = _lead(gamma, nd)
+    return ((1.0 - g) * _f32(z_T) + g * _f32(z_P)) / _lead(temperature, nd)
+
+
+def poe_logprobs(z_T: jax.Array, z_P: jax.Array, gamma: Any, temperature: Any = 1.0) -> jax.Array:
+    """``log p_γ = log_softmax(((1-γ) z_T + γ z_P) / τ)`` over the last axis.
+
+    Differentiable in γ and τ; γ may be a scalar or an array aligned with the
+    leading axes of the logits (e.g. [B]).
+    """
+    return jax.nn.log_softmax(poe_logits(z_T, z_P, gamma, temperature), axis=-1)
+
+
+def ads_delta(z_P: jax.Array, dz_P: jax.Array) -> jax.Array:
+    """Δ = d/dε log_softmax(z_P(θ_P + ε g_P)) at ε=0: the JVP of log_softmax.
+
+    ``Δ_v = dz_v - Σ_u softmax(z_P)_u dz_u``, where ``dz = d/dε z_P`` is the
+    tangent expert's output. Computed at τ=1 (the proxy's own log-probs).
+    """
+    check_same_vocab(z_P, dz_P, "ADS")
+    z, dz = _f32(z_P), _f32(dz_P)
+    p = jax.nn.softmax(z, axis=-1)
+    return dz - jnp.sum(p * dz, axis=-1, keepdims=True)
+
+
+def ads_delta_finite_difference(z_plus: jax.Array, z_minus: jax.Array, eps: Any) -> jax.Array:
+    """Central difference ``(log_softmax(z+) - log_softmax(z-)) / (2ε)``.
+
+    ``z±`` are the proxy logits at ``θ_P ± ε g_P``. Approximates ``ads_delta``
+    with O(ε²) error.
+    """
+    check_same_vocab(z_plus, z_minus, "ADSFiniteDifference")
+    lp = jax.nn.log_softmax(_f32(z_plus), axis=-1)
+    lm = jax.nn.log_softmax(_f32(z_minus), axis=-1)
+    return (lp - lm) / (2.0 * _lead(eps, jnp.ndim(z_plus)))
+
+
+def ads_logits(z_T: jax.Array, delta: jax.Array, lam: Any, temperature: Any = 1.0) -> jax.Array:
+    """``z_T / τ + λ Δ``: τ tempers the teacher logits only, not λΔ."""
+    check_same_vocab(z_T, delta, "ADS")
+    nd = jnp.ndim(z_T)
+    return _f32(z_T) / _lead(temperature, nd) + _lead(lam, nd) * _f32(delta)
+
+
+def strategic_strength(base: Any, eta: Any, s_b: jax.Array, max_strength: Any) -> jax.Array:
+    """``clip(base · exp(η s_b), 0, max_strength)``: per-sequence strength [B]."""
+    return jnp.clip(_f32(base) * jnp.exp(_f32(eta) * _f32(s_b)), 0.0, _f32(max_strength))
+
+
+def strategic_increment(z_T: jax.Array, z_P: jax.Array, token_b: jax.Array) -> jax.Array:
+    """``log p_T(y) - log p_P(y)`` for the emitted tokens ``y = token_b`` [B].
+
+    Uses τ=1 log-softmaxes of the raw teacher and proxy logits [B, V].
+    """
+    check_same_vocab(z_T, z_P, "strategic")
+    lt = jax.nn.log_softmax(_f32(z_T), axis=-1)
+    lp = jax.nn.log_softmax(_f32(z_P), axis=-1)
+    idx = jnp.asarray(token_b, jnp.int32)[..., None]
+    return (jnp.take_along_axis(lt, idx, axis=-1) - jnp.take_along_axis(lp, idx, axis=-1))[..., 0]
+
+
+def topk_logprobs(logits_bv: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k of ``log_softmax(logits)`` over the last axis ("logit exposure").
+
+    Returns ``(values_bk float32, ids_bk int32)``, values in descending order.
+    Pass the *sampling* logits (already tempered/defended) to expose what the
+    API would serve.
+    """
+    lp = jax.nn.log_softmax(_f32(logits_bv), axis=-1)
+    values, ids = jax.lax.top_k(lp, k)
+    return values, ids.astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# Combiners
+# ----------------------------------------------------------------------------
+
+
+def _static_dataclass(cls):
+    return jax.tree_util.register_static(dataclasses.dataclass(frozen=True)(cls))
+
+
+@_static_dataclass
+class Standard:
+    """Plain sampling from the teacher: ``logits = z_T / τ``. outs = (z_T,)."""
+
+    temperature: float = 1.0
+    experts: ClassVar[tuple[str, ...]] = ("teacher",)
+
+    def __post_init__(self):
+        validate_temperature(self.temperature, "Standard")
+
+    def init(self, batch_size: int):
+        return ()
+
+    def logits(self, outs, carry):
+        (z_T,) = outs
+        return standard_logits(z_T, self.temperature)
+
+    def update(self, outs, carry, token_b):
+        return carry
+
+
+@_static_dataclass
+class PoE:
+    """Product of experts: ``((1-γ) z_T + γ z_P) / τ``. outs = (z_T, z_P)."""
+
+    gamma: float
+    temperature: float = 1.0
+    experts: ClassVar[tuple[str, ...]] = ("teacher", "proxy")
+
+    def __post_init__(self):
+        validate_gamma(self.gamma, "PoE")
+        validate_temperature(self.temperature, "PoE")
+
+    def init(self, batch_size: int):
+        return ()
+
+    def logits(self, outs, carry):
+        z_T, z_P = outs
+        return poe_logits(z_T, z_P, self.gamma, self.temperature)
+
+    def update(self, outs, carry, token_b):
+        return carry
+
+
+@_static_dataclass
+class ADS:
+    """Antidistillation sampling: ``logits = z_T / τ + λ Δ``.
+
+    outs = (z_T, (z_P, dz_P)), the second a tangent expert along g_P (the
+    proxy's held-out NLL gradient). τ enters only as ``z_T / τ``; Δ = JVP of
+    the proxy's τ=1 log_softmax (``ads_delta``) is added untempered.
+    """
+
+    lam: float
+    temperature: float = 1.0
+    experts: ClassVar[tuple[str, ...]] = ("teacher", "proxy_tangent")
+
+    def __post_init__(self):
+        validate_lam(self.lam, "ADS")
+        validate_temperature(self.temperature, "ADS")
+
+    def init(self, batch_size: int):
+        return ()
+
+    def logits(self, outs, carry):
+        z_T, (z_P, dz_P) = outs
+        return ads_logits(z_T, ads_delta(z_P, dz_P), self.lam, self.temperature)
+
+    def update(self, outs, carry, token_b):
+        return carry
+
+
+@_static_dataclass
+class ADSFiniteDifference:
+    """ADS with Δ from two proxies at ``θ_P ± ε g_P`` (the original ADS recipe).
+
+    outs = (z_T, z_P_plus, z_P_minus); ``logits = z_T / τ + λ Δ_fd`` with
+    ``Δ_fd = (log_softmax(z+) - log_softmax(z-)) / (2ε)``; τ on z_T only.
+    """
+
+    lam: float
+    temperature: float = 1.0
+    eps: float = 1e-3
+    experts: ClassVar[tuple[str, ...]] = ("teacher", "proxy_plus", "proxy_minus")
+
+    def __post_init__(self):
+        validate_lam(self.lam, "ADSFiniteDifference")
+        validate_temperature(self.temperature, "ADSFiniteDifference")
+        validate_eps(self.eps, "ADSFiniteDifference")
+
+    def init(self, batch_size: int):
+        return ()
+
+    def logits(self, outs, carry):
+        z_T, z_plus, z_minus = outs
+        delta = ads_delta_finite_difference(z_plus, z_minus, self.eps)
+        return ads_logits(z_T, delta, self.lam, self.temperature)
+
+    def update(self, outs, carry, token_b):
+        return carry
+
+
+@_static_dataclass
+class StrategicPoE:
+    """PoE whose strength grows along each sequence.
+
+    ``γ_t = clip(γ · exp(η s_t), 0, γ_max)``, ``s_t = Σ_{t'<t} log p_T(y_t') -
+    log p_P(y_t')`` (τ=1 log-softmaxes of the raw logits). carry = s_b [B]
+    float32, zeros at init. outs = (z_T, z_P). η=0 is plain PoE(γ) (when
+    γ ≤ γ_max).
+    """
+
+    gamma: float
+    eta: float
+    gamma_max: float
+    temperature: float = 1.0
+    experts: ClassVar[tuple[str, ...]] = ("teacher", "proxy")
+
+    def __post_init__(self):
+        validate_gamma(self.gamma, "StrategicPoE")
+        validate_gamma_max(self.gamma_max, "StrategicPoE")
+        _validate_eta(self.eta, "StrategicPoE")
+        validate_temperature(self.temperature, "StrategicPoE")
+
+    def init(self, batch_size: int):
+        return jnp.zeros((batch_size,), jnp.float32)
+
+    def strength(self, carry):
+        """γ_t per sequence [B]."""
+        return strategic_strength(self.gamma, self.eta, carry, self.gamma_max)
+
+    def logits(self, outs, carry):
+        z_T, z_P = outs
+        return poe_logits(z_T, z_P, self.strength(carry), self.temperature)
+
+    def update(self, outs, carry, token_b):
+        z_T, z_P = outs
+        return carry + strategic_increment(z_T, z_P, token_b)
+
+
+@_static_dataclass
+class StrategicADS:
+    """ADS whose strength grows along each sequence.
+
+    ``λ_t = clip(λ · exp(η s_t), 0, λ_max)``, s_t as in ``StrategicPoE`` with
+    the proxy log-probs from the tangent expert's primal z_P. outs = (z_T,
+    (z_P, dz_P)); logits = z_T / τ + λ_t Δ (τ on z_T only).
+    """
+
+    lam: float
+    eta: float
+    lam_max: float
+    temperature: float = 1.0
+    experts: ClassVar[tuple[str, ...]] = ("teacher", "proxy_tangent")
+
+    def __post_init__(self):
+        validate_lam(self.lam, "StrategicADS")
+        validate_lam(self.lam_max, "StrategicADS", name="lam_max")
+        _validate_eta(self.eta, "StrategicADS")
+        validate_temperature(self.temperature, "StrategicADS")
+
+    def init(self, batch_size: int):
+        return jnp.zeros((batch_size,), jnp.float32)
+
+    def strength(self, carry):
+        """λ_t per sequence [B]."""
+        return strategic_strength(self.lam, self.eta, carry, self.lam_max)
+
+    def logits(self, outs, carry):
+        z_T, (z_P, dz_P) = outs
+        return ads_logits(z_T, ads_delta(z_P, dz_P), self.strength(carry), self.temperature)
+
+    def update(self, outs, carry, token_b):
+        z_T, (z_P, _) = outs
+        return carry + strategic_increment(z_T, z_P, token_b)
