@@ -2,6 +2,7 @@
 
     distgame train --role teacher --config default [key=value ...] [--json]
     distgame bench --config default [--json]
+    distgame protocol --config default [--seeds N] [--json]
     distgame config --config default [key=value ...]     # the resolved, documented config
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 from experiments.config import ROLES, ConfigError, describe, load_config
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     bench = sub.add_parser("bench", help="train-step and decode throughput, FLOPs and utilisation")
     _common(bench)
+    protocol = sub.add_parser("protocol", help="defended traces, passive/adaptive students, results table")
+    protocol.add_argument("--seeds", type=int, default=None, help="override protocol.seeds")
+    _common(protocol)
     show = sub.add_parser("config", help="print the resolved config with the documentation of every field")
     _common(show)
     return parser
@@ -55,6 +60,14 @@ def _bench(args, cfg) -> dict:
     return report
 
 
+def _protocol(args, cfg) -> dict:
+    from experiments.protocol import Protocol
+
+    results = Protocol(cfg, progress=not args.no_progress, seeds=args.seeds).run()
+    print((pathlib.Path(cfg.run_dir) / "RESULTS.md").read_text())
+    return {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -62,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(describe(cfg))
             return 0
-        summary = {"train": _train, "bench": _bench}[args.command](args, cfg)
+        summary = {"train": _train, "bench": _bench, "protocol": _protocol}[args.command](args, cfg)
     except USER_ERRORS as e:
         print(f"distgame {args.command}: error: {e}", file=sys.stderr)
         return 2

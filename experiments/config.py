@@ -108,6 +108,113 @@ class BenchConfig:
     iters: int = _help("timed repetitions (after one warm-up)", 5)
 
 
+DEFENSES = ("standard", "poe", "ads", "ads_fd", "strategic_poe", "strategic_ads")
+ATTACKS = ("soft_topk", "poe_inversion")
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseSetting:
+    """One point of the defense grid."""
+
+    name: str = _help(f"defense: one of {', '.join(DEFENSES)}", "standard")
+    strength: float = _help("PoE gamma in [0, 1) or ADS lambda >= 0 (ignored by 'standard')", 0.0)
+    eta: float = _help("strategic variants: growth rate of the strength along the sequence", 0.0)
+    max_strength: float = _help("strategic variants: cap gamma_max in (0, 1) or lambda_max", 0.9)
+    eps: float = _help("ads_fd: finite-difference step along the proxy's held-out gradient", 1e-3)
+
+    @property
+    def label(self) -> str:
+        if self.name == "standard":
+            return "standard"
+        sym = "γ" if "poe" in self.name else "λ"
+        extra = f", η={self.eta:g}" if self.name.startswith("strategic") else ""
+        return f"{self.name} {sym}={self.strength:g}{extra}"
+
+    @property
+    def key(self) -> str:
+        """File-system-safe identifier."""
+        return self.label.replace(" ", "_").replace("γ=", "g").replace("λ=", "l").replace("η=", "eta").replace(",", "")
+
+    def validate(self, where: str) -> None:
+        if self.name not in DEFENSES:
+            raise ConfigError(f"{where}.name={self.name!r} is not a defense; choose one of {', '.join(DEFENSES)}")
+        if "poe" in self.name and not 0 <= self.strength < 1:
+            raise ConfigError(f"{where}.strength={self.strength} must be a PoE gamma in [0, 1)")
+        if "ads" in self.name and self.strength < 0:
+            raise ConfigError(f"{where}.strength={self.strength} must be an ADS lambda >= 0")
+        if self.name == "strategic_poe" and not 0 < self.max_strength < 1:
+            raise ConfigError(f"{where}.max_strength={self.max_strength} must be in (0, 1)")
+        if self.name == "ads_fd" and not self.eps > 0:
+            raise ConfigError(f"{where}.eps={self.eps} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How the attacker distils its base model on the teacher's traces."""
+
+    steps: int = _help("optimizer steps per student", 150)
+    batch_size: int = _help("traces per step", 32)
+    lr: float = _help("peak AdamW learning rate", 2e-3)
+    warmup_steps: int = _help("linear warmup steps", 10)
+    betas: tuple[float, ...] = _help("adaptive tilts beta_s (one adaptive student each; 0 = passive is always run)", (4.0,))
+    standardize_values: bool = _help("divide example values by their batch std before exp(beta v), so beta is unitless", True)
+    max_weight: float = _help("cap on an adaptive example weight (weights have mean 1)", 5.0)
+    averaging: str = _help("loss averaging: 'token' (mean over all target tokens) or 'sequence' (mean of per-trace means)", "token")
+    heldout: str = _help("the attacker's held-out set for g_S: 'teacher' (clean teacher traces), 'ground_truth' (reference solutions) or 'none'", "teacher")
+    heldout_batch: int = _help("held-out examples per adaptive step", 64)
+    degeneracy_filter: bool = _help("drop traces with long repeats before training", True)
+    attacks: tuple[str, ...] = _help(f"extra attacks: any of {', '.join(ATTACKS)}", ("soft_topk", "poe_inversion"))
+    inversion_gamma_error: float = _help("poe_inversion: the attacker's estimate of gamma is the true gamma plus this", 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    """The empirical protocol: defended traces, distilled students, results table."""
+
+    seeds: int = _help("independent seeds (trace sampling and data order), run as a vectorised batch", 3)
+    temperature: float = _help("sampling temperature tau of the teacher API (traces and teacher accuracy)", 1.0)
+    n_traces: int = _help("training prompts the attacker sends to the teacher, per seed", 2048)
+    expose_k: int = _help("the teacher API returns the top-k log-probs of each emitted token (0 = text only)", 5)
+    defenses: tuple[DefenseSetting, ...] = _help(
+        "the defense grid", (DefenseSetting("standard"), DefenseSetting("poe", 0.5))
+    )
+    distill: DistillConfig = _help("the attacker", factory=DistillConfig)
+    cost_batch: int = _help("prompts per timed decoding batch for the wall-clock cost ratio", 256)
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"protocol.seeds={self.seeds} must be >= 1")
+        if not self.defenses:
+            raise ConfigError("protocol.defenses is empty; give at least one defense setting")
+        for i, d in enumerate(self.defenses):
+            d.validate(f"protocol.defenses[{i}]")
+        labels = [d.label for d in self.defenses]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"protocol.defenses has duplicates: {labels}")
+        dc = self.distill
+        for a in dc.attacks:
+            if a not in ATTACKS:
+                raise ConfigError(f"protocol.distill.attacks: unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
+        if dc.averaging not in ("token", "sequence"):
+            raise ConfigError(f"protocol.distill.averaging={dc.averaging!r} must be 'token' or 'sequence'")
+        if dc.heldout not in ("teacher", "ground_truth", "none"):
+            raise ConfigError(f"protocol.distill.heldout={dc.heldout!r} must be 'teacher', 'ground_truth' or 'none'")
+        if dc.heldout == "none" and dc.betas:
+            raise ConfigError("protocol.distill.heldout='none' leaves adaptive students no held-out set; set protocol.distill.betas=[]")
+        if "soft_topk" in dc.attacks or "poe_inversion" in dc.attacks:
+            if self.expose_k < 1:
+                raise ConfigError("protocol.distill.attacks use exposed log-probs but protocol.expose_k=0")
+        if dc.max_weight < 1:
+            raise ConfigError(f"protocol.distill.max_weight={dc.max_weight} must be >= 1")
+        for name in ("steps", "batch_size", "heldout_batch"):
+            if getattr(dc, name) < 1:
+                raise ConfigError(f"protocol.distill.{name}={getattr(dc, name)} must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"protocol.temperature={self.temperature} must be > 0")
+        if self.n_traces < 1 or self.cost_batch < 1:
+            raise ConfigError("protocol.n_traces and protocol.cost_batch must be >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment. `distgame config --config NAME` prints it with these docs."""
@@ -127,6 +234,7 @@ class Config:
     student: RoleConfig = _help("the attacker's base model, before distillation", factory=RoleConfig)
     sample: SampleConfig = _help("decoding", factory=SampleConfig)
     bench: BenchConfig = _help("benchmark sizes", factory=BenchConfig)
+    protocol: ProtocolConfig = _help("the empirical protocol (distgame protocol)", factory=ProtocolConfig)
 
     def role(self, name: str) -> RoleConfig:
         if name not in ROLES:
@@ -152,6 +260,7 @@ class Config:
         if self.easy_steps < 1:
             raise ConfigError(f"easy_steps={self.easy_steps} must be >= 1")
         self.sample.validate()
+        self.protocol.validate()
         if self.bench.role not in ROLES:
             raise ConfigError(f"bench.role={self.bench.role!r} must be one of {', '.join(ROLES)}")
 
@@ -176,8 +285,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(value, options[0], where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{where}={value!r} must be of type {tp.__name__}, got {type(value).__name__}")
@@ -267,6 +379,9 @@ def describe(obj: Any, indent: int = 0) -> str:
         if dataclasses.is_dataclass(value):
             lines.append(f"{pad}{f.name}:  # {doc}")
             lines.append(describe(value, indent + 1))
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            lines.append(f"{pad}{f.name}:  # {doc}")
+            lines += [f"{pad}  - {yaml.safe_dump(dataclasses.asdict(v), default_flow_style=True).strip()}" for v in value]
         else:
             lines.append(f"{pad}{f.name}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}  # {doc}")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=tc.lr,
-        warmup_steps=min(tc.warmup_steps, tc.steps),
+        warmup_steps=min(tc.warmup_steps, tc.steps - 1),
         decay_steps=tc.steps,
         end_value=tc.lr * tc.end_lr_fraction,
     )

@@ -1,0 +1,480 @@
+"""`distgame protocol`: defended traces -> distilled students -> results table.
+
+Stages (each output written atomically under <run_dir>/protocol/, keyed by a
+fingerprint of the settings it depends on, so a killed run restarts where it stopped):
+  1. restore teacher, proxy and student base (training any that is missing);
+  2. clean teacher traces on held-out prompts -> the proxy's held-out gradient g_P;
+  3. per defense setting: training traces (all seeds in one batch) and the defended
+     teacher's test accuracy under the same sampler; wall-clock cost per token;
+  4. per defense setting and student kind: distil the student base, all seeds
+     vectorised with `vmap`, then evaluate each student greedily on the test prompts;
+  5. results.json, RESULTS.md and the teacher-vs-student plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
+from experiments.plots import plot_protocol
+from experiments.evaluate import Decoded, correct_mask, decode_problems
+from experiments.tasks.arithmetic import encode_problems, encode_prompts, make_split
+from experiments.tasks.tokenizer import build_tokenizer
+from experiments.train import RoleModel, Trainer, load_role_params, make_mesh, masked_nll
+from game import defenses as dfn
+from game import students as stu
+from models import transformer as tfm
+from models.checkpoint import CheckpointError
+from models.sampling import ExpertSpec, Single, generate
+
+# ---------------------------------------------------------------------------
+# Atomic stage outputs
+# ---------------------------------------------------------------------------
+
+
+def fingerprint(**parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_npz(path: pathlib.Path, **arrays) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def save_json(path: pathlib.Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def mean_stderr(values) -> dict:
+    v = np.asarray(values, float)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "stderr": se, "values": [float(x) for x in v]}
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+def ensure_models(cfg: Config, mesh, progress: bool) -> dict[str, RoleModel]:
+    """Restore each role from its checkpoint, training the ones that have none yet."""
+    tokenizer = build_tokenizer()
+    models = {}
+    for role in ("teacher", "proxy", "student"):
+        ckpt_dir = pathlib.Path(cfg.run_dir) / role / "checkpoints"
+        if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            summary = Trainer(cfg, role, mesh, tokenizer).fit(progress=progress)
+            print(f"trained {role}: test accuracy {summary['test_accuracy']:.3f} in {summary['seconds']:.0f}s")
+        models[role] = load_role_params(cfg, role, mesh, tokenizer.vocab_size)
+    t_vocab = models["teacher"].params["embed_vd"].shape[0]
+    p_vocab = models["proxy"].params["embed_vd"].shape[0]
+    if t_vocab != p_vocab:
+        raise ConfigError(f"teacher and proxy vocabularies differ ({t_vocab} vs {p_vocab}); PoE and ADS need one vocabulary")
+    return models
+
+
+# ---------------------------------------------------------------------------
+# Defenses -> sampler experts
+# ---------------------------------------------------------------------------
+
+
+def defense_setup(d: DefenseSetting, models: dict[str, RoleModel], g_P: Any, tau: float):
+    """(combiner, expert specs, params, tangents) for one defense setting."""
+    t, p = models["teacher"], models["proxy"]
+    tangent_spec = ExpertSpec(p.graphdef, p.cfg, tangent=True)
+    if d.name == "standard":
+        return dfn.Standard(tau), (t.spec,), (t.params,), None
+    if d.name == "poe":
+        return dfn.PoE(d.strength, tau), (t.spec, p.spec), (t.params, p.params), None
+    if d.name == "strategic_poe":
+        comb = dfn.StrategicPoE(d.strength, d.eta, d.max_strength, tau)
+        return comb, (t.spec, p.spec), (t.params, p.params), None
+    if d.name == "ads":
+        return dfn.ADS(d.strength, tau), (t.spec, tangent_spec), (t.params, p.params), (None, g_P)
+    if d.name == "strategic_ads":
+        comb = dfn.StrategicADS(d.strength, d.eta, d.max_strength, tau)
+        return comb, (t.spec, tangent_spec), (t.params, p.params), (None, g_P)
+    if d.name == "ads_fd":
+        plus = jax.tree.map(lambda w, g: w + d.eps * g, p.params, g_P)
+        minus = jax.tree.map(lambda w, g: w - d.eps * g, p.params, g_P)
+        return dfn.ADSFiniteDifference(d.strength, tau, d.eps), (t.spec, p.spec, p.spec), (t.params, plus, minus), None
+    raise ConfigError(f"unknown defense {d.name!r}")
+
+
+def cost_model(d: DefenseSetting, models: dict[str, RoleModel], context: int) -> dict:
+    """Forward passes and model FLOPs per generated token, relative to standard decoding."""
+    vocab = models["teacher"].params["embed_vd"].shape[0]
+    f_t = tfm.flops_per_token(models["teacher"].cfg, vocab, context)
+    f_p = tfm.flops_per_token(models["proxy"].cfg, vocab, context)
+    # A JVP evaluates each matmul on the primal and twice for the tangent (x dW + dx W): 3x the proxy.
+    passes, flops = {
+        "standard": (1, f_t),
+        "poe": (2, f_t + f_p),
+        "strategic_poe": (2, f_t + f_p),
+        "ads": (2, f_t + 3 * f_p),
+        "strategic_ads": (2, f_t + 3 * f_p),
+        "ads_fd": (3, f_t + 2 * f_p),
+    }[d.name]
+    return {"forward_passes_per_token": passes, "flops_per_token": flops, "flops_ratio": flops / f_t,
+            "poe_wallclock_bound": 1.10 * (1 + f_p / f_t)}
+
+
+# ---------------------------------------------------------------------------
+# Traces -> training arrays
+# ---------------------------------------------------------------------------
+
+
+def assemble(prompts_bp, lens_b, decoded: Decoded, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded [BOS+prompt+trace] rows; mask[t]=1 iff tokens[t+1] is a generated token.
+
+    Exposed top-k log-probs (if any) are placed at the position that predicts their token.
+    """
+    b, p = prompts_bp.shape
+    tokens = np.full((b, max_len), pad_id, np.int32)
+    mask = np.zeros((b, max_len), np.float32)
+    k = 0 if decoded.topk_ids_bnk is None else decoded.topk_ids_bnk.shape[-1]
+    top_ids = np.zeros((b, max_len, max(k, 1)), np.int32)
+    top_lp = np.zeros((b, max_len, max(k, 1)), np.float32)
+    for i in range(b):
+        prompt = prompts_bp[i, p - lens_b[i] :]
+        n = min(int(decoded.lengths_b[i]), max_len - len(prompt))
+        row = np.concatenate([prompt, decoded.tokens_bn[i, :n]])
+        tokens[i, : len(row)] = row
+        mask[i, len(prompt) - 1 : len(prompt) - 1 + n] = 1.0
+        if k:
+            top_ids[i, len(prompt) - 1 : len(prompt) - 1 + n] = decoded.topk_ids_bnk[i, :n]
+            top_lp[i, len(prompt) - 1 : len(prompt) - 1 + n] = decoded.topk_logprob_bnk[i, :n]
+    return {"tokens_bt": tokens, "loss_mask_bt": mask, "topk_ids_btk": top_ids, "topk_logprob_btk": top_lp}
+
+
+# ---------------------------------------------------------------------------
+# Distillation, vectorised over seeds
+# ---------------------------------------------------------------------------
+
+
+def _student_logp(graphdef, params, tokens_bt):
+    logits_btv, _ = tfm.forward(graphdef, params, tokens_bt[:, :-1])
+    return jax.nn.log_softmax(logits_btv, axis=-1)
+
+
+def make_distill_step(graphdef, dc: DistillConfig, kind: str, tx, proxy: RoleModel | None, gamma: float, tau: float):
+    """One student update; `kind` is passive | adaptive | soft_topk | poe_inversion."""
+
+    def per_example_nll(params, tokens_bt, mask_bt):
+        return stu.sequence_nll(tfm.token_logprobs(graphdef, params, tokens_bt), mask_bt[:, :-1])
+
+    def loss_fn(params, batch, beta, heldout):
+        mask_bt = batch["loss_mask_bt"][:, :-1]
+        weights_b = None
+        if kind == "adaptive":
+            g_S = jax.grad(lambda p: masked_nll(graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"]))(params)
+            v_b = stu.example_values(per_example_nll, params, g_S, batch["tokens_bt"], batch["loss_mask_bt"])
+            weights_b = jax.lax.stop_gradient(
+                stu.adaptive_weights(v_b, beta, max_weight=dc.max_weight, mask_b=mask_bt.sum(-1) > 0,
+                                     standardize=dc.standardize_values)
+            )
+        if kind in ("passive", "adaptive"):
+            logp_bt = tfm.token_logprobs(graphdef, params, batch["tokens_bt"])
+            return stu.weighted_nll(logp_bt, mask_bt, weights_b, dc.averaging)
+        target_lp = batch["topk_logprob_btk"][:, :-1]
+        ids = batch["topk_ids_btk"][:, :-1]
+        if kind == "poe_inversion":  # undo the mixture with the attacker's own copy of the proxy
+            z_p, _ = tfm.forward(proxy.graphdef, proxy.params, batch["tokens_bt"][:, :-1])
+            z_p_k = jnp.take_along_axis(z_p, ids, axis=-1)
+            target_lp = stu.invert_poe(target_lp, z_p_k, gamma, tau)
+        logp_btv = _student_logp(graphdef, params, batch["tokens_bt"])
+        return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging)
+
+    def step(params, opt_state, batch, beta, heldout):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, beta, heldout)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    # vmap over seeds: params, opt state, batch and held-out batch all have a leading seed axis.
+    return jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
+
+
+def distil(
+    base: RoleModel,
+    traces: dict[str, np.ndarray],
+    heldout: dict[str, np.ndarray],
+    dc: DistillConfig,
+    kind: str,
+    beta: float,
+    seeds: int,
+    proxy: RoleModel | None = None,
+    gamma: float = 0.0,
+    tau: float = 1.0,
+    progress: bool = True,
+    desc: str = "",
+):
+    """Train `seeds` copies of the student base at once; traces have a leading seed axis."""
+    warmup = min(dc.warmup_steps, dc.steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
+    tx = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
+    step = make_distill_step(base.graphdef, dc, kind, tx, proxy, gamma, tau)
+    stack = lambda x: jnp.broadcast_to(x, (seeds,) + x.shape)
+    params = jax.tree.map(lambda x: jnp.array(stack(x)), base.params)
+    opt_state = jax.vmap(tx.init)(params)
+    n = traces["tokens_bt"].shape[1]
+    n_h = heldout["tokens_bt"].shape[0]
+    rngs = [np.random.default_rng([s, 17]) for s in range(seeds)]
+    bar = tqdm(range(dc.steps), desc=desc, leave=False, disable=not progress)
+    for _ in bar:
+        idx = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
+        batch = {k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()}
+        h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
+        held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
+        params, opt_state, loss = step(params, opt_state, batch, jnp.float32(beta), held)
+    loss = np.asarray(loss)
+    if not np.all(np.isfinite(loss)):
+        raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
+    return params
+
+
+# ---------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------
+
+
+class Protocol:
+    def __init__(self, cfg: Config, progress: bool = True, seeds: int | None = None):
+        self.cfg, self.pc, self.progress = cfg, cfg.protocol, progress
+        self.seeds = seeds or self.pc.seeds
+        self.dir = pathlib.Path(cfg.run_dir) / "protocol"
+        self.tokenizer = build_tokenizer()
+        self.mesh = make_mesh(cfg)
+        self.task_fp = fingerprint(task=cfg.task, seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
+
+    # -- helpers --------------------------------------------------------------
+    def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0) -> Decoded:
+        combiner, specs, params, tangents = d_setup
+        return decode_problems(
+            problems, self.tokenizer, specs, params, self.mesh, combiner=combiner,
+            max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size,
+            greedy=greedy, rng=rng, expose_k=expose_k, tangents=tangents,
+        )
+
+    def _train_arrays(self, problems, decoded: Decoded) -> dict[str, np.ndarray]:
+        prompts, lens = encode_prompts(problems, self.tokenizer, None)
+        return assemble(prompts, lens, decoded, self.cfg.task.max_len, self.tokenizer.pad_id)
+
+    # -- stages ---------------------------------------------------------------
+    def heldout_traces(self, models) -> dict[str, np.ndarray]:
+        path = self.dir / f"heldout_traces-{fingerprint(t=self.task_fp, tau=self.pc.temperature)}.npz"
+        if path.exists():
+            return dict(np.load(path))
+        problems = make_split(self.cfg.task, "heldout", self.cfg.seed)
+        setup = defense_setup(DefenseSetting("standard"), models, None, self.pc.temperature)
+        decoded = self._decode(problems, setup, jax.random.key(1234))
+        arrays = self._train_arrays(problems, decoded)
+        save_npz(path, **arrays)
+        return arrays
+
+    def proxy_gradient(self, models, heldout):
+        proxy = models["proxy"]
+        return jax.jit(jax.grad(lambda p: masked_nll(proxy.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"])))(proxy.params)
+
+    def traces(self, d: DefenseSetting, models, g_P) -> dict:
+        """Training traces for every seed and the defended teacher's test accuracy per seed."""
+        path = self.dir / f"traces-{d.key}-{fingerprint(t=self.task_fp, d=d, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.npz"
+        if path.exists():
+            return dict(np.load(path))
+        setup = defense_setup(d, models, g_P, self.pc.temperature)
+        train_problems = make_split(self.cfg.task, "train", self.cfg.seed + 1, self.pc.n_traces)
+        test_problems = make_split(self.cfg.task, "test", self.cfg.seed)
+        # Seeds are vectorised by stacking them along the batch: one decode call serves all.
+        dec = self._decode(train_problems * self.seeds, setup, jax.random.key(1), expose_k=self.pc.expose_k)
+        arrays = self._train_arrays(train_problems * self.seeds, dec)
+        test = self._decode(test_problems * self.seeds, setup, jax.random.key(2))
+        correct = correct_mask(test_problems * self.seeds, test.texts(self.tokenizer)).reshape(self.seeds, -1)
+        lens = dec.lengths_b.reshape(self.seeds, -1)
+        keep = np.asarray(stu.degenerate_mask(dec.tokens_bn, dec.lengths_b)).reshape(self.seeds, -1)
+        train_correct = correct_mask(train_problems * self.seeds, dec.texts(self.tokenizer)).reshape(self.seeds, -1)
+        out = {k: v.reshape((self.seeds, -1) + v.shape[1:]) for k, v in arrays.items()}
+        out.update(teacher_correct=correct, trace_lengths=lens, keep=keep, trace_correct=train_correct)
+        save_npz(path, **out)
+        return out
+
+    def wallclock(self, d: DefenseSetting, models, g_P) -> float:
+        """Seconds per decoding batch of `cost_batch` prompts, full length (no early EOS)."""
+        combiner, specs, params, tangents = defense_setup(d, models, g_P, self.pc.temperature)
+        problems = make_split(self.cfg.task, "test", self.cfg.seed, self.pc.cost_batch)
+        prompts, lens = encode_prompts(problems, self.tokenizer, None)
+        run = lambda: generate(specs, params, prompts, lens, jax.random.key(0), combiner=combiner,
+                               max_new_tokens=self.cfg.sample.max_new_tokens, eos_id=-1, pad_id=0, greedy=False,
+                               tangents=tangents)["tokens_bn"]
+        jax.block_until_ready(run())
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    def student(self, d: DefenseSetting, kind: str, beta: float, models, traces, heldout) -> list[float]:
+        dc = self.pc.distill
+        path = self.dir / f"student-{d.key}-{kind}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc, s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
+        if path.exists():
+            return json.loads(path.read_text())["accuracy"]
+        train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
+        if dc.degeneracy_filter:
+            train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
+        gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
+        params = distil(
+            models["student"], train, heldout, dc, kind, beta, self.seeds, models["proxy"], gamma,
+            self.pc.temperature, self.progress, desc=f"distil {kind} on {d.label}",
+        )
+        test_problems = make_split(self.cfg.task, "test", self.cfg.seed)
+        spec = models["student"].spec
+        accs = []
+        for s in range(self.seeds):
+            p_s = jax.tree.map(lambda x: x[s], params)
+            dec = decode_problems(test_problems, self.tokenizer, (spec,), (p_s,), self.mesh,
+                                  max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
+            accs.append(float(correct_mask(test_problems, dec.texts(self.tokenizer)).mean()))
+        save_json(path, {"defense": d.label, "kind": kind, "beta": beta, "accuracy": accs})
+        return accs
+
+    def attacker_heldout(self, clean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.pc.distill.heldout == "ground_truth":
+            problems = make_split(self.cfg.task, "heldout", self.cfg.seed)
+            data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
+            return {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}
+        return {"tokens_bt": clean["tokens_bt"], "loss_mask_bt": clean["loss_mask_bt"]}
+
+    def student_kinds(self, d: DefenseSetting) -> list[tuple[str, str, float]]:
+        dc = self.pc.distill
+        kinds = [("passive", "passive", 0.0)] + [(f"adaptive(beta={b:g})", "adaptive", b) for b in dc.betas]
+        if "soft_topk" in dc.attacks:
+            kinds.append(("soft_topk", "soft_topk", 0.0))
+        if "poe_inversion" in dc.attacks and d.name == "poe":
+            kinds.append(("poe_inversion", "poe_inversion", 0.0))
+        return kinds
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        models = ensure_models(self.cfg, self.mesh, self.progress)
+        clean = self.heldout_traces(models)
+        g_P = self.proxy_gradient(models, clean)
+        heldout = self.attacker_heldout(clean)
+        rows = []
+        standard_time = self.wallclock(DefenseSetting("standard"), models, g_P)
+        context = encode_prompts(make_split(self.cfg.task, "test", self.cfg.seed, 64), self.tokenizer, None)[1].mean()
+        for d in tqdm(self.pc.defenses, desc="defenses", disable=not self.progress):
+            tr = self.traces(d, models, g_P)
+            row = {"label": d.label, "defense": d.name, "strength": d.strength, "setting": dataclasses.asdict(d)}
+            row["teacher_accuracy"] = mean_stderr(tr["teacher_correct"].mean(-1))
+            row["students"] = {}
+            for name, kind, beta in self.student_kinds(d):
+                row["students"][name] = mean_stderr(self.student(d, kind, beta, models, tr, heldout))
+            row["adaptive_key"] = next((k for k in row["students"] if k.startswith("adaptive")), None)
+            if row["adaptive_key"]:
+                p, a = row["students"]["passive"]["mean"], row["students"][row["adaptive_key"]]["mean"]
+                row["relative_gain"] = (a - p) / p if p > 0 else float("nan")
+            cost = cost_model(d, models, int(context + self.cfg.sample.max_new_tokens // 2))
+            cost["wallclock_ratio"] = self.wallclock(d, models, g_P) / standard_time if d.name != "standard" else 1.0
+            row["cost"] = cost
+            row["mean_trace_length"] = float(tr["trace_lengths"].mean())
+            row["degeneracy_rate"] = float(1 - tr["keep"].mean())
+            row["trace_accuracy"] = float(tr["trace_correct"].mean())
+            rows.append(row)
+        results = {
+            "config": self.cfg.name,
+            "seeds": self.seeds,
+            "n_test": self.cfg.task.n_test,
+            "n_traces": self.pc.n_traces,
+            "temperature": self.pc.temperature,
+            "rows": rows,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        write_results(self.dir.parent, results)
+        return results
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+
+def _pm(stat: dict | None) -> str:
+    if not stat:
+        return "–"
+    se = stat["stderr"]
+    return f"{100 * stat['mean']:.1f}" + ("" if not np.isfinite(se) else f" ± {100 * se:.1f}")
+
+
+def results_markdown(results: dict) -> str:
+    rows = results["rows"]
+    kinds = []
+    for r in rows:
+        kinds += [k for k in r["students"] if k not in kinds]
+    head = ["defense", "teacher acc (%)"] + [f"{k} (%)" for k in kinds] + [
+        "rel. gain", "fwd passes/token", "FLOPs ratio", "wall-clock ratio", "trace len", "degenerate (%)"]
+    lines = [
+        "# Results: passive vs adaptive students under antidistillation defenses",
+        "",
+        f"Config `{results['config']}`; {results['seeds']} seed(s), mean ± standard error over seeds; "
+        f"{results['n_test']} test problems; {results['n_traces']} training traces per seed sampled at "
+        f"τ={results['temperature']:g}. Accuracies are exact final answers; the teacher is decoded with the "
+        "same defended sampler as the traces, students greedily. Relative gain = (adaptive − passive) / passive.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        c = r["cost"]
+        gain = r.get("relative_gain")
+        cells = [r["label"], _pm(r["teacher_accuracy"])] + [_pm(r["students"].get(k)) for k in kinds] + [
+            "–" if gain is None or not np.isfinite(gain) else f"{100 * gain:+.0f}%",
+            str(c["forward_passes_per_token"]),
+            f"{c['flops_ratio']:.2f}×",
+            f"{c['wallclock_ratio']:.2f}×",
+            f"{r['mean_trace_length']:.1f}",
+            f"{100 * r['degeneracy_rate']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    poe = [r for r in rows if r["defense"] == "poe"]
+    if poe:
+        bound = poe[0]["cost"]["poe_wallclock_bound"]
+        worst = max(r["cost"]["wallclock_ratio"] for r in poe)
+        lines += ["", f"PoE wall-clock ratio {worst:.2f}× vs the bound 1.10 × (1 + proxy/teacher FLOPs) = {bound:.2f}× "
+                  f"({'within' if worst <= bound else 'ABOVE'} bound)."]
+    lines += ["", f"Finished in {results['seconds']:.0f}s. Plot: `teacher_vs_student.png`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: pathlib.Path, results: dict) -> list[pathlib.Path]:
+    save_json(run_dir / "results.json", results)
+    atomic_write(run_dir / "RESULTS.md", lambda tmp: pathlib.Path(tmp).write_text(results_markdown(results)))
+    paths = [run_dir / "results.json", run_dir / "RESULTS.md"]
+    return paths + plot_protocol(results, run_dir)

@@ -1,0 +1,282 @@
+"""The min-max solver: equilibrium on the closed-form toy, algorithms, signs, failures."""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from game import solver, toy
+
+SPEC = toy.default_toy_spec()
+GAME = toy.toy_game(SPEC)
+BATCHES = toy.toy_batches(SPEC)
+SB, EB, UB = BATCHES
+
+# The tuned toy configuration (see the module docstring of game/solver.py).
+CFG = solver.SolverConfig(
+    gamma_max=SPEC.gamma_max,
+    student_steps=3,
+    student_lr=0.1,
+    unroll_lr=1.0,
+    teacher_lr=0.2,
+    dual_lr=0.5,
+    penalty=1.0,
+    tol_student_grad=1e-3,
+    max_iters=3000,
+)
+
+
+def _init(cfg=CFG, delta=None, theta=None):
+    theta = toy.toy_theta_init(SPEC) if theta is None else theta
+    return solver.init_state(GAME, cfg, theta, UB, delta=delta)
+
+
+# --- equilibrium -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", solver.ALGORITHMS)
+@pytest.mark.parametrize("delta", toy.TOY_BUDGETS)
+def test_solver_matches_exact_gamma_star(algorithm, delta):
+    cfg = dataclasses.replace(CFG, algorithm=algorithm)
+    t0 = time.perf_counter()
+    result = solver.solve(GAME, cfg, _init(cfg, delta), BATCHES)
+    wall = time.perf_counter() - t0
+    exact = toy.exact_gamma_star(SPEC, delta)
+    d = result.diagnostics
+    assert result.converged, (result.iterations, d)
+    assert abs(float(d["gamma"]) - exact) < 1e-3, (float(d["gamma"]), exact)
+    assert float(d["gamma"]) == pytest.approx(float(solver.state_gamma(result.state, cfg)))
+    assert d["violation"] <= cfg.tol_violation
+    assert d["mu"] >= 0
+    if exact < SPEC.gamma_max:
+        assert d["mu"] > 0  # binding budget: positive multiplier
+    else:
+        assert d["mu"] == 0  # slack budget: complementary slackness
+    print(f"{algorithm} δ={delta}: {result.iterations} iterations, {wall:.2f} s, γ={float(d['gamma']):.6f}")
+
+
+def test_converged_flag_agrees_with_check_converged():
+    history = []
+    result = solver.solve(GAME, CFG, _init(delta=0.3), BATCHES, callback=lambda i, d: history.append(d))
+    assert result.converged and len(history) == result.iterations
+    assert solver.check_converged(history, CFG)
+    assert not solver.check_converged(history[:-1], CFG)
+    assert not solver.check_converged(history[: CFG.patience - 1], CFG)
+    assert [int(d["iteration"]) for d in history] == list(range(result.iterations))
+    assert set(history[-1]) == set(solver.DIAGNOSTIC_KEYS)
+
+
+def test_not_converged_reports_false():
+    cfg = dataclasses.replace(CFG, max_iters=5)
+    result = solver.solve(GAME, cfg, _init(cfg, 0.3), BATCHES)
+    assert not result.converged and result.iterations == 5
+
+
+def test_penalty_and_optimism_matter_on_the_toy():
+    """Plain-Lagrangian alternating GDA limit-cycles around the binding budget (J is convex
+    in γ here, so nothing damps the γ–μ rotation); the augmented-Lagrangian penalty or
+    optimistic updates for the teacher and dual fix it."""
+    plain = dataclasses.replace(CFG, penalty=0.0, max_iters=1500)
+    r = solver.solve(GAME, plain, _init(plain, 0.3), BATCHES)
+    assert not r.converged
+    opt = dataclasses.replace(plain, algorithm="optimistic")
+    r = solver.solve(GAME, opt, _init(opt, 0.3), BATCHES)
+    assert r.converged and abs(float(r.diagnostics["gamma"]) - toy.exact_gamma_star(SPEC, 0.3)) < 1e-3
+
+
+def test_sigmoid_parameterisation_converges_when_budget_binds():
+    cfg = dataclasses.replace(CFG, gamma_param="sigmoid", max_iters=8000)
+    r = solver.solve(GAME, cfg, _init(cfg, 0.3), BATCHES)
+    assert r.converged
+    assert abs(float(r.diagnostics["gamma"]) - toy.exact_gamma_star(SPEC, 0.3)) < 1e-3
+
+
+# --- vectorised budgets ------------------------------------------------------------
+
+
+def test_vmap_over_budgets_equals_separate_runs():
+    deltas = jnp.asarray(toy.TOY_BUDGETS)
+    n = 120
+    batched_step = jax.jit(solver.make_step(GAME, CFG, batched=True))
+    single_step = jax.jit(solver.make_step(GAME, CFG))
+    states = _init(delta=deltas)
+    assert states.teacher_param.shape == (len(toy.TOY_BUDGETS),)
+    for _ in range(n):
+        states, diag_b = batched_step(states, *BATCHES)
+    for j, d in enumerate(toy.TOY_BUDGETS):
+        st = _init(delta=d)
+        for _ in range(n):
+            st, diag = single_step(st, *BATCHES)
+        for key in ("gamma", "mu", "violation", "J", "student_loss"):
+            np.testing.assert_allclose(diag_b[key][j], diag[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(states.theta[j], st.theta, rtol=1e-5, atol=1e-6)
+
+
+def test_solve_with_batched_budgets():
+    result = solver.solve(GAME, CFG, _init(delta=jnp.asarray(toy.TOY_BUDGETS)), BATCHES)
+    assert result.converged
+    exact = [toy.exact_gamma_star(SPEC, d) for d in toy.TOY_BUDGETS]
+    np.testing.assert_allclose(result.diagnostics["gamma"], exact, atol=1e-3)
+
+
+# --- hypergradient and sign conventions ----------------------------------------------
+
+
+@pytest.mark.parametrize("unroll_steps", [1, 3])
+def test_hypergradient_matches_finite_differences(unroll_steps):
+    with jax.enable_x64(True):
+        cfg = dataclasses.replace(CFG, unroll_steps=unroll_steps, unroll_lr=0.7)
+        theta = jax.random.normal(jax.random.key(0), (4, 5), jnp.float64)
+        sb, eb, ub = (jnp.asarray(b, jnp.float64) for b in BATCHES)
+
+        @jax.jit
+        def j_of(g):
+            tp = solver.unrolled_student(GAME, theta, g, sb, cfg.unroll_steps, cfg.effective_unroll_lr)
+            return GAME.capability_loss(tp, eb)
+
+        hyper = jax.jit(lambda g: solver.capability_hypergradient(GAME, cfg, theta, g, sb, eb))
+        lagr = jax.jit(
+            lambda g, mu, delta, u0: solver.teacher_lagrangian(GAME, cfg, theta, g, mu, delta, u0, sb, eb, ub)[:2]
+        )
+        h = 1e-5
+        for g in (0.1, 0.45, 0.75):
+            J, dJ = hyper(jnp.float64(g))
+            assert J.dtype == jnp.float64
+            fd = (j_of(g + h) - j_of(g - h)) / (2 * h)
+            np.testing.assert_allclose(dJ, fd, rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(J, j_of(g), rtol=1e-12)
+            # the full (augmented) Lagrangian, in both branches of ψ_ρ
+            for mu, delta in ((0.3, 0.05), (0.0, 1.0)):
+                u0 = GAME.utility(0.0, ub)
+                _, dlag = lagr(g, mu, delta, u0)
+                fd = (lagr(g + h, mu, delta, u0)[0] - lagr(g - h, mu, delta, u0)[0]) / (2 * h)
+                np.testing.assert_allclose(dlag, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_teacher_ascent_increases_lagrangian():
+    cfg = dataclasses.replace(CFG, algorithm="simultaneous", teacher_lr=0.01, mu_init=0.05, gamma_init=0.2)
+    for delta in (0.0, 0.3, 2.0):  # violated, slack, very slack
+        st = _init(cfg, delta)
+        new, diag = jax.jit(solver.make_step(GAME, cfg))(st, *BATCHES)
+
+        @jax.jit
+        def lag(g, st=st):
+            return solver.teacher_lagrangian(GAME, cfg, st.theta, g, st.mu, st.delta, st.utility_ref, SB, EB, UB)[0]
+
+        assert diag["teacher_grad"] != 0
+        assert lag(diag["gamma"]) > lag(jnp.float32(0.2))
+        assert np.sign(diag["gamma"] - 0.2) == np.sign(diag["teacher_grad"])
+
+
+def test_dual_grows_when_violated_and_stays_nonnegative():
+    step = jax.jit(solver.make_step(GAME, CFG))
+    # budget violated: γ = 0.5 drops utility by ≈0.53 nats > δ = 0.1
+    cfg = dataclasses.replace(CFG, gamma_init=0.5, mu_init=0.0)
+    st = _init(cfg, 0.1)
+    new, diag = jax.jit(solver.make_step(GAME, cfg))(st, *BATCHES)
+    assert diag["violation"] > 0 and diag["dual_grad"] > 0 and new.mu > st.mu
+    # budget slack: μ shrinks towards 0 and is clipped there, never negative
+    cfg = dataclasses.replace(CFG, gamma_init=0.1, mu_init=0.2, dual_lr=10.0)
+    st = _init(cfg, 2.0)
+    new, diag = jax.jit(solver.make_step(GAME, cfg))(st, *BATCHES)
+    assert diag["violation"] < 0 and new.mu == 0.0
+    cfg = dataclasses.replace(CFG, gamma_init=0.1, mu_init=0.0)
+    st = _init(cfg, 2.0)
+    for _ in range(5):
+        st, diag = step(st, *BATCHES)
+        assert st.mu >= 0.0
+
+
+def test_student_descent_lowers_distillation_loss():
+    for opt_name in ("adam", "sgd"):
+        cfg = dataclasses.replace(CFG, student_optimizer=opt_name, gamma_init=0.4, student_steps=1)
+        st = _init(cfg, 0.3)
+        new, diag = jax.jit(solver.make_step(GAME, cfg))(st, *BATCHES)
+        before = GAME.student_loss(st.theta, 0.4, SB)
+        assert diag["student_loss"] == pytest.approx(float(before), rel=1e-5)
+        assert GAME.student_loss(new.theta, 0.4, SB) < before
+        assert diag["student_grad_norm"] > 0
+
+
+# --- the bilinear game: why the algorithm matters ------------------------------------
+
+
+def test_bilinear_simultaneous_diverges_alternating_cycles_optimistic_converges():
+    lr, n = 0.2, 500
+    sim = toy.run_bilinear("simultaneous", lr=lr, num_steps=n)
+    alt = toy.run_bilinear("alternating", lr=lr, num_steps=n)
+    ogd = toy.run_bilinear("optimistic", lr=lr, num_steps=n)
+    d0 = sim[0]
+    assert sim[-1] > 10 * d0 and np.all(np.diff(sim) > 0)  # spirals out
+    assert alt.min() > 0.5 * d0 and alt[-1] > 0.5 * d0  # cycles: does not shrink
+    assert ogd[-1] < 1e-3  # optimistic GDA converges
+
+
+# --- failures --------------------------------------------------------------------------
+
+
+def test_nan_in_student_loss_raises_with_iteration_and_quantity():
+    def batches(i):
+        sb = SB.at[2].set(jnp.nan) if i == 7 else SB
+        return sb, EB, UB
+
+    seen = []
+    with pytest.raises(solver.SolverDivergedError, match=r"NaN in student_loss at iteration 7") as err:
+        solver.solve(GAME, CFG, _init(delta=0.3), batches, callback=lambda i, d: seen.append(i))
+    assert err.value.iteration == 7 and err.value.quantity == "student_loss"
+    assert seen == list(range(7))
+
+
+def test_nan_in_capability_loss_is_named():
+    def batches(i):
+        return SB, (EB * jnp.inf if i == 3 else EB), UB
+
+    with pytest.raises(solver.SolverDivergedError, match=r"in J at iteration 3"):
+        solver.solve(GAME, CFG, _init(delta=jnp.asarray([0.1, 0.3])), batches)
+
+
+def test_first_nonfinite_order():
+    assert solver.first_nonfinite({"a": 1.0, "b": np.array([1.0, 2.0])}) is None
+    assert solver.first_nonfinite({"a": 1.0, "b": np.inf, "c": np.nan}) == "b"
+    assert solver.first_nonfinite({"converged": True, "mu": np.array([0.0, np.nan])}) == "mu"
+
+
+# --- config validation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("unroll_steps", 0),
+        ("student_steps", 0),
+        ("gamma_max", 1.0),
+        ("gamma_max", 0.0),
+        ("delta", -0.1),
+        ("algorithm", "extragradient"),
+        ("student_optimizer", "lion"),
+        ("penalty", -1.0),
+        ("teacher_lr", 0.0),
+        ("gamma_init", 0.99),
+        ("patience", 0),
+    ],
+)
+def test_validate_names_the_field(field, value):
+    cfg = dataclasses.replace(solver.SolverConfig(), **{field: value})
+    with pytest.raises(ValueError, match=rf"SolverConfig\.{field}\b"):
+        cfg.validate()
+
+
+def test_every_config_field_is_documented():
+    for f in dataclasses.fields(solver.SolverConfig):
+        assert f.metadata.get("help"), f.name
+    solver.SolverConfig().validate()
+    with pytest.raises(ValueError, match="gamma_init"):
+        dataclasses.replace(solver.SolverConfig(), gamma_param="sigmoid", gamma_init=0.0).validate()
+
+
+def test_init_state_rejects_negative_budget():
+    with pytest.raises(ValueError, match="delta"):
+        _init(delta=jnp.asarray([0.1, -0.2]))
