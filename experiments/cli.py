@@ -3,6 +3,8 @@
     distgame train --role teacher --config default [key=value ...] [--json]
     distgame bench --config default [--json]
     distgame protocol --config default [--seeds N] [--json]
+    distgame equilibrium --config default [--json]
+    distgame run --config default                        # what `make run` does
     distgame config --config default [key=value ...]     # the resolved, documented config
 """
 
@@ -14,6 +16,7 @@ import pathlib
 import sys
 
 from experiments.config import ROLES, ConfigError, describe, load_config
+from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, CheckpointError)
@@ -37,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     protocol = sub.add_parser("protocol", help="defended traces, passive/adaptive students, results table")
     protocol.add_argument("--seeds", type=int, default=None, help="override protocol.seeds")
     _common(protocol)
+    equilibrium = sub.add_parser("equilibrium", help="solve the PoE game for budgets x student tilts, with empirical checks")
+    _common(equilibrium)
+    run = sub.add_parser("run", help="the main job: train what is missing, protocol, equilibrium sweep, one run directory")
+    _common(run)
     show = sub.add_parser("config", help="print the resolved config with the documentation of every field")
     _common(show)
     return parser
@@ -68,6 +75,21 @@ def _protocol(args, cfg) -> dict:
     return {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"])}
 
 
+def _equilibrium(args, cfg) -> dict:
+    from experiments.equilibrium import EquilibriumSweep
+
+    eq = EquilibriumSweep(cfg, progress=not args.no_progress).run()
+    print((pathlib.Path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md").read_text())
+    return {"equilibrium": str(pathlib.Path(cfg.run_dir) / "equilibrium" / "equilibrium.json"), "seconds": eq["seconds"],
+            "plots": eq["plots"], "converged": all(p["converged"] for p in eq["points"])}
+
+
+def _run(args, cfg) -> dict:
+    from experiments.run import main_job
+
+    return main_job(cfg, progress=not args.no_progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -75,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(describe(cfg))
             return 0
-        summary = {"train": _train, "bench": _bench, "protocol": _protocol}[args.command](args, cfg)
-    except USER_ERRORS as e:
+        summary = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run}[args.command](args, cfg)
+    except (*USER_ERRORS, SolverDivergedError) as e:
         print(f"distgame {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from experiments.tasks.arithmetic import ArithmeticTaskConfig
+from game.solver import SolverConfig
 from models.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig
 from models.transformer import ModelConfig
 
@@ -46,7 +47,7 @@ class TrainConfig:
     grad_clip: float = _help("global gradient-norm clip (0 = off)", 1.0)
     data: str = _help(
         "what the model trains on: 'solutions' (prompt + step-by-step solution), "
-        "'easy' (solutions of problems with task.easy_steps steps only), or 'prompts' (problem text only)",
+        "'easy' (solutions of problems with 1..easy_max_steps steps), or 'prompts' (problem text only)",
         "solutions",
     )
     n_examples: int = _help("size of the role's training set (0 = task.n_train)", 0)
@@ -216,6 +217,47 @@ class ProtocolConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EquilibriumConfig:
+    """The PoE game solved on the trained models (distgame equilibrium)."""
+
+    budgets: tuple[float, ...] = _help("utility budgets δ (nats/token the teacher may lose), increasing, solved at once under vmap", (0.01, 0.03, 0.1))
+    betas: tuple[float, ...] = _help("student tilts beta_s (0 = passive); one solve per tilt", (0.0, 4.0))
+    prefixes: int = _help("prefixes sampled from the defended teacher per budget (the student batch)", 64)
+    resample_every: int = _help("iterations between prefix resamples (R)", 25)
+    n_eval: int = _help("reference solutions of test prompts in J (student capability loss)", 128)
+    n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
+    empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distil real students (protocol.distill)", True)
+    check_seeds: int = _help("seeds of the empirical check", 1)
+    solver: SolverConfig = _help("the min-max solver (game/solver.py documents every field)", factory=SolverConfig)
+
+    def validate(self) -> None:
+        b = self.budgets
+        if not b:
+            raise ConfigError("equilibrium.budgets is empty; give at least one budget")
+        if any(x < 0 for x in b):
+            raise ConfigError(f"equilibrium.budgets={list(b)} must be >= 0")
+        if any(y <= x for x, y in zip(b, b[1:])):
+            raise ConfigError(f"equilibrium.budgets={list(b)} must be strictly increasing")
+        if not self.betas:
+            raise ConfigError("equilibrium.betas is empty; give at least 0 (the passive student)")
+        for name in ("prefixes", "resample_every", "n_eval", "n_utility", "check_seeds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"equilibrium.{name}={getattr(self, name)} must be >= 1")
+        try:
+            self.solver.validate()
+        except ValueError as e:
+            raise ConfigError(str(e).replace("SolverConfig.", "equilibrium.solver.")) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What `distgame run` (the main job, `make run`) does after training."""
+
+    protocol_seeds: int = _help("seeds of the protocol inside the main job (protocol.seeds is for distgame protocol)", 1)
+    equilibrium: bool = _help("also run the equilibrium sweep", True)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment. `distgame config --config NAME` prints it with these docs."""
 
@@ -223,7 +265,7 @@ class Config:
     run_dir: str = _help("where checkpoints, logs and results go", "runs/default")
     seed: int = _help("task-generation seed", 0)
     task: ArithmeticTaskConfig = _help("built-in arithmetic task", factory=ArithmeticTaskConfig)
-    easy_steps: int = _help("step count of the 'easy' problems a role with train.data=easy sees", 1)
+    easy_max_steps: int = _help("most steps of the 'easy' problems a role with train.data=easy sees (from 1)", 2)
     mesh: MeshConfig = _help("device mesh", factory=MeshConfig)
     rules: dict = _help(
         "logical axis -> mesh axis (or null = replicated); the one rule table for all parameters",
@@ -235,6 +277,8 @@ class Config:
     sample: SampleConfig = _help("decoding", factory=SampleConfig)
     bench: BenchConfig = _help("benchmark sizes", factory=BenchConfig)
     protocol: ProtocolConfig = _help("the empirical protocol (distgame protocol)", factory=ProtocolConfig)
+    equilibrium: EquilibriumConfig = _help("the PoE game's equilibrium sweep (distgame equilibrium)", factory=EquilibriumConfig)
+    run: RunConfig = _help("the main job (distgame run)", factory=RunConfig)
 
     def role(self, name: str) -> RoleConfig:
         if name not in ROLES:
@@ -257,10 +301,13 @@ class Config:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             rc.train.validate(f"{role}.train")
-        if self.easy_steps < 1:
-            raise ConfigError(f"easy_steps={self.easy_steps} must be >= 1")
+        if self.easy_max_steps < 1:
+            raise ConfigError(f"easy_max_steps={self.easy_max_steps} must be >= 1")
         self.sample.validate()
         self.protocol.validate()
+        self.equilibrium.validate()
+        if self.run.protocol_seeds < 1:
+            raise ConfigError(f"run.protocol_seeds={self.run.protocol_seeds} must be >= 1")
         if self.bench.role not in ROLES:
             raise ConfigError(f"bench.role={self.bench.role!r} must be one of {', '.join(ROLES)}")
 

@@ -44,6 +44,7 @@ def decode_problems(
     rng: jax.Array | None = None,
     expose_k: int = 0,
     tangents: tuple | None = None,
+    carry_b: np.ndarray | None = None,
 ) -> Decoded:
     """Decode every problem's prompt in fixed-size batches (the last one padded), sharded over the batch axes."""
     combiner = combiner or Single()
@@ -55,11 +56,13 @@ def decode_problems(
     chunks: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, batch_size):
         prompts_bp, lens_b = prompts_np[start : start + batch_size], lens_np[start : start + batch_size]
+        carry = None if carry_b is None else carry_b[start : start + batch_size]
         real = len(lens_b)
         if real < batch_size:  # pad with copies of the first prompt so shapes (and compiles) stay fixed
             fill = batch_size - real
             prompts_bp = np.concatenate([prompts_bp, np.repeat(prompts_bp[:1], fill, 0)])
             lens_b = np.concatenate([lens_b, np.repeat(lens_b[:1], fill, 0)])
+            carry = None if carry is None else np.concatenate([carry, np.repeat(carry[:1], fill, 0)])
         out = generate(
             specs,
             params,
@@ -74,6 +77,7 @@ def decode_problems(
             top_p=top_p,
             expose_k=expose_k,
             tangents=tangents,
+            carry=None if carry is None else jax.device_put(carry, batch_sharding(mesh, carry.ndim)),
         )
         for key, value in out.items():
             chunks.setdefault(key, []).append(np.asarray(value)[:real])

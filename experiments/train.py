@@ -134,7 +134,7 @@ class Trainer:
     def training_data(self) -> dict[str, np.ndarray]:
         task, tc = self.cfg.task, self.tc
         n = tc.n_examples or task.n_train
-        steps = {"min_steps": self.cfg.easy_steps, "max_steps": self.cfg.easy_steps} if tc.data == "easy" else {}
+        steps = {"min_steps": 1, "max_steps": self.cfg.easy_max_steps} if tc.data == "easy" else {}
         problems = make_split(task, "train", self.cfg.seed, n, **steps)
         data = encode_problems(problems, self.tokenizer, task.max_len, with_solution=tc.data != "prompts")
         return {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}

@@ -297,6 +297,30 @@ class PoE:
 
 
 @_static_dataclass
+class PoEPerRow:
+    """PoE whose weight is data, not a static field: the carry is γ_b [B], seeded by the
+    caller through the sampler's ``carry`` argument. One compiled sampler then serves
+    every γ (the game solver resamples prefixes at a new γ every few iterations) and
+    rows of one batch may use different γ. outs = (z_T, z_P)."""
+
+    temperature: float = 1.0
+    experts: ClassVar[tuple[str, ...]] = ("teacher", "proxy")
+
+    def __post_init__(self):
+        validate_temperature(self.temperature, "PoEPerRow")
+
+    def init(self, batch_size: int):
+        return jnp.zeros((batch_size,), jnp.float32)
+
+    def logits(self, outs, carry):
+        z_T, z_P = outs
+        return poe_logits(z_T, z_P, carry, self.temperature)
+
+    def update(self, outs, carry, token_b):
+        return carry
+
+
+@_static_dataclass
 class ADS:
     """Antidistillation sampling: ``logits = z_T / τ + λ Δ``.
 

@@ -106,8 +106,12 @@ def generate(
     top_p: float = 1.0,
     expose_k: int = 0,
     tangents: tuple | None = None,
+    carry: Any = None,
 ) -> dict[str, jax.Array]:
     """Decode `max_new_tokens` after left-padded prompts.
+
+    `carry` seeds the combiner's per-sequence state (default `combiner.init(B)`), so
+    a defense strength can be traced data rather than a compile-time constant.
 
     Returns tokens_bn (PAD after EOS), lengths_b (generated tokens incl. EOS),
     logprob_bn (log-prob of each emitted token under the combined distribution) and,
@@ -133,7 +137,7 @@ def generate(
         out, cache, dcache = _run_expert(spec, prm, tan, cache, dcache, prompts_bp, prompt_pos_bp, prefill_mask_bps, 0)
         outs.append(out), caches.append(cache), dcaches.append(dcache)
 
-    carry0 = combiner.init(b)
+    carry0 = combiner.init(b) if carry is None else carry
     state = dict(
         i=jnp.int32(0),
         outs=tuple(outs),
