@@ -165,6 +165,7 @@ class DistillConfig:
     heldout_batch: int = _help("held-out examples per adaptive step", 64)
     degeneracy_filter: bool = _help("drop traces with long repeats before training", True)
     attacks: tuple[str, ...] = _help(f"extra attacks: any of {', '.join(ATTACKS)}", ("soft_topk", "poe_inversion"))
+    attack_defenses: tuple[str, ...] = _help("defense names the extra attacks are run against (poe_inversion only ever runs against poe)", ("poe",))
     inversion_gamma_error: float = _help("poe_inversion: the attacker's estimate of gamma is the true gamma plus this", 0.0)
 
 
@@ -193,6 +194,9 @@ class ProtocolConfig:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"protocol.defenses has duplicates: {labels}")
         dc = self.distill
+        for name in dc.attack_defenses:
+            if name not in DEFENSES:
+                raise ConfigError(f"protocol.distill.attack_defenses: unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
         for a in dc.attacks:
             if a not in ATTACKS:
                 raise ConfigError(f"protocol.distill.attacks: unknown attack {a!r}; choose from {', '.join(ATTACKS)}")

@@ -343,7 +343,7 @@ class Protocol:
 
     def student(self, d: DefenseSetting, kind: str, beta: float, models, traces, heldout) -> list[float]:
         dc = self.pc.distill
-        path = self.dir / f"student-{d.key}-{kind}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc, s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
+        path = self.dir / f"student-{d.key}-{kind}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dataclasses.replace(dc, betas=(), attacks=(), attack_defenses=()), s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
         if path.exists():
             return json.loads(path.read_text())["accuracy"]
         train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
@@ -375,6 +375,8 @@ class Protocol:
     def student_kinds(self, d: DefenseSetting) -> list[tuple[str, str, float]]:
         dc = self.pc.distill
         kinds = [("passive", "passive", 0.0)] + [(f"adaptive(beta={b:g})", "adaptive", b) for b in dc.betas]
+        if d.name not in dc.attack_defenses:
+            return kinds
         if "soft_topk" in dc.attacks:
             kinds.append(("soft_topk", "soft_topk", 0.0))
         if "poe_inversion" in dc.attacks and d.name == "poe":

@@ -149,6 +149,13 @@ class SolverConfig:
         "e.g. a vector of budgets solved at once under vmap)",
         0.1,
     )
+    violation_scale: str = _help(
+        "'absolute': the constraint is v = U(0) − U(γ) − δ (nats/token); 'relative': v / δ, "
+        "the violation as a fraction of the budget (needs δ > 0). Same feasible set and γ*; "
+        "'relative' gives budgets of very different sizes the same conditioning, so one set "
+        "of learning rates serves a whole vmapped sweep (tol_violation is then relative too)",
+        "absolute",
+    )
     mu_init: float = _help("initial Lagrange multiplier μ >= 0", 0.0)
     penalty: float = _help(
         "augmented-Lagrangian penalty ρ >= 0 (0 = plain Lagrangian). Same KKT points; "
@@ -186,6 +193,7 @@ class SolverConfig:
             "dual_optimizer": PLAYER_OPTIMIZERS,
             "optimistic_variant": OPTIMISTIC_VARIANTS,
             "gamma_param": GAMMA_PARAMS,
+            "violation_scale": ("absolute", "relative"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -310,6 +318,8 @@ def init_state(
         raise ValueError(f"delta must be a scalar or a 1-D array of budgets, got shape {delta.shape}")
     if not isinstance(delta, jax.core.Tracer) and bool(jnp.any(delta < 0)):
         raise ValueError(f"delta={delta} must be >= 0")
+    if cfg.violation_scale == "relative" and not isinstance(delta, jax.core.Tracer) and bool(jnp.any(delta <= 0)):
+        raise ValueError(f"delta={delta} must be > 0 with violation_scale='relative'")
     u0 = jnp.asarray(game.utility(jnp.zeros((), jnp.result_type(float)), util_batch))
 
     def one(d):
@@ -349,12 +359,13 @@ def unrolled_student(game: Game, theta: PyTree, gamma, student_batch, steps: int
     """θ⁺(γ): `steps` plain gradient-descent steps of the student on L_D(·; γ) from θ,
     differentiable in γ (and θ)."""
 
-    def body(th, _):
-        g = jax.grad(game.student_loss)(th, gamma, student_batch)
-        return jax.tree_util.tree_map(lambda p, d: p - lr * d, th, g), None
-
-    theta_plus, _ = jax.lax.scan(body, theta, None, length=steps)
-    return theta_plus
+    # A Python loop, not lax.scan: K is small and static, and on jax 0.10.2 the forward-mode
+    # derivative in γ of a scan over `jax.grad` came out wrong by ~1e24 when the equilibrium
+    # sweep vmapped budgets with their own prefixes (a loop matched finite differences).
+    for _ in range(steps):
+        g = jax.grad(game.student_loss)(theta, gamma, student_batch)
+        theta = jax.tree_util.tree_map(lambda p, d: p - lr * d, theta, g)
+    return theta
 
 
 def capability_hypergradient(
@@ -368,6 +379,12 @@ def capability_hypergradient(
 
     gamma = jnp.asarray(gamma, dtype=jnp.result_type(float))
     return jax.jvp(f, (gamma,), (jnp.ones_like(gamma),))
+
+
+def constraint_violation(cfg: SolverConfig, utility_ref, U, delta):
+    """v(γ) = U(0) − U(γ) − δ, divided by δ when cfg.violation_scale == 'relative'."""
+    v = utility_ref - U - delta
+    return v / delta if cfg.violation_scale == "relative" else v
 
 
 def augmented_term(v, mu, penalty: float):
@@ -390,10 +407,11 @@ def teacher_lagrangian(
     one = jnp.ones_like(gamma)
     J, dJ = capability_hypergradient(game, cfg, theta, gamma, student_batch, eval_batch)
     U, dU = jax.jvp(lambda g: game.utility(g, util_batch), (gamma,), (one,))
-    v = utility_ref - U - delta
+    v = constraint_violation(cfg, utility_ref, U, delta)
     psi, dpsi_dv, _ = augmented_term(v, mu, cfg.penalty)
     lag = J - psi
-    dlag = dJ + dpsi_dv * dU  # dv/dγ = −dU/dγ
+    dv_dU = -1.0 / delta if cfg.violation_scale == "relative" else -1.0
+    dlag = dJ - dpsi_dv * dv_dU * dU
     return lag, dlag, {"J": J, "dJ": dJ, "U": U, "dU": dU, "violation": v}
 
 
@@ -434,7 +452,7 @@ def check_converged(history_window: Sequence[dict], cfg: SolverConfig) -> bool:
 DIAGNOSTIC_KEYS = (
     "iteration", "student_loss", "student_grad_norm", "student_param_norm", "J", "lagrangian",
     "teacher_grad", "teacher_grad_norm", "teacher_stationarity", "gamma", "delta_gamma", "U",
-    "violation", "dual_grad", "dual_grad_norm", "dual_stationarity", "mu", "streak", "converged",
+    "violation", "utility_drop", "dual_grad", "dual_grad_norm", "dual_stationarity", "mu", "streak", "converged",
 )
 
 
@@ -502,7 +520,7 @@ def solver_step(
 
     # --- dual: one ascent step along ∂ψ/∂μ, projected to μ >= 0 ----------------------------
     U_new = game.utility(gamma_new, util_batch)
-    v_new = state.utility_ref - U_new - state.delta
+    v_new = constraint_violation(cfg, state.utility_ref, U_new, state.delta)
     v_dual = v_new if cfg.algorithm == "alternating" else aux["violation"]
     _, _, dpsi_dmu = augmented_term(v_dual, state.mu, cfg.penalty)
     upd, dual_os = opt.dual.update(-dpsi_dmu, state.dual_opt_state, state.mu)
@@ -523,6 +541,7 @@ def solver_step(
         "delta_gamma": jnp.abs(gamma_new - gamma_old),
         "U": U_new,
         "violation": v_new,
+        "utility_drop": state.utility_ref - U_new,
         "dual_grad": dpsi_dmu,
         "dual_grad_norm": jnp.abs(dpsi_dmu),
         "dual_stationarity": dual_stationarity,

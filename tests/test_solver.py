@@ -280,3 +280,76 @@ def test_every_config_field_is_documented():
 def test_init_state_rejects_negative_budget():
     with pytest.raises(ValueError, match="delta"):
         _init(delta=jnp.asarray([0.1, -0.2]))
+
+
+def test_relative_violation_reaches_the_same_gamma_star():
+    """Measuring the violation in units of δ rescales μ (μ_rel = δ μ), not the equilibrium γ*:
+    with penalty and dual step rescaled by δ² the iterates are the same game's."""
+    delta = toy.TOY_BUDGETS[1]
+    cfg = dataclasses.replace(CFG, violation_scale="relative", penalty=CFG.penalty * delta**2,
+                              dual_lr=CFG.dual_lr * delta**2, tol_violation=CFG.tol_violation / delta)
+    result = solver.solve(GAME, cfg, _init(cfg, delta), BATCHES)
+    assert result.converged
+    assert abs(float(result.diagnostics["gamma"]) - toy.exact_gamma_star(SPEC, delta)) < 1e-3
+    absolute = solver.solve(GAME, CFG, _init(CFG, delta), BATCHES)
+    assert float(result.diagnostics["mu"]) == pytest.approx(delta * float(absolute.diagnostics["mu"]), rel=1e-2)
+
+
+def test_vmapped_hypergradient_with_batched_student_batches_matches_finite_differences():
+    """Budgets vmapped with a different student batch each (as the equilibrium sweep does):
+    dJ(θ⁺(γ))/dγ must still match central differences, for K = 1 and 2."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jax.random.normal(jax.random.key(0), (6, 4))
+    game = solver.Game(
+        student_loss=lambda th, g, b: jnp.mean((jnp.tanh(b @ th) - g * jnp.sin(b @ w).sum(-1, keepdims=True)) ** 2),
+        capability_loss=lambda th, b: jnp.mean(jnp.cos(b @ th) ** 2),
+        utility=lambda g, b: -g**2,
+    )
+    theta = jax.random.normal(jax.random.key(1), (6, 3))
+    batches = jax.random.normal(jax.random.key(2), (3, 5, 6))
+    eval_b = jax.random.normal(jax.random.key(3), (7, 6))
+    gammas = jnp.array([0.2, 0.4, 0.6])
+    for k in (1, 2):
+        cfg = dataclasses.replace(CFG, unroll_steps=k, unroll_lr=0.5)
+        f = lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_b)[1]
+        jvp = jax.jit(jax.vmap(f))(gammas, batches)
+        J = lambda g, b: game.capability_loss(solver.unrolled_student(game, theta, g, b, k, 0.5), eval_b)
+        h = 1e-3
+        fd = jax.vmap(lambda g, b: (J(g + h, b) - J(g - h, b)) / (2 * h))(gammas, batches)
+        np.testing.assert_allclose(np.asarray(jvp), np.asarray(fd), rtol=2e-2, atol=1e-4)
+
+
+def test_vmapped_hypergradient_through_a_transformer_student_matches_finite_differences():
+    """The equilibrium sweep's case: a transformer student, PoE soft targets, budgets vmapped
+    with their own prefixes."""
+    import jax
+    import jax.numpy as jnp
+
+    from models import transformer as tfm
+
+    cfg_m = tfm.ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+    gd, theta = tfm.split_params(tfm.build(cfg_m, 11, 0))
+    keys = jax.random.split(jax.random.key(4), 4)
+    tokens = jax.random.randint(keys[0], (3, 4, 6), 0, 11)
+    z_t = jax.random.normal(keys[1], (3, 4, 5, 11)) * 3
+    z_p = jax.random.normal(keys[2], (3, 4, 5, 11))
+    eval_tokens = jax.random.randint(keys[3], (4, 6), 0, 11)
+
+    def student_loss(th, g, b):
+        logq = jax.nn.log_softmax(tfm.forward(gd, th, b["tokens"][:, :-1])[0], -1)
+        logp = jax.nn.log_softmax((1 - g) * b["z_t"] + g * b["z_p"], -1)
+        return -jnp.mean(jnp.sum(jnp.exp(logp) * logq, -1))
+
+    def capability(th, toks):
+        return -jnp.mean(tfm.token_logprobs(gd, th, toks))
+
+    game = solver.Game(student_loss, capability, lambda g, b: -g**2)
+    batches = {"tokens": tokens, "z_t": z_t, "z_p": z_p}
+    gammas = jnp.array([0.2, 0.5, 0.8])
+    cfg = dataclasses.replace(CFG, unroll_steps=1, unroll_lr=1.0)
+    jvp = jax.jit(jax.vmap(lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_tokens)[1]))(gammas, batches)
+    J = lambda g, b: capability(solver.unrolled_student(game, theta, g, b, 1, 1.0), eval_tokens)
+    fd = jax.vmap(lambda g, b: (J(g + 1e-2, b) - J(g - 1e-2, b)) / 2e-2)(gammas, batches)
+    np.testing.assert_allclose(np.asarray(jvp), np.asarray(fd), rtol=5e-2, atol=1e-4)
