@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from experiments.config import Config, DefenseSetting
 from experiments.plots import plot_equilibrium
 from experiments.evaluate import decode_problems
-from experiments.protocol import Protocol, assemble, ensure_models, mean_stderr, save_json
+from experiments.protocol import Protocol, assemble, ensure_models, mean_stderr, pm, save_json
 from experiments.tasks.arithmetic import encode_problems, encode_prompts, make_split
 from experiments.train import masked_nll
 from game import defenses as dfn
@@ -184,8 +184,7 @@ class EquilibriumSweep:
             self.check(points, models, heldout, clean)
         eq = {
             "config": self.cfg.name, "budgets": list(self.ec.budgets), "betas": list(self.ec.betas),
-            "utility_ref": float(sv.init_state(make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0),
-                                               self.ec.solver, models["student"].params, util_batch).utility_ref),
+            "utility_ref": float(make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0).utility(0.0, util_batch)),
             "points": points, "trajectories": trajectories, "seconds": round(time.perf_counter() - start, 1),
         }
         save_json(self.dir / "equilibrium.json", eq)
@@ -217,11 +216,9 @@ def equilibrium_markdown(eq: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in eq["points"]:
-        ta, sa = p.get("teacher_accuracy"), p.get("student_accuracy")
-        fmt = lambda s: "–" if not s else f"{100 * s['mean']:.1f}" + ("" if not np.isfinite(s["stderr"]) else f" ± {100 * s['stderr']:.1f}")
         lines.append(
             f"| {p['beta']:g} | {p['delta']:g} | {p['gamma_star']:.4f} | {'yes' if p['converged'] else 'NO'} | "
-            f"{p['iterations']} | {p['seconds_per_iteration']:.3f} | {p['J']:.4f} | {p['U']:.4f} | {fmt(ta)} | {fmt(sa)} |"
+            f"{p['iterations']} | {p['seconds_per_iteration']:.3f} | {p['J']:.4f} | {p['U']:.4f} | {pm(p.get('teacher_accuracy'))} | {pm(p.get('student_accuracy'))} |"
         )
     lines += ["", "Plots: `gamma_star.png`, `frontier.png`, `gap.png`, `trajectories.png` (data in the matching CSVs)."]
     return "\n".join(lines) + "\n"

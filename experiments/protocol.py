@@ -428,7 +428,7 @@ class Protocol:
 # ---------------------------------------------------------------------------
 
 
-def _pm(stat: dict | None) -> str:
+def pm(stat: dict | None) -> str:
     if not stat:
         return "–"
     se = stat["stderr"]
@@ -456,7 +456,7 @@ def results_markdown(results: dict) -> str:
     for r in rows:
         c = r["cost"]
         gain = r.get("relative_gain")
-        cells = [r["label"], _pm(r["teacher_accuracy"])] + [_pm(r["students"].get(k)) for k in kinds] + [
+        cells = [r["label"], pm(r["teacher_accuracy"])] + [pm(r["students"].get(k)) for k in kinds] + [
             "–" if gain is None or not np.isfinite(gain) else f"{100 * gain:+.0f}%",
             str(c["forward_passes_per_token"]),
             f"{c['flops_ratio']:.2f}×",
