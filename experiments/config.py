@@ -228,6 +228,7 @@ class EquilibriumConfig:
     betas: tuple[float, ...] = _help("student tilts beta_s (0 = passive); one solve per tilt", (0.0, 4.0))
     prefixes: int = _help("prefixes sampled from the defended teacher per budget (the student batch)", 64)
     resample_every: int = _help("iterations between prefix resamples (R)", 25)
+    heldout_batch: int = _help("the adaptive student's held-out examples per resample (its g_S)", 16)
     n_eval: int = _help("reference solutions of test prompts in J (student capability loss)", 128)
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
     empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distil real students (protocol.distill)", True)
@@ -244,7 +245,7 @@ class EquilibriumConfig:
             raise ConfigError(f"equilibrium.budgets={list(b)} must be strictly increasing")
         if not self.betas:
             raise ConfigError("equilibrium.betas is empty; give at least 0 (the passive student)")
-        for name in ("prefixes", "resample_every", "n_eval", "n_utility", "check_seeds"):
+        for name in ("prefixes", "resample_every", "heldout_batch", "n_eval", "n_utility", "check_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"equilibrium.{name}={getattr(self, name)} must be >= 1")
         try:

@@ -109,7 +109,7 @@ class EquilibriumSweep:
             "z_proxy": _logits(p, tokens),
         }
         batch = jax.tree.map(lambda x: x.reshape((nb, n) + x.shape[1:]), batch)
-        idx = np.random.default_rng(round_).integers(0, len(heldout["tokens_bt"]), min(64, len(heldout["tokens_bt"])))
+        idx = np.random.default_rng(round_).integers(0, len(heldout["tokens_bt"]), self.ec.heldout_batch)
         batch["heldout"] = {k: jnp.asarray(np.broadcast_to(v[idx], (nb,) + v[idx].shape)) for k, v in heldout.items()}
         return batch
 

@@ -14,6 +14,7 @@ fingerprint of the settings it depends on, so a killed run restarts where it sto
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -186,13 +187,23 @@ def _student_logp(graphdef, params, tokens_bt):
     return jax.nn.log_softmax(logits_btv, axis=-1)
 
 
-def make_distill_step(graphdef, dc: DistillConfig, kind: str, tx, proxy: RoleModel | None, gamma: float, tau: float):
-    """One student update; `kind` is passive | adaptive | soft_topk | poe_inversion."""
+def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
+    warmup = min(dc.warmup_steps, dc.steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
+    return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: float):
+    """One student update, jitted once per (model, settings, kind) and reused across defense
+    settings (γ, β and the proxy's params are traced arguments, not constants).
+    `kind` is passive | adaptive | soft_topk | poe_inversion."""
+    tx = distill_optimizer(dc)
 
     def per_example_nll(params, tokens_bt, mask_bt):
         return stu.sequence_nll(tfm.token_logprobs(graphdef, params, tokens_bt), mask_bt[:, :-1])
 
-    def loss_fn(params, batch, beta, heldout):
+    def loss_fn(params, batch, beta, heldout, proxy_params, gamma):
         mask_bt = batch["loss_mask_bt"][:, :-1]
         weights_b = None
         if kind == "adaptive":
@@ -208,19 +219,19 @@ def make_distill_step(graphdef, dc: DistillConfig, kind: str, tx, proxy: RoleMod
         target_lp = batch["topk_logprob_btk"][:, :-1]
         ids = batch["topk_ids_btk"][:, :-1]
         if kind == "poe_inversion":  # undo the mixture with the attacker's own copy of the proxy
-            z_p, _ = tfm.forward(proxy.graphdef, proxy.params, batch["tokens_bt"][:, :-1])
+            z_p, _ = tfm.forward(proxy_graphdef, proxy_params, batch["tokens_bt"][:, :-1])
             z_p_k = jnp.take_along_axis(z_p, ids, axis=-1)
             target_lp = stu.invert_poe(target_lp, z_p_k, gamma, tau)
         logp_btv = _student_logp(graphdef, params, batch["tokens_bt"])
         return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging)
 
-    def step(params, opt_state, batch, beta, heldout):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, beta, heldout)
+    def step(params, opt_state, batch, beta, heldout, proxy_params, gamma):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, beta, heldout, proxy_params, gamma)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     # vmap over seeds: params, opt state, batch and held-out batch all have a leading seed axis.
-    return jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
+    return jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, 0, None, None)), donate_argnums=(0, 1))
 
 
 def distil(
@@ -238,13 +249,11 @@ def distil(
     desc: str = "",
 ):
     """Train `seeds` copies of the student base at once; traces have a leading seed axis."""
-    warmup = min(dc.warmup_steps, dc.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
-    tx = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
-    step = make_distill_step(base.graphdef, dc, kind, tx, proxy, gamma, tau)
+    step = make_distill_step(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau)
+    proxy_params = proxy.params if proxy else None
     stack = lambda x: jnp.broadcast_to(x, (seeds,) + x.shape)
     params = jax.tree.map(lambda x: jnp.array(stack(x)), base.params)
-    opt_state = jax.vmap(tx.init)(params)
+    opt_state = jax.vmap(distill_optimizer(dc).init)(params)
     n = traces["tokens_bt"].shape[1]
     n_h = heldout["tokens_bt"].shape[0]
     rngs = [np.random.default_rng([s, 17]) for s in range(seeds)]
@@ -254,7 +263,7 @@ def distil(
         batch = {k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()}
         h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
         held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
-        params, opt_state, loss = step(params, opt_state, batch, jnp.float32(beta), held)
+        params, opt_state, loss = step(params, opt_state, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
     loss = np.asarray(loss)
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
