@@ -153,11 +153,11 @@ class DefenseSetting:
 class DistillConfig:
     """How the attacker distils its base model on the teacher's traces."""
 
-    steps: int = _help("optimizer steps per student", 150)
-    batch_size: int = _help("traces per step", 32)
-    lr: float = _help("peak AdamW learning rate", 2e-3)
+    steps: int = _help("optimizer steps per student", 200)
+    batch_size: int = _help("traces per step", 64)
+    lr: float = _help("peak AdamW learning rate", 5e-3)
     warmup_steps: int = _help("linear warmup steps", 10)
-    betas: tuple[float, ...] = _help("adaptive tilts beta_s (one adaptive student each; 0 = passive is always run)", (4.0,))
+    betas: tuple[float, ...] = _help("adaptive tilts beta_s (one adaptive student each; 0 = passive is always run)", (1.0,))
     standardize_values: bool = _help("divide example values by their batch std before exp(beta v), so beta is unitless", True)
     max_weight: float = _help("cap on an adaptive example weight (weights have mean 1)", 5.0)
     averaging: str = _help("loss averaging: 'token' (mean over all target tokens) or 'sequence' (mean of per-trace means)", "token")
