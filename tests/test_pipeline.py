@@ -73,7 +73,6 @@ def test_protocol_restarts_where_it_was_killed(trained, tmp_path):
     proc.wait()
     done = _snapshot(run / "protocol")
     assert done, "the run was killed before finishing any stage"
-    assert not any(p.name.endswith(".tmp") for p in done) or True  # temp files never replace finished ones
     result = distgame("protocol", "--config", "ci", f"run_dir={run}")
     assert result.returncode == 0, result.stderr
     after = _snapshot(run / "protocol")
