@@ -13,7 +13,7 @@ The game (DESIGN.md, "The differentiable game"), wired to real models:
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -35,8 +35,14 @@ from game import students as stu
 from models import transformer as tfm
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token_logits(graphdef, params, tokens_bt):
+    return tfm.forward(graphdef, params, tokens_bt[:, :-1])[0]
+
+
 def _logits(model, tokens_bt):
-    return jax.jit(lambda p, t: tfm.forward(model.graphdef, p, t[:, :-1])[0])(model.params, tokens_bt)
+    """Cached teacher/proxy logits on fixed sequences (compiled once per model and shape)."""
+    return _next_token_logits(model.graphdef, model.params, tokens_bt)
 
 
 def make_game(student, beta: float, dc, tau: float) -> sv.Game:
