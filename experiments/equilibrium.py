@@ -203,7 +203,7 @@ class EquilibriumSweep:
     def check(self, points, models, heldout, clean) -> None:
         """Sample PoE(γ*) traces and distil the matching student at every equilibrium."""
         for pt in tqdm(points, desc="empirical check", leave=False, disable=not self.progress):
-            d = DefenseSetting("poe", round(pt["gamma_star"], 3))
+            d = DefenseSetting("poe", round(pt["gamma_star"], 2))
             traces = self.protocol.traces(d, models, None)
             kind = "passive" if pt["beta"] == 0 else "adaptive"
             accs = self.protocol.student(d, kind, pt["beta"], models, traces, heldout)
