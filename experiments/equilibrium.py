@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 
 from experiments.config import Config, DefenseSetting
 from experiments.plots import plot_equilibrium
-from experiments.evaluate import decode_problems
-from experiments.protocol import Protocol, assemble, ensure_models, mean_stderr, pm, save_json
-from experiments.tasks.arithmetic import encode_problems, encode_prompts, make_split
+from experiments.protocol import Protocol, ensure_models, mean_stderr, pm, save_json
+from experiments.tasks.arithmetic import encode_problems, make_split
 from experiments.train import masked_nll
 from game import defenses as dfn
 from game import solver as sv
@@ -99,14 +98,10 @@ class EquilibriumSweep:
         problems = make_split(self.cfg.task, "train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
         nb = len(gammas)
         t, p = models["teacher"], models["proxy"]
-        dec = decode_problems(
-            problems * nb, self.tokenizer, (t.spec, p.spec), (t.params, p.params), self.protocol.mesh,
-            combiner=dfn.PoEPerRow(self.cfg.protocol.temperature), max_new_tokens=self.cfg.sample.max_new_tokens,
-            batch_size=self.cfg.sample.batch_size, greedy=False, rng=jax.random.key(round_),
-            carry_b=np.repeat(gammas.astype(np.float32), n),
-        )
-        prompts, lens = encode_prompts(problems * nb, self.tokenizer, None)
-        arrays = assemble(prompts, lens, dec, self.cfg.task.max_len, self.tokenizer.pad_id)
+        setup = (dfn.PoEPerRow(self.cfg.protocol.temperature), (t.spec, p.spec), (t.params, p.params), None)
+        dec = self.protocol._decode(problems * nb, setup, jax.random.key(round_),
+                                    carry_b=np.repeat(gammas.astype(np.float32), n))
+        arrays = self.protocol._train_arrays(problems * nb, dec)
         tokens = jnp.asarray(arrays["tokens_bt"])
         batch = {
             "tokens_bt": tokens,

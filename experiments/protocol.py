@@ -285,12 +285,12 @@ class Protocol:
         self.task_fp = fingerprint(task=cfg.task, seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
 
     # -- helpers --------------------------------------------------------------
-    def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0) -> Decoded:
+    def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0, carry_b=None) -> Decoded:
         combiner, specs, params, tangents = d_setup
         return decode_problems(
             problems, self.tokenizer, specs, params, self.mesh, combiner=combiner,
             max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size,
-            greedy=greedy, rng=rng, expose_k=expose_k, tangents=tangents,
+            greedy=greedy, rng=rng, expose_k=expose_k, tangents=tangents, carry_b=carry_b,
         )
 
     def _train_arrays(self, problems, decoded: Decoded) -> dict[str, np.ndarray]:
