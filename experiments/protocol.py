@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
@@ -255,6 +256,11 @@ def distil(
     stack = lambda x: jnp.broadcast_to(x, (seeds,) + x.shape)
     params = jax.tree.map(lambda x: jnp.array(stack(x)), base.params)
     opt_state = jax.vmap(distill_optimizer(dc).init)(params)
+    # vmap's init leaves the step counters off the params' mesh; the step returns them on it. Place them there
+    # up front so the first and later calls share one compiled step (otherwise the step compiles twice).
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    on_mesh = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    opt_state = jax.tree.map(on_mesh, opt_state)
     n = traces["tokens_bt"].shape[1]
     n_h = heldout["tokens_bt"].shape[0]
     rngs = [np.random.default_rng([s, 17]) for s in range(seeds)]

@@ -74,16 +74,23 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
         raise ConfigError(str(e)) from None
 
 
-def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
-    """Build the model abstractly, derive shardings from the rule table, then init each shard in place."""
+def abstract_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
+    """The model traced abstractly: params are ShapeDtypeStructs carrying the shardings of the rule table."""
     abstract_model = nnx.eval_shape(lambda: tfm.build(rc.model, vocab_size, seed))
     graphdef, abstract_params = tfm.split_params(abstract_model)
     try:
         shardings = shd.param_shardings(tfm.logical_axes(abstract_model), abstract_params, rules, mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    params = shd.create_sharded(lambda: tfm.split_params(tfm.build(rc.model, vocab_size, seed))[1], shardings)
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract_params, shardings)
     return RoleModel(rc.model, graphdef, params, shardings)
+
+
+def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
+    """Build the model abstractly, derive shardings from the rule table, then init each shard in place."""
+    model = abstract_role_model(rc, vocab_size, mesh, rules, seed)
+    model.params = shd.create_sharded(lambda: tfm.split_params(tfm.build(rc.model, vocab_size, seed))[1], model.param_shardings)
+    return model
 
 
 class Trainer:
@@ -215,13 +222,13 @@ class Trainer:
 def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> RoleModel:
     """Restore a trained role's params (only) onto the mesh from its latest checkpoint."""
     rc = cfg.role(role)
-    model = init_role_model(rc, vocab_size, mesh, cfg.rules, rc.train.seed)
+    model = abstract_role_model(rc, vocab_size, mesh, cfg.rules, rc.train.seed)  # no init: the checkpoint has the values
     tx = make_optimizer(rc.train)
     rep = shd.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, model.params)
     opt_shardings = opt_state_shardings(tx, model.params, model.param_shardings, rep)
     target = {
-        "params": abstract_like(model.params),
+        "params": model.params,
         "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
     }
