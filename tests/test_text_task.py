@@ -64,16 +64,16 @@ def gsm8k_task(tmp_path, **kw):
 
 
 def test_gsm8k_builder_prepares_array_record_offline_and_task_reads_it(tmp_path):
-    manual = tmp_path / "manual"
-    manual.mkdir()
+    """The documented offline route: the official jsonl files in <data_dir>/downloads/manual/, then any command."""
+    data_dir = tmp_path / "tfds"
+    manual = data_dir / "downloads" / "manual"
+    manual.mkdir(parents=True)
     for name, rows in (("train", TRAIN), ("test", TEST)):
         (manual / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data_dir = tmp_path / "tfds"
-    builder = tfds.builder("distgame_gsm8k", data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    build_task(gsm8k_task(data_dir))  # download=True: prepares from the manual folder, no network
     assert list(data_dir.glob("distgame_gsm8k/1.0.0/*.array_record*")), "no array_record files written"
 
-    task = build_task(gsm8k_task(data_dir, download=False))
+    task = build_task(gsm8k_task(data_dir, download=False))  # now served from the prepared files only
     test = task.problems("test", seed=0)
     assert len(test) == 6
     by_question = {r["question"]: r for r in TEST}
@@ -210,6 +210,9 @@ def test_missing_data_dir_and_unknown_dataset_are_one_line_exit_2(tmp_path, caps
     rc, err = _cli(capsys, "train", "--role", "teacher", "--config", "gsm8k_ci", f"run_dir={tmp_path}",
                    f"task.data_dir={tmp_path}", f"task.tokenizer={tmp_path}/missing.json", "--no-progress")
     assert rc == 2 and len(err) == 1 and "missing.json" in err[0]
+    rc, err = _cli(capsys, "train", "--role", "teacher", "--config", "gsm8k_ci", f"run_dir={tmp_path}",
+                   f"task.data_dir={tmp_path}", "task.download=false", "--no-progress")
+    assert rc == 2 and len(err) == 1 and "cannot read split 'train' of 'distgame_gsm8k'" in err[0] and "not been generated" in err[0]
     assert not (tmp_path / "teacher").exists()  # nothing was written before the refusal
 
 
@@ -243,3 +246,18 @@ def test_protocol_end_to_end_on_mock_gsm8k(tmp_path, capsys, monkeypatch):
     assert refs and all(ref.lstrip("-").isdigit() for ref in refs)
     assert refs <= {r["answer"].rsplit("#### ", 1)[1].replace(",", "") for r in TRAIN + TEST}
     assert all(isinstance(text, str) for text, _ in checked)
+
+
+def test_any_tfds_dataset_by_name_with_its_fields(tmp_path):
+    """`tfds:<name>` reads a dataset tfds ships (here math_qa, random mock rows) through the named features."""
+    fields = dict(name="tfds:math_qa", tokenizer="byte", data_dir=str(tmp_path), prompt_field="Problem",
+                  solution_field="Rationale", answer_field="correct", checker="exact", n_heldout=2, n_test=3, max_len=512)
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        task = build_task(TaskConfig(**fields).validate())
+        test = task.problems("test", seed=0)
+        assert len(test) == 3 and len(task.problems("train", seed=0)) == 18
+        p = test[0]
+        assert p.prompt.startswith("Question: ") and p.answer
+        assert task.is_correct(f"  {p.answer} ", p.answer) and not task.is_correct(p.answer + "x", p.answer)
+        with pytest.raises(TaskError, match="dataset rows have no feature 'question'"):
+            build_task(TaskConfig(**{**fields, "prompt_field": "question"}).validate()).problems("test", seed=0)

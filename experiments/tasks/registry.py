@@ -262,7 +262,8 @@ class TextTask:
         raise ValueError(f"unknown split {split!r}; expected one of {ar.SPLITS}")
 
     def problems(self, split, seed, n=None, *, easy_max_steps=None) -> list[TextProblem]:
-        """The first ``n`` rows of ``split`` (train: in a ``seed``-permuted order) whose sequence fits ``max_len``.
+        """The first ``n`` rows of ``split`` (train: in a ``seed``-permuted order) whose sequence fits
+        ``max_len`` and that have a reference answer.
 
         Deterministic and prefix-stable; held-out and test sets do not depend on ``seed``.
         """
@@ -270,17 +271,21 @@ class TextTask:
             raise TaskError(f"task.name={self.tc.name!r} has no 'easy' problems; set train.data to 'solutions' or 'prompts'")
         if n is None:
             n = {"train": self.n_train_rows, "heldout": self.tc.n_heldout, "test": self.tc.n_test}[split]
+        return list(self._problems(split, seed if split == "train" else 0, n))
+
+    @functools.lru_cache(maxsize=64)  # the protocol asks for the same test set many times
+    def _problems(self, split: str, seed: int, n: int) -> tuple[TextProblem, ...]:
         source, order = self._order(split, seed)
         out: list[TextProblem] = []
         for i in order:
             if len(out) == n:
                 break
             p = self._problem(source[int(i)])
-            if self._fits(p):
+            if p.answer and self._fits(p):
                 out.append(p)
         if not out and n:
             raise TaskError(f"task.max_len={self.max_len}: no {split!r} problem of {self.fmt.dataset!r} fits; raise task.max_len")
-        return out
+        return tuple(out)
 
     def is_correct(self, text: str, answer: str) -> bool:
         return self._check(text, answer)
