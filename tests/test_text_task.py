@@ -87,7 +87,8 @@ def test_gsm8k_builder_prepares_array_record_offline_and_task_reads_it(tmp_path)
     assert any(int(p.answer) >= 1000 for p in test)  # the thousands-comma case is exercised
 
 
-def test_math_builder_prepares_from_extracted_release_folder(tmp_path):
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_math_builder_prepares_from_the_release_layout(tmp_path, layout):
     manual = tmp_path / "manual"
     problems = {
         ("train", "algebra", 1): ("Solve $2x = 1$.", "We get $x = \\boxed{\\dfrac{1}{2}}$.", "\\frac12"),
@@ -100,6 +101,13 @@ def test_math_builder_prepares_from_extracted_release_folder(tmp_path):
         d = manual / "MATH" / split / subject
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{i}.json").write_text(json.dumps({"problem": problem, "level": "Level 1", "type": subject, "solution": solution}))
+    if layout == "tar":  # the release tarball itself, as downloaded
+        import shutil
+        import tarfile
+
+        with tarfile.open(manual / "MATH.tar", "w") as tar:
+            tar.add(manual / "MATH", arcname="MATH")
+        shutil.rmtree(manual / "MATH")
     data_dir = tmp_path / "tfds"
     builder = tfds.builder("distgame_math", data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
@@ -261,3 +269,29 @@ def test_any_tfds_dataset_by_name_with_its_fields(tmp_path):
         assert task.is_correct(f"  {p.answer} ", p.answer) and not task.is_correct(p.answer + "x", p.answer)
         with pytest.raises(TaskError, match="dataset rows have no feature 'question'"):
             build_task(TaskConfig(**{**fields, "prompt_field": "question"}).validate()).problems("test", seed=0)
+
+
+def test_gsm8k_builder_downloads_over_http(tmp_path, monkeypatch):
+    """The download path itself (requests, no tensorflow), against a local HTTP server standing in for GitHub."""
+    import functools
+    import http.server
+    import threading
+
+    from experiments.tasks import tfds_builders
+
+    served = tmp_path / "www"
+    served.mkdir()
+    for name, rows in (("train", TRAIN), ("test", TEST)):
+        (served / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(tfds_builders, "GSM8K_URL", f"http://127.0.0.1:{server.server_port}/{{split}}.jsonl")
+        (tmp_path / "tfds").mkdir()
+        task = build_task(gsm8k_task(tmp_path / "tfds"))
+    finally:
+        server.shutdown()
+    assert len(task.problems("test", seed=0)) == 6 and len(task.problems("heldout", seed=0)) == 4
+    assert list((tmp_path / "tfds" / "downloads").iterdir())  # the files went through tfds's download manager

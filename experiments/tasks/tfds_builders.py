@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import tarfile
 
 import tensorflow_datasets as tfds
 
@@ -40,6 +41,15 @@ def _manual_dir(dl_manager) -> pathlib.Path | None:
 def gsm8k_final_answer(solution: str) -> str:
     """The text after the last ``####`` of a GSM8K solution, commas removed (``"1,000"`` -> ``"1000"``)."""
     return solution.rsplit(GSM8K_MARKER, 1)[-1].strip().replace(",", "")
+
+
+def _tar_members(path, split: str):
+    """(name, file) of ``MATH/<split>/*/*.json`` in the tarball; Python's tarfile, since
+    ``dl_manager.iter_archive`` goes through tf.io.gfile and so needs tensorflow."""
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile() and f"/{split}/" in member.name and member.name.endswith(".json"):
+                yield member.name, tar.extractfile(member)
 
 
 class DistgameGsm8k(tfds.core.GeneratorBasedBuilder):
@@ -105,9 +115,7 @@ class DistgameMath(tfds.core.GeneratorBasedBuilder):
             files = lambda split: ((str(p), p.open("rb")) for p in sorted((manual / "MATH" / split).glob("*/*.json")))
         else:
             tar = manual / "MATH.tar" if manual is not None else dl_manager.download(MATH_URL)
-            files = lambda split: (
-                (name, f) for name, f in dl_manager.iter_archive(tar) if f"/{split}/" in name.replace("\\", "/") and name.endswith(".json")
-            )
+            files = lambda split: _tar_members(tar, split)
         return {s: self._generate_examples(files(s)) for s in ("train", "test")}
 
     def _generate_examples(self, files):
