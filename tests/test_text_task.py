@@ -227,16 +227,40 @@ def test_missing_data_dir_and_unknown_dataset_are_one_line_exit_2(tmp_path, caps
 # --- `distgame protocol` end to end on mock GSM8K ----------------------------------------------------
 
 
-def test_protocol_end_to_end_on_mock_gsm8k(tmp_path, capsys, monkeypatch):
-    checked: list = []
-    real_check = answers.gsm8k_is_correct
-    monkeypatch.setattr(answers, "gsm8k_is_correct", lambda text, ref: checked.append((text, ref)) or real_check(text, ref))
-    with mock_gsm8k():
-        rc = cli.main(["protocol", "--config", "gsm8k_ci", f"run_dir={tmp_path / 'run'}", f"task.data_dir={tmp_path}",
-                       "--no-progress", "--json"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
+# Runs in a subprocess with one CPU device (as tests/test_pipeline.py does): the protocol compiles ~15 programs,
+# and SPMD-partitioning each for 8 simulated devices would double the test's time without testing more of the text path.
+_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import test_text_task as t
+from experiments import cli
+from experiments.tasks import answers
+checked = []
+real = answers.gsm8k_is_correct
+answers.gsm8k_is_correct = lambda text, ref: checked.append([text, ref]) or real(text, ref)
+with t.mock_gsm8k():
+    rc = cli.main(sys.argv[3:])
+pathlib = __import__("pathlib")
+pathlib.Path(sys.argv[2]).write_text(json.dumps(checked))
+sys.exit(rc)
+"""
+
+
+def test_protocol_end_to_end_on_mock_gsm8k(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    checked_path = tmp_path / "checked.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER, str(pathlib.Path(__file__).parent), str(checked_path),
+         "protocol", "--config", "gsm8k_ci", f"run_dir={tmp_path / 'run'}", f"task.data_dir={tmp_path}", "--no-progress", "--json"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=pathlib.Path(__file__).parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["rows"] == 2
     results = json.loads((run / "results.json").read_text())
     assert results["task"] == "gsm8k" and results["n_test"] == 8
     assert [r["label"] for r in results["rows"]] == ["standard", "poe γ=0.5"]
@@ -250,11 +274,11 @@ def test_protocol_end_to_end_on_mock_gsm8k(tmp_path, capsys, monkeypatch):
     for role in ("teacher", "proxy", "student"):
         assert json.loads((run / role / "summary.json").read_text())["steps"] > 0
     # The numeric checker saw decoded model text and GSM8K reference answers (digits, no commas).
+    checked = json.loads(checked_path.read_text())
     refs = {ref for _, ref in checked}
     assert refs and all(ref.lstrip("-").isdigit() for ref in refs)
     assert refs <= {r["answer"].rsplit("#### ", 1)[1].replace(",", "") for r in TRAIN + TEST}
     assert all(isinstance(text, str) for text, _ in checked)
-
 
 def test_any_tfds_dataset_by_name_with_its_fields(tmp_path):
     """`tfds:<name>` reads a dataset tfds ships (here math_qa, random mock rows) through the named features."""
