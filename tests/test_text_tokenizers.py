@@ -1,6 +1,5 @@
 """Real-text tokenizers: byte-level (no download), tokenizer.json and SentencePiece files built in the test."""
 
-import io
 import json
 
 import numpy as np
