@@ -19,10 +19,10 @@ Sources (downloaded by ``download_and_prepare`` when a network exists; or put th
 from __future__ import annotations
 
 import json
-import pathlib
 import tarfile
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from experiments.tasks.answers import GSM8K_MARKER, last_boxed
 
@@ -30,10 +30,13 @@ GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/g
 MATH_URL = "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"
 
 
-def _manual_dir(dl_manager) -> pathlib.Path | None:
+# Files are opened through etils.epath, so a gs:// data_dir works without tensorflow (via gcsfs).
+
+
+def _manual_dir(dl_manager) -> epath.Path | None:
     """The manual-download folder if the user filled it, else None (then we download)."""
     try:
-        return pathlib.Path(dl_manager.manual_dir)
+        return epath.Path(dl_manager.manual_dir)
     except (AssertionError, ValueError):
         return None
 
@@ -44,12 +47,12 @@ def gsm8k_final_answer(solution: str) -> str:
 
 
 def _tar_members(path, split: str):
-    """(name, file) of ``MATH/<split>/*/*.json`` in the tarball; Python's tarfile, since
+    """(name, bytes) of ``MATH/<split>/*/*.json`` in the tarball; Python's tarfile, since
     ``dl_manager.iter_archive`` goes through tf.io.gfile and so needs tensorflow."""
-    with tarfile.open(path) as tar:
+    with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f) as tar:
         for member in tar:
             if member.isfile() and f"/{split}/" in member.name and member.name.endswith(".json"):
-                yield member.name, tar.extractfile(member)
+                yield member.name, tar.extractfile(member).read()
 
 
 class DistgameGsm8k(tfds.core.GeneratorBasedBuilder):
@@ -78,7 +81,7 @@ class DistgameGsm8k(tfds.core.GeneratorBasedBuilder):
         return {s: self._generate_examples(p) for s, p in paths.items()}
 
     def _generate_examples(self, path):
-        with open(path, encoding="utf-8") as f:
+        with epath.Path(path).open("r", encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if not line.strip():
                     continue
@@ -112,15 +115,15 @@ class DistgameMath(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         manual = _manual_dir(dl_manager)
         if manual is not None and (manual / "MATH").is_dir():
-            files = lambda split: ((str(p), p.open("rb")) for p in sorted((manual / "MATH" / split).glob("*/*.json")))
+            files = lambda split: ((str(p), p.read_bytes()) for p in sorted((manual / "MATH" / split).glob("*/*.json")))
         else:
             tar = manual / "MATH.tar" if manual is not None else dl_manager.download(MATH_URL)
             files = lambda split: _tar_members(tar, split)
         return {s: self._generate_examples(files(s)) for s in ("train", "test")}
 
     def _generate_examples(self, files):
-        for name, f in files:
-            row = json.loads(f.read().decode("utf-8"))
+        for name, data in files:
+            row = json.loads(data.decode("utf-8"))
             yield name, {
                 "problem": row["problem"],
                 "solution": row["solution"],
