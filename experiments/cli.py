@@ -17,10 +17,12 @@ import pathlib
 import sys
 
 from experiments.config import ROLES, ConfigError, describe, load_config
+from experiments.tasks.registry import TaskError
+from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, CheckpointError)
+USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from experiments.tasks.arithmetic import ArithmeticTaskConfig
+from experiments.tasks.registry import TaskConfig
 from game.solver import SolverConfig
 from models.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig
 from models.transformer import ModelConfig
@@ -269,7 +269,7 @@ class Config:
     name: str = _help("config name (set from the file name)", "default")
     run_dir: str = _help("where checkpoints, logs and results go", "runs/default")
     seed: int = _help("task-generation seed", 0)
-    task: ArithmeticTaskConfig = _help("built-in arithmetic task", factory=ArithmeticTaskConfig)
+    task: TaskConfig = _help("the task: built-in arithmetic problems or a text dataset through TFDS", factory=TaskConfig)
     easy_max_steps: int = _help("most steps of the 'easy' problems a role with train.data=easy sees (from 1)", 2)
     mesh: MeshConfig = _help("device mesh", factory=MeshConfig)
     rules: dict = _help(
@@ -308,6 +308,9 @@ class Config:
             rc.train.validate(f"{role}.train")
         if self.easy_max_steps < 1:
             raise ConfigError(f"easy_max_steps={self.easy_max_steps} must be >= 1")
+        for role in ROLES if self.task.is_text else ():
+            if self.role(role).train.data == "easy":
+                raise ConfigError(f"{role}.train.data='easy' needs the arithmetic task; task.name={self.task.name!r} has no step counts")
         self.sample.validate()
         self.protocol.validate()
         self.equilibrium.validate()

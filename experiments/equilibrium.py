@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from experiments.config import Config, DefenseSetting
 from experiments.plots import plot_equilibrium
 from experiments.protocol import Protocol, ensure_models, mean_stderr, pm, save_json
-from experiments.tasks.arithmetic import encode_problems, make_split
+from experiments.tasks.arithmetic import encode_problems
 from experiments.train import masked_nll
 from game import defenses as dfn
 from game import solver as sv
@@ -86,7 +86,7 @@ class EquilibriumSweep:
         self.tokenizer = self.protocol.tokenizer
 
     def _reference(self, split: str, n: int, models) -> dict:
-        data = encode_problems(make_split(self.cfg.task, split, self.cfg.seed, n), self.tokenizer, self.cfg.task.max_len)
+        data = encode_problems(self.protocol.task.problems(split, self.cfg.seed, n), self.tokenizer, self.cfg.task.max_len)
         batch = {"tokens_bt": jnp.asarray(data["tokens_bt"]), "loss_mask_bt": jnp.asarray(data["loss_mask_bt"])}
         batch["z_teacher"] = _logits(models["teacher"], batch["tokens_bt"])
         batch["z_proxy"] = _logits(models["proxy"], batch["tokens_bt"])
@@ -95,7 +95,7 @@ class EquilibriumSweep:
     def _prefixes(self, models, gammas: np.ndarray, round_: int, heldout) -> dict:
         """PoE(γ_j) prefixes for every budget j, with cached teacher/proxy logits: leaves [n_budgets, B, ...]."""
         n = self.ec.prefixes
-        problems = make_split(self.cfg.task, "train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
+        problems = self.protocol.task.problems("train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
         nb = len(gammas)
         t, p = models["teacher"], models["proxy"]
         setup = (dfn.PoEPerRow(self.cfg.protocol.temperature), (t.spec, p.spec), (t.params, p.params), None)
@@ -156,7 +156,7 @@ class EquilibriumSweep:
 
     def run(self) -> dict:
         start = time.perf_counter()
-        models = ensure_models(self.cfg, self.protocol.mesh, self.progress)
+        models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
         clean = self.protocol.heldout_traces(models)
         heldout = self.protocol.attacker_heldout(clean)
         eval_batch = self._reference("test", self.ec.n_eval, models)

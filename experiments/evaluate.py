@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -11,6 +11,9 @@ from jax.sharding import Mesh
 
 from experiments.tasks.arithmetic import Problem, encode_prompts, is_correct
 from experiments.tasks.tokenizer import Tokenizer
+
+Checker = Callable[[str, Any], bool]
+"""``is_correct(generated_text, reference_answer)`` of a task (arithmetic's by default)."""
 from models.sampling import Combiner, ExpertSpec, Single, generate
 from models.sharding import batch_divisor, batch_sharding
 
@@ -84,18 +87,19 @@ def decode_problems(
     return Decoded(**{k: np.concatenate(v) for k, v in chunks.items()})
 
 
-def accuracy(problems: Sequence[Problem], texts: Sequence[str]) -> float:
-    return float(np.mean([is_correct(t, p.answer) for p, t in zip(problems, texts)])) if problems else 0.0
+def accuracy(problems: Sequence[Problem], texts: Sequence[str], checker: Checker = is_correct) -> float:
+    return float(np.mean([checker(t, p.answer) for p, t in zip(problems, texts)])) if problems else 0.0
 
 
-def correct_mask(problems: Sequence[Problem], texts: Sequence[str]) -> np.ndarray:
-    return np.array([is_correct(t, p.answer) for p, t in zip(problems, texts)], bool)
+def correct_mask(problems: Sequence[Problem], texts: Sequence[str], checker: Checker = is_correct) -> np.ndarray:
+    return np.array([checker(t, p.answer) for p, t in zip(problems, texts)], bool)
 
 
 def single_model_accuracy(
-    problems, tokenizer, spec: ExpertSpec, params: Any, mesh: Mesh, *, max_new_tokens: int, batch_size: int
+    problems, task, spec: ExpertSpec, params: Any, mesh: Mesh, *, max_new_tokens: int, batch_size: int
 ) -> float:
+    """Greedy accuracy of one model; ``task`` supplies the tokenizer and the answer checker."""
     decoded = decode_problems(
-        problems, tokenizer, (spec,), (params,), mesh, max_new_tokens=max_new_tokens, batch_size=batch_size
+        problems, task.tokenizer, (spec,), (params,), mesh, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    return accuracy(problems, decoded.texts(tokenizer))
+    return accuracy(problems, decoded.texts(task.tokenizer), task.is_correct)

@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.plots import plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
-from experiments.tasks.arithmetic import encode_problems, encode_prompts, make_split
-from experiments.tasks.tokenizer import build_tokenizer
+from experiments.tasks.arithmetic import encode_problems, encode_prompts
+from experiments.tasks.registry import Task, build_task
 from experiments.train import RoleModel, Trainer, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
 from game import students as stu
@@ -86,14 +87,15 @@ def mean_stderr(values) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def ensure_models(cfg: Config, mesh, progress: bool) -> dict[str, RoleModel]:
+def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -> dict[str, RoleModel]:
     """Restore each role from its checkpoint, training the ones that have none yet."""
-    tokenizer = build_tokenizer()
+    task = task or build_task(cfg.task)
+    tokenizer = task.tokenizer
     models = {}
     for role in ("teacher", "proxy", "student"):
         ckpt_dir = pathlib.Path(cfg.run_dir) / role / "checkpoints"
         if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-            summary = Trainer(cfg, role, mesh, tokenizer).fit(progress=progress)
+            summary = Trainer(cfg, role, mesh, task=task).fit(progress=progress)
             print(f"trained {role}: test accuracy {summary['test_accuracy']:.3f} in {summary['seconds']:.0f}s")
         models[role] = load_role_params(cfg, role, mesh, tokenizer.vocab_size)
     t_vocab = models["teacher"].params["embed_vd"].shape[0]
@@ -254,6 +256,11 @@ def distil(
     stack = lambda x: jnp.broadcast_to(x, (seeds,) + x.shape)
     params = jax.tree.map(lambda x: jnp.array(stack(x)), base.params)
     opt_state = jax.vmap(distill_optimizer(dc).init)(params)
+    # vmap's init leaves the step counters off the params' mesh; the step returns them on it. Place them there
+    # up front so the first and later calls share one compiled step (otherwise the step compiles twice).
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    on_mesh = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    opt_state = jax.tree.map(on_mesh, opt_state)
     n = traces["tokens_bt"].shape[1]
     n_h = heldout["tokens_bt"].shape[0]
     rngs = [np.random.default_rng([s, 17]) for s in range(seeds)]
@@ -280,9 +287,10 @@ class Protocol:
         self.cfg, self.pc, self.progress = cfg, cfg.protocol, progress
         self.seeds = seeds or self.pc.seeds
         self.dir = pathlib.Path(cfg.run_dir) / "protocol"
-        self.tokenizer = build_tokenizer()
+        self.task = build_task(cfg.task)
+        self.tokenizer = self.task.tokenizer
         self.mesh = make_mesh(cfg)
-        self.task_fp = fingerprint(task=cfg.task, seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
+        self.task_fp = fingerprint(task=cfg.task.identity(), seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
 
     # -- helpers --------------------------------------------------------------
     def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0, carry_b=None) -> Decoded:
@@ -302,7 +310,7 @@ class Protocol:
         path = self.dir / f"heldout_traces-{fingerprint(t=self.task_fp, tau=self.pc.temperature)}.npz"
         if path.exists():
             return dict(np.load(path))
-        problems = make_split(self.cfg.task, "heldout", self.cfg.seed)
+        problems = self.task.problems("heldout", self.cfg.seed)
         setup = defense_setup(DefenseSetting("standard"), models, None, self.pc.temperature)
         decoded = self._decode(problems, setup, jax.random.key(1234))
         arrays = self._train_arrays(problems, decoded)
@@ -319,16 +327,16 @@ class Protocol:
         if path.exists():
             return dict(np.load(path))
         setup = defense_setup(d, models, g_P, self.pc.temperature)
-        train_problems = make_split(self.cfg.task, "train", self.cfg.seed + 1, self.pc.n_traces)
-        test_problems = make_split(self.cfg.task, "test", self.cfg.seed)
+        train_problems = self.task.problems("train", self.cfg.seed + 1, self.pc.n_traces)
+        test_problems = self.task.problems("test", self.cfg.seed)
         # Seeds are vectorised by stacking them along the batch: one decode call serves all.
         dec = self._decode(train_problems * self.seeds, setup, jax.random.key(1), expose_k=self.pc.expose_k)
         arrays = self._train_arrays(train_problems * self.seeds, dec)
         test = self._decode(test_problems * self.seeds, setup, jax.random.key(2))
-        correct = correct_mask(test_problems * self.seeds, test.texts(self.tokenizer)).reshape(self.seeds, -1)
+        correct = correct_mask(test_problems * self.seeds, test.texts(self.tokenizer), self.task.is_correct).reshape(self.seeds, -1)
         lens = dec.lengths_b.reshape(self.seeds, -1)
         keep = np.asarray(stu.degenerate_mask(dec.tokens_bn, dec.lengths_b)).reshape(self.seeds, -1)
-        train_correct = correct_mask(train_problems * self.seeds, dec.texts(self.tokenizer)).reshape(self.seeds, -1)
+        train_correct = correct_mask(train_problems * self.seeds, dec.texts(self.tokenizer), self.task.is_correct).reshape(self.seeds, -1)
         out = {k: v.reshape((self.seeds, -1) + v.shape[1:]) for k, v in arrays.items()}
         out.update(teacher_correct=correct, trace_lengths=lens, keep=keep, trace_correct=train_correct)
         save_npz(path, **out)
@@ -337,10 +345,10 @@ class Protocol:
     def wallclock(self, d: DefenseSetting, models, g_P) -> float:
         """Seconds per decoding batch of `cost_batch` prompts, full length (no early EOS)."""
         combiner, specs, params, tangents = defense_setup(d, models, g_P, self.pc.temperature)
-        problems = make_split(self.cfg.task, "test", self.cfg.seed, self.pc.cost_batch)
+        problems = self.task.problems("test", self.cfg.seed, self.pc.cost_batch)
         prompts, lens = encode_prompts(problems, self.tokenizer, None)
         run = lambda: generate(specs, params, prompts, lens, jax.random.key(0), combiner=combiner,
-                               max_new_tokens=self.cfg.sample.max_new_tokens, eos_id=-1, pad_id=0, greedy=False,
+                               max_new_tokens=self.cfg.sample.max_new_tokens, eos_id=-1, pad_id=self.tokenizer.pad_id, greedy=False,
                                tangents=tangents)["tokens_bn"]
         jax.block_until_ready(run())
         times = []
@@ -363,20 +371,20 @@ class Protocol:
             models["student"], train, heldout, dc, kind, beta, self.seeds, models["proxy"], gamma,
             self.pc.temperature, self.progress, desc=f"distil {kind} on {d.label}",
         )
-        test_problems = make_split(self.cfg.task, "test", self.cfg.seed)
+        test_problems = self.task.problems("test", self.cfg.seed)
         spec = models["student"].spec
         accs = []
         for s in range(self.seeds):
             p_s = jax.tree.map(lambda x: x[s], params)
             dec = decode_problems(test_problems, self.tokenizer, (spec,), (p_s,), self.mesh,
                                   max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
-            accs.append(float(correct_mask(test_problems, dec.texts(self.tokenizer)).mean()))
+            accs.append(float(correct_mask(test_problems, dec.texts(self.tokenizer), self.task.is_correct).mean()))
         save_json(path, {"defense": d.label, "kind": kind, "beta": beta, "accuracy": accs})
         return accs
 
     def attacker_heldout(self, clean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.pc.distill.heldout == "ground_truth":
-            problems = make_split(self.cfg.task, "heldout", self.cfg.seed)
+            problems = self.task.problems("heldout", self.cfg.seed)
             data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
             return {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}
         return {"tokens_bt": clean["tokens_bt"], "loss_mask_bt": clean["loss_mask_bt"]}
@@ -394,13 +402,13 @@ class Protocol:
 
     def run(self) -> dict:
         start = time.perf_counter()
-        models = ensure_models(self.cfg, self.mesh, self.progress)
+        models = ensure_models(self.cfg, self.mesh, self.progress, self.task)
         clean = self.heldout_traces(models)
         g_P = self.proxy_gradient(models, clean)
         heldout = self.attacker_heldout(clean)
         rows = []
         standard_time = self.wallclock(DefenseSetting("standard"), models, g_P)
-        context = encode_prompts(make_split(self.cfg.task, "test", self.cfg.seed, 64), self.tokenizer, None)[1].mean()
+        context = encode_prompts(self.task.problems("test", self.cfg.seed, 64), self.tokenizer, None)[1].mean()
         for d in tqdm(self.pc.defenses, desc="defenses", disable=not self.progress):
             tr = self.traces(d, models, g_P)
             row = {"label": d.label, "defense": d.name, "strength": d.strength, "setting": dataclasses.asdict(d)}
@@ -422,12 +430,14 @@ class Protocol:
         results = {
             "config": self.cfg.name,
             "seeds": self.seeds,
-            "n_test": self.cfg.task.n_test,
+            "n_test": len(self.task.problems("test", self.cfg.seed)),
             "n_traces": self.pc.n_traces,
             "temperature": self.pc.temperature,
             "rows": rows,
             "seconds": round(time.perf_counter() - start, 1),
         }
+        if self.cfg.task.is_text:
+            results["task"] = self.cfg.task.name
         write_results(self.dir.parent, results)
         return results
 

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from experiments.config import Config, ConfigError, RoleConfig, TrainConfig
 from experiments.evaluate import single_model_accuracy
-from experiments.tasks.arithmetic import encode_problems, make_split
-from experiments.tasks.tokenizer import Tokenizer, build_tokenizer
+from experiments.tasks.batches import RowSource, local_batch
+from experiments.tasks.registry import Task, build_task
 from models import sharding as shd
 from models import transformer as tfm
 from models.checkpoint import Checkpointer, abstract_like
@@ -74,22 +74,29 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
         raise ConfigError(str(e)) from None
 
 
-def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
-    """Build the model abstractly, derive shardings from the rule table, then init each shard in place."""
+def abstract_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
+    """The model traced abstractly: params are ShapeDtypeStructs carrying the shardings of the rule table."""
     abstract_model = nnx.eval_shape(lambda: tfm.build(rc.model, vocab_size, seed))
     graphdef, abstract_params = tfm.split_params(abstract_model)
     try:
         shardings = shd.param_shardings(tfm.logical_axes(abstract_model), abstract_params, rules, mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    params = shd.create_sharded(lambda: tfm.split_params(tfm.build(rc.model, vocab_size, seed))[1], shardings)
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract_params, shardings)
     return RoleModel(rc.model, graphdef, params, shardings)
+
+
+def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
+    """Build the model abstractly, derive shardings from the rule table, then init each shard in place."""
+    model = abstract_role_model(rc, vocab_size, mesh, rules, seed)
+    model.params = shd.create_sharded(lambda: tfm.split_params(tfm.build(rc.model, vocab_size, seed))[1], model.param_shardings)
+    return model
 
 
 class Trainer:
     """Owns one role's train state, its jitted sharded step, and its checkpoints."""
 
-    def __init__(self, cfg: Config, role: str, mesh: Mesh, tokenizer: Tokenizer | None = None):
+    def __init__(self, cfg: Config, role: str, mesh: Mesh, tokenizer=None, task: Task | None = None):
         self.cfg, self.role, self.mesh = cfg, role, mesh
         self.rc = cfg.role(role)
         self.tc = self.rc.train
@@ -98,7 +105,8 @@ class Trainer:
                 f"{role}.train.batch_size={self.tc.batch_size} is not divisible by mesh data*fsdp = "
                 f"{shd.batch_divisor(mesh)}"
             )
-        self.tokenizer = tokenizer or build_tokenizer()
+        self.task = task or build_task(cfg.task, tokenizer)
+        self.tokenizer = self.task.tokenizer
         self.model = init_role_model(self.rc, self.tokenizer.vocab_size, mesh, cfg.rules, self.tc.seed)
         self.tx = make_optimizer(self.tc)
         rep = shd.replicated(mesh)
@@ -131,31 +139,23 @@ class Trainer:
         self.ckpt_dir = self.role_dir / "checkpoints"
 
     # -- data ---------------------------------------------------------------
-    def training_data(self) -> dict[str, np.ndarray]:
-        task, tc = self.cfg.task, self.tc
-        n = tc.n_examples or task.n_train
-        steps = {"min_steps": 1, "max_steps": self.cfg.easy_max_steps} if tc.data == "easy" else {}
-        problems = make_split(task, "train", self.cfg.seed, n, **steps)
-        data = encode_problems(problems, self.tokenizer, task.max_len, with_solution=tc.data != "prompts")
-        return {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}
+    def training_data(self) -> RowSource:
+        tc = self.tc
+        n = tc.n_examples or self.cfg.task.n_train
+        easy = self.cfg.easy_max_steps if tc.data == "easy" else None
+        return self.task.training_rows(self.cfg.seed, n, with_solution=tc.data != "prompts", easy_max_steps=easy)
 
-    def batch_at(self, data: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
-        """Deterministic in (seed, step), so a resumed run sees exactly the same batches."""
-        n, bs = len(data["tokens_bt"]), self.tc.batch_size
-        per_epoch = max(n // bs, 1)
-        epoch, offset = divmod(step, per_epoch)
-        order = np.random.default_rng([self.tc.seed, epoch]).permutation(n)
-        idx = order[offset * bs : offset * bs + bs]
-        if len(idx) < bs:
-            idx = np.resize(order, bs)
-        return {k: v[idx] for k, v in data.items()}
+    def batch_at(self, data: RowSource, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch at `step`; deterministic in (seed, step), so a
+        resumed run sees exactly the same batches."""
+        return local_batch(data, self.tc.batch_size, self.tc.seed, step)
 
     # -- evaluation -----------------------------------------------------------
     def test_accuracy(self, n: int) -> float:
-        problems = make_split(self.cfg.task, "test", self.cfg.seed, n)
+        problems = self.task.problems("test", self.cfg.seed, n)
         return single_model_accuracy(
             problems,
-            self.tokenizer,
+            self.task,
             self.model.spec,
             self.state["params"],
             self.mesh,
@@ -222,13 +222,13 @@ class Trainer:
 def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> RoleModel:
     """Restore a trained role's params (only) onto the mesh from its latest checkpoint."""
     rc = cfg.role(role)
-    model = init_role_model(rc, vocab_size, mesh, cfg.rules, rc.train.seed)
+    model = abstract_role_model(rc, vocab_size, mesh, cfg.rules, rc.train.seed)  # no init: the checkpoint has the values
     tx = make_optimizer(rc.train)
     rep = shd.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, model.params)
     opt_shardings = opt_state_shardings(tx, model.params, model.param_shardings, rep)
     target = {
-        "params": abstract_like(model.params),
+        "params": model.params,
         "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
     }

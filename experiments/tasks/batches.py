@@ -1,0 +1,81 @@
+"""Training batches read per process: each host fetches only its rows of every global batch.
+
+The global batch at a step is a deterministic function of (seed, step) (so a resumed run sees the
+same batches). Process ``i`` of ``n`` reads the contiguous slice ``[i*B/n, (i+1)*B/n)`` of it: the
+contract with ``models.sharding.shard_batch`` on multi-host meshes, where the global array is
+assembled from each process's local rows. With one process the slice is the whole batch, so
+single-process behaviour is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+
+class RowSource(Protocol):
+    """Random-access training rows: ``rows(idx)`` returns arrays with a leading ``len(idx)`` axis."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class ArrayRows:
+    """Rows already in memory (the arithmetic task encodes its whole training set up front)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+
+class LazyRows:
+    """Rows encoded on demand by ``encode(indices) -> arrays``: a host never touches rows it does not train on."""
+
+    def __init__(self, n: int, encode: Callable[[np.ndarray], dict[str, np.ndarray]]):
+        self._n, self._encode = n, encode
+
+    def __len__(self) -> int:
+        return self._n
+
+    def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return self._encode(np.asarray(idx))
+
+
+def process_slice(global_batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """This process's contiguous slice ``[i*B/n, (i+1)*B/n)`` of a global batch of ``B`` rows."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+    per = global_batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def global_batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Row ids of the global batch at ``step``: epochs are permutations seeded by ``(seed, epoch)``."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    idx = order[offset * batch_size : offset * batch_size + batch_size]
+    if len(idx) < batch_size:  # fewer rows than one batch: repeat the permutation
+        idx = np.resize(order, batch_size)
+    return idx
+
+
+def local_batch(
+    source: RowSource, batch_size: int, seed: int, step: int,
+    process_index: int | None = None, process_count: int | None = None,
+) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch at ``step`` (read from ``source`` and nothing else)."""
+    idx = global_batch_indices(len(source), batch_size, seed, step)
+    return source.rows(idx[process_slice(batch_size, process_index, process_count)])
