@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from experiments.tasks.arithmetic import Problem, encode_prompts, is_correct
 from experiments.tasks.tokenizer import Tokenizer
 from models.sampling import Combiner, ExpertSpec, Single, generate
-from models.sharding import batch_divisor, batch_sharding
+from models.sharding import batch_divisor, batch_sharding, put_global, to_host
 
 
 @dataclasses.dataclass
@@ -66,8 +66,8 @@ def decode_problems(
         out = generate(
             specs,
             params,
-            jax.device_put(prompts_bp, batch_sharding(mesh, 2)),
-            jax.device_put(lens_b, batch_sharding(mesh, 1)),
+            put_global(prompts_bp, batch_sharding(mesh, 2)),  # every process holds the same prompts
+            put_global(lens_b, batch_sharding(mesh, 1)),
             jax.random.fold_in(rng, start),
             combiner=combiner,
             max_new_tokens=max_new_tokens,
@@ -77,10 +77,10 @@ def decode_problems(
             top_p=top_p,
             expose_k=expose_k,
             tangents=tangents,
-            carry=None if carry is None else jax.device_put(carry, batch_sharding(mesh, carry.ndim)),
+            carry=None if carry is None else put_global(carry, batch_sharding(mesh, carry.ndim)),
         )
         for key, value in out.items():
-            chunks.setdefault(key, []).append(np.asarray(value)[:real])
+            chunks.setdefault(key, []).append(to_host(value)[:real])  # gathered from every process
     return Decoded(**{k: np.concatenate(v) for k, v in chunks.items()})
 
 
