@@ -1,5 +1,5 @@
 """One process of the multi-process test (tests/test_multihost.py), also run alone as the
-1-process reference: join the job from DISTGAME_* env, train the ci teacher a few sharded
+1-process reference: join the job from DISTGAME_* env, train the ci proxy (the tiniest model) a few sharded
 steps with Trainer.fit (process 0 writes metrics/summary, all write the checkpoint), then
 sample (non-greedy) on a sharded batch of test prompts and print the gathered tokens.
 
@@ -26,7 +26,7 @@ def main(run_dir: str, overrides: list[str]) -> None:
     from experiments.tasks.arithmetic import make_split
     from experiments.train import Trainer, make_mesh
 
-    trainer = Trainer(cfg, "teacher", make_mesh(cfg))
+    trainer = Trainer(cfg, "proxy", make_mesh(cfg))
     summary = trainer.fit(progress=False)
     problems = make_split(cfg.task, "test", cfg.seed, 16)
     decoded = decode_problems(problems, trainer.tokenizer, (trainer.model.spec,), (trainer.state["params"],),
