@@ -205,7 +205,8 @@ class Trainer:
                     acc = self.test_accuracy(self.tc.eval_size)
                     bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{acc:.3f}")
                     write({"step": step, "test_accuracy": acc, "n": self.tc.eval_size})
-                preempted = step < self.tc.steps and preemption.stop_requested()
+                preempted = (step < self.tc.steps and step % self.tc.preemption_check_every == 0
+                             and preemption.stop_requested())  # same decision on every process
                 if preempted or step == self.tc.steps or (self.tc.checkpoint_every and step % self.tc.checkpoint_every == 0):
                     ckpt.save(step, self.state, {"role": self.role, "step": step})
                 if log is not None:

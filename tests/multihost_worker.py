@@ -1,7 +1,8 @@
 """One process of the multi-process test (tests/test_multihost.py), also run alone as the
 1-process reference: join the job from DISTGAME_* env, train the ci proxy (the tiniest model) a few sharded
 steps with Trainer.fit (process 0 writes metrics/summary, all write the checkpoint), then
-sample (non-greedy) on a sharded batch of test prompts and print the gathered tokens.
+sample (non-greedy) on a sharded batch of test prompts and print the gathered tokens; then
+check that a stop request seen by one process only is agreed by all (preemption).
 
     python tests/multihost_worker.py RUN_DIR [key=value ...]
 """
@@ -36,10 +37,15 @@ def main(run_dir: str, overrides: list[str]) -> None:
     for _ in range(20):
         preemption.stop_requested()
     agree_ms = (time.perf_counter() - start) / 20 * 1e3
+    before = preemption.stop_requested()
+    if jax.process_index() == jax.process_count() - 1:
+        preemption.request_stop()  # only the last process "got SIGTERM": every process must agree to stop
+    agreed = preemption.stop_requested()
     print(json.dumps({
         "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
         "test_accuracy": summary["test_accuracy"], "tokens": np.asarray(decoded.tokens_bn).tolist(),
         "logprob_sum": float(np.sum(decoded.logprob_bn)), "agree_ms": agree_ms,
+        "stop_before": before, "stop_agreed": agreed,
     }), flush=True)
 
 

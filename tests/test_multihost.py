@@ -82,6 +82,9 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     assert sorted(p.name for p in (two / "proxy").iterdir()) == ["checkpoints", "metrics.jsonl", "summary.json"]
     state = two / "proxy" / "checkpoints" / "4" / "state"
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in state.iterdir()}
+    # A preemption notice seen by the last process only: every process agrees to stop.
+    assert ref["stop_before"] is False and p0["stop_before"] is False and p1["stop_before"] is False
+    assert ref["stop_agreed"] is True and p0["stop_agreed"] is True and p1["stop_agreed"] is True
     print(f"preemption agreement all-gather: {p0['agree_ms']:.2f} ms per step (2 processes)")
 
 

@@ -10,10 +10,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 400  # long enough that the SIGTERM lands mid-run (each step takes milliseconds)
+STEPS = 100  # long enough that the SIGTERM (sent after step 5) lands mid-run: steps take milliseconds each
 ARGS = ["train", "--role", "proxy", "--config", "ci", f"proxy.train.steps={STEPS}", "proxy.train.log_every=1",
         "proxy.train.checkpoint_every=0", "sample.max_new_tokens=4", "task.n_test=8", "--no-progress"]
 
@@ -81,5 +82,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     assert [s for s, _ in resumed] == list(range(1, STEPS + 1))
     assert resumed == reference
     a, b = _final_params(run_dir), _final_params(ref_dir)
-    for key in a:
-        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(flat_a) == len(flat_b) > 0
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
