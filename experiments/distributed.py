@@ -78,10 +78,16 @@ def _env_int(env, name: str) -> int | None:
 
 
 def on_cloud_tpu_vm(env=os.environ) -> bool:
-    """A Cloud TPU VM (its runtime sets these, and the accelerator shows up as /dev/accel* or vfio)."""
-    if env.get("TPU_ACCELERATOR_TYPE") or env.get("TPU_WORKER_HOSTNAMES") or env.get("CLOUD_TPU_TASK_ID"):
+    """TPU chips on this VM's PCI bus (JAX's own check, which reads sysfs and starts no
+    backend), or the TPU runtime's environment variables."""
+    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_ACCELERATOR_TYPE"):
         return True
-    return os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") and bool(os.listdir("/dev/vfio"))
+    try:
+        from jax._src import hardware_utils  # private, hence the fallback
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:
+        return os.path.exists("/dev/accel0")
 
 
 def resolve(dc: DistributedConfig, env=os.environ, tpu: bool | None = None) -> Resolved:
