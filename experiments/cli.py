@@ -94,8 +94,20 @@ def _run(args, cfg) -> dict:
     return main_job(cfg, progress=not args.no_progress)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and key=value overrides in any order (argparse alone stops collecting the
+    overrides at the first option after them)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # Orbax logs its own tracebacks through absl; we report those failures as one line instead.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
