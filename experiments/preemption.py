@@ -37,6 +37,7 @@ def watch_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _requested = False
 
 
 def request_stop() -> None:

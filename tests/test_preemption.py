@@ -86,3 +86,49 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     assert len(flat_a) == len(flat_b) > 0
     for (path, x), y in zip(flat_a, flat_b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_resumable_solve_on_the_toy_game(tmp_path):
+    """The solver driver itself (game state = student params, three optax states, γ, μ, iteration,
+    streak; batched over two budgets): a stop after iteration 3 checkpoints and raises Preempted;
+    resuming from the checkpoint ends bitwise where an uninterrupted solve ends."""
+    import pytest
+
+    from experiments import preemption
+    from experiments.solver_run import SolverCheckpoint, resumable_solve
+    from game import solver as sv
+    from game import toy
+
+    spec = toy.default_toy_spec()
+    game, batches = toy.toy_game(spec), toy.toy_batches(spec)
+    cfg = sv.SolverConfig(gamma_max=spec.gamma_max, patience=100)
+    step = jax.jit(sv.make_step(game, cfg, batched=True))
+    fresh = lambda: sv.init_state(game, cfg, toy.toy_theta_init(spec), batches[2], delta=np.array([0.1, 0.3]))
+    batch_for = lambda i, state, meta, previous: batches
+
+    ran = []
+
+    def record(stop_after=None):
+        def on_iteration(i, diag, meta):
+            ran.append(i)
+            meta.setdefault("gammas", []).append(diag["gamma"].tolist())
+            if i + 1 == stop_after:
+                preemption.request_stop()
+        return on_iteration
+
+    ref_state, ref_meta = resumable_solve(step, fresh(), 8, batch_for, record())
+    with preemption.watch_sigterm():
+        ckpt = SolverCheckpoint(tmp_path / "solve")
+        with pytest.raises(preemption.Preempted, match="after iteration 3"):
+            resumable_solve(step, fresh(), 8, batch_for, record(stop_after=3), ckpt)
+        ckpt.close()
+    assert [p.name for p in (tmp_path / "solve").iterdir() if p.name.isdigit()] == ["3"]
+    ckpt = SolverCheckpoint(tmp_path / "solve")
+    ran.clear()
+    state, meta = resumable_solve(step, fresh(), 8, batch_for, record(), ckpt)
+    ckpt.close()
+    assert ran == [3, 4, 5, 6, 7]  # it resumed instead of starting over
+    assert meta["iteration"] == ref_meta["iteration"] == 8 and meta["done"]
+    assert meta["gammas"] == ref_meta["gammas"]  # 3 from the first run + 5 after the resume
+    for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
