@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from experiments import preemption
 from experiments.config import Config, DefenseSetting, to_dict
 from experiments.distributed import is_main_process
 from experiments.plots import plot_equilibrium
@@ -191,7 +192,8 @@ class EquilibriumSweep:
             self.dir.mkdir(parents=True, exist_ok=True)
         points, trajectories = [], []
         resuming = any(self.checkpoint_dir(beta).exists() for beta in self.ec.betas)
-        with ((self.dir / "solver_log.jsonl").open("a" if resuming else "w") if main else contextlib.nullcontext()) as log:
+        log_file = (self.dir / "solver_log.jsonl").open("a" if resuming else "w") if main else contextlib.nullcontext()
+        with log_file as log, preemption.checkpointed():  # SIGTERM from here on: checkpoint after the iteration
             for beta in self.ec.betas:
                 res = self.solve_beta(beta, models, eval_batch, util_batch, heldout, log)
                 d = res["diag"]

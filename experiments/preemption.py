@@ -11,11 +11,13 @@ its SIGTERM still stops with the others.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 
 import numpy as np
 
 _requested = False
+_listening = 0  # depth of loops that can checkpoint and stop (see `checkpointed`)
 
 
 class Preempted(Exception):
@@ -24,7 +26,25 @@ class Preempted(Exception):
 
 def _on_sigterm(signum, frame) -> None:
     global _requested
-    _requested = True
+    if _listening:
+        _requested = True
+        return
+    # Outside a loop that can checkpoint (e.g. a protocol stage, which resumes per stage):
+    # terminate as SIGTERM always did.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def checkpointed():
+    """Mark a loop that calls `stop_requested()` and saves before stopping; SIGTERM
+    elsewhere terminates the process at once, as without this module."""
+    global _listening
+    _listening += 1
+    try:
+        yield
+    finally:
+        _listening -= 1
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ same state as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import Any, Callable
 
@@ -65,23 +66,25 @@ def resumable_solve(
     if checkpoint is not None and (restored := checkpoint.restore(state)) is not None:
         state, meta = restored
     already_done, batches = meta["done"], None
-    while not meta["done"] and int(meta["iteration"]) < max_iters:
-        i = int(meta["iteration"])
-        batches = batch_for(i, state, meta, batches)
-        new_state, diag_dev = step(state, *batches)
-        diag = {k: np.asarray(v) for k, v in jax.device_get(diag_dev).items()}
-        bad = sv.first_nonfinite(diag)
-        if bad is not None:
-            raise sv.SolverDivergedError(i, bad, diag[bad])
-        state = new_state
-        meta["iteration"] = i + 1
-        meta["diag"] = {k: v.tolist() for k, v in diag.items()}
-        on_iteration(i, diag, meta)
-        meta["converged"] = bool(np.all(diag["converged"]))
-        meta["done"] = meta["converged"] or i + 1 >= max_iters
-        if not meta["done"] and checkpoint is not None and preemption.stop_requested():
-            checkpoint.save(state, meta)
-            raise preemption.Preempted(f"solver preempted after iteration {i + 1}; state saved in {checkpoint.directory}")
+    listen = preemption.checkpointed() if checkpoint is not None else contextlib.nullcontext()
+    with listen:
+        while not meta["done"] and int(meta["iteration"]) < max_iters:
+            i = int(meta["iteration"])
+            batches = batch_for(i, state, meta, batches)
+            new_state, diag_dev = step(state, *batches)
+            diag = {k: np.asarray(v) for k, v in jax.device_get(diag_dev).items()}
+            bad = sv.first_nonfinite(diag)
+            if bad is not None:
+                raise sv.SolverDivergedError(i, bad, diag[bad])
+            state = new_state
+            meta["iteration"] = i + 1
+            meta["diag"] = {k: v.tolist() for k, v in diag.items()}
+            on_iteration(i, diag, meta)
+            meta["converged"] = bool(np.all(diag["converged"]))
+            meta["done"] = meta["converged"] or i + 1 >= max_iters
+            if not meta["done"] and checkpoint is not None and preemption.stop_requested():
+                checkpoint.save(state, meta)
+                raise preemption.Preempted(f"solver preempted after iteration {i + 1}; state saved in {checkpoint.directory}")
     meta["done"] = True
     if checkpoint is not None and not already_done:
         checkpoint.save(state, meta)  # the finished solve: a re-run reuses it instead of solving again

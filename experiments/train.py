@@ -186,35 +186,36 @@ class Trainer:
         bar = tqdm(total=self.tc.steps, initial=step, desc=f"train {self.role}", disable=not (progress and main), leave=False)
         tokens_since, t_last = 0, time.perf_counter()
         try:
-            while step < self.tc.steps:
-                batch = self.batch_at(data, step)  # the global batch; this process feeds its rows
-                self.state, metrics = self.step_fn(self.state, shd.shard_batch({k: v[rows] for k, v in batch.items()}, self.mesh))
-                step += 1
-                tokens_since += int(np.sum(batch["tokens_bt"] != self.tokenizer.pad_id))
-                if step % self.tc.log_every == 0 or step == self.tc.steps:
-                    loss = float(metrics["loss"])
-                    now = time.perf_counter()
-                    tok_s = tokens_since / (now - t_last)
-                    tokens_since, t_last = 0, now
-                    if not np.isfinite(loss):
-                        raise FloatingPointError(f"{self.role}: loss became {loss} at step {step}; lower train.lr")
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                    write({"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s})
-                bar.update(1)
-                if self.tc.eval_every and step % self.tc.eval_every == 0 and step < self.tc.steps:
-                    acc = self.test_accuracy(self.tc.eval_size)
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{acc:.3f}")
-                    write({"step": step, "test_accuracy": acc, "n": self.tc.eval_size})
-                preempted = (step < self.tc.steps and step % self.tc.preemption_check_every == 0
-                             and preemption.stop_requested())  # same decision on every process
-                if preempted or step == self.tc.steps or (self.tc.checkpoint_every and step % self.tc.checkpoint_every == 0):
-                    ckpt.save(step, self.state, {"role": self.role, "step": step})
-                if log is not None:
-                    log.flush()
-                if preempted:
-                    raise preemption.Preempted(
-                        f"{self.role}: preempted at step {step}/{self.tc.steps}; checkpoint saved in {self.ckpt_dir}"
-                    )
+            with preemption.checkpointed():  # SIGTERM: save at this step, then stop
+                while step < self.tc.steps:
+                    batch = self.batch_at(data, step)  # the global batch; this process feeds its rows
+                    self.state, metrics = self.step_fn(self.state, shd.shard_batch({k: v[rows] for k, v in batch.items()}, self.mesh))
+                    step += 1
+                    tokens_since += int(np.sum(batch["tokens_bt"] != self.tokenizer.pad_id))
+                    if step % self.tc.log_every == 0 or step == self.tc.steps:
+                        loss = float(metrics["loss"])
+                        now = time.perf_counter()
+                        tok_s = tokens_since / (now - t_last)
+                        tokens_since, t_last = 0, now
+                        if not np.isfinite(loss):
+                            raise FloatingPointError(f"{self.role}: loss became {loss} at step {step}; lower train.lr")
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                        write({"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s})
+                    bar.update(1)
+                    if self.tc.eval_every and step % self.tc.eval_every == 0 and step < self.tc.steps:
+                        acc = self.test_accuracy(self.tc.eval_size)
+                        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{acc:.3f}")
+                        write({"step": step, "test_accuracy": acc, "n": self.tc.eval_size})
+                    preempted = (step < self.tc.steps and step % self.tc.preemption_check_every == 0
+                                 and preemption.stop_requested())  # same decision on every process
+                    if preempted or step == self.tc.steps or (self.tc.checkpoint_every and step % self.tc.checkpoint_every == 0):
+                        ckpt.save(step, self.state, {"role": self.role, "step": step})
+                    if log is not None:
+                        log.flush()
+                    if preempted:
+                        raise preemption.Preempted(
+                            f"{self.role}: preempted at step {step}/{self.tc.steps}; checkpoint saved in {self.ckpt_dir}"
+                        )
         finally:
             bar.close()
             if log is not None:

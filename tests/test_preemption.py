@@ -132,3 +132,23 @@ def test_resumable_solve_on_the_toy_game(tmp_path):
     assert meta["gammas"] == ref_meta["gammas"]  # 3 from the first run + 5 after the resume
     for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_outside_a_checkpointed_loop_still_terminates():
+    """Only loops that can save (training, the solver) turn SIGTERM into a stop request;
+    anywhere else (e.g. a protocol stage) the process ends at once, as it always did."""
+    script = (
+        "import os, signal\n"
+        "from experiments import preemption\n"
+        "with preemption.watch_sigterm():\n"
+        "    with preemption.checkpointed():\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        assert preemption._requested\n"
+        "    print('survived inside', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('survived outside', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.splitlines() == ["survived inside"], result.stderr
+    assert result.returncode == -signal.SIGTERM
