@@ -1,8 +1,9 @@
 """Preemption: SIGTERM (Cloud TPU's preemption notice) asks the run to checkpoint and stop.
 
-The CLI installs the handler (`watch_sigterm`); long loops (training, the game solver)
-call `stop_requested()` at each step boundary, save a checkpoint at that step and raise
-`Preempted`; the CLI prints how to resume and exits 0. With several processes every
+The CLI installs the handler (`watch_sigterm`); long loops that can save (training, the
+game solver) run inside `checkpointed()`, call `stop_requested()` at each step boundary,
+save a checkpoint at that step and raise `Preempted`; the CLI prints how to resume and
+exits 0. SIGTERM outside such a loop terminates the process as usual. With several processes every
 process must take the same decision at the same step (the save is collective), so the
 local flags are combined with a tiny all-gather: a process that has not yet received
 its SIGTERM still stops with the others.
