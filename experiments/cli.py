@@ -16,13 +16,15 @@ import logging
 import pathlib
 import sys
 
+from experiments import preemption
 from experiments.config import ROLES, ConfigError, describe, load_config
+from experiments.distributed import CoordinatorError, initialize_distributed
 from experiments.tasks.registry import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError)
+USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError, CoordinatorError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -57,8 +59,9 @@ def _train(args, cfg) -> dict:
 
     trainer = Trainer(cfg, args.role, make_mesh(cfg))
     summary = trainer.fit(progress=not args.no_progress)
-    print(f"{args.role}: test accuracy {summary['test_accuracy']:.3f} on {summary['n_test']} problems "
-          f"after {summary['steps']} steps in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
+    if _is_main():
+        print(f"{args.role}: test accuracy {summary['test_accuracy']:.3f} on {summary['n_test']} problems "
+              f"after {summary['steps']} steps in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
     return summary
 
 
@@ -114,16 +117,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(describe(cfg))
             return 0
-        summary = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run}[args.command](args, cfg)
+        # Before anything touches a jax backend: join the other processes (if any).
+        initialize_distributed(cfg.distributed)
+        command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run}[args.command]
+        with preemption.watch_sigterm():
+            summary = command(args, cfg)
     except (*USER_ERRORS, SolverDivergedError) as e:
         print(f"distgame {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except preemption.Preempted as e:
+        print(f"distgame {args.command}: {e}; re-run the same command to resume", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print(f"distgame {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and _is_main():
         print(json.dumps(summary))
     return 0
+
+
+def _is_main() -> bool:
+    from experiments.distributed import is_main_process
+
+    return is_main_process()
 
 
 if __name__ == "__main__":

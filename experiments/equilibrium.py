@@ -13,7 +13,9 @@ The game (DESIGN.md, "The differentiable game"), wired to real models:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import pathlib
 import time
@@ -23,9 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.config import Config, DefenseSetting
+from experiments import preemption
+from experiments.config import Config, DefenseSetting, to_dict
+from experiments.distributed import is_main_process
 from experiments.plots import plot_equilibrium
 from experiments.protocol import Protocol, ensure_models, mean_stderr, pm, save_json
+from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.tasks.arithmetic import encode_problems
 from experiments.train import masked_nll
 from game import defenses as dfn
@@ -114,6 +119,13 @@ class EquilibriumSweep:
         batch["heldout"] = {k: jnp.asarray(np.broadcast_to(v[idx], (nb,) + v[idx].shape)) for k, v in heldout.items()}
         return batch
 
+    def checkpoint_dir(self, beta: float) -> pathlib.Path:
+        """One solver checkpoint per tilt, keyed by everything the solve depends on, so a
+        changed config never resumes a stale solve."""
+        key = json.dumps([beta, to_dict(self.ec), self.cfg.protocol.temperature, to_dict(self.cfg.protocol.distill),
+                          self.cfg.seed], sort_keys=True, default=str)
+        return self.dir / "checkpoints" / f"beta{beta:g}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
     def solve_beta(self, beta: float, models, eval_batch, util_batch, heldout, log) -> dict:
         scfg = self.ec.solver
         game = make_game(models["student"], beta, self.cfg.protocol.distill, self.cfg.protocol.temperature)
@@ -121,37 +133,50 @@ class EquilibriumSweep:
         state = sv.init_state(game, scfg, models["student"].params, util_batch, delta=budgets)
         # vmap over budgets: each budget has its own state and its own PoE(γ) prefixes.
         step = jax.jit(jax.vmap(sv.make_step(game, scfg), in_axes=(0, 0, None, None)))
-        traj = {"gamma": [], "mu": []}
-        bar = tqdm(range(scfg.max_iters), desc=f"solve β={beta:g}", leave=False, disable=not self.progress)
-        batch, diag, converged, start = None, {}, False, time.perf_counter()
-        iters = 0
-        for i in bar:
-            if i % self.ec.resample_every == 0:
-                gammas = np.asarray(sv.state_gamma(state, scfg))
-                batch = self._prefixes(models, gammas, i // self.ec.resample_every, heldout)
-            new_state, diag_dev = step(state, batch, eval_batch, util_batch)
-            diag = {k: np.asarray(v) for k, v in jax.device_get(diag_dev).items()}
-            bad = sv.first_nonfinite(diag)
-            if bad is not None:
-                log.write(json.dumps({"beta": beta, "iteration": i, "error": f"non-finite {bad}"}) + "\n")
-                raise sv.SolverDivergedError(i, bad, diag[bad])
-            state, iters = new_state, i + 1
-            traj["gamma"].append(diag["gamma"].tolist())
-            traj["mu"].append(diag["mu"].tolist())
-            for j, delta in enumerate(self.ec.budgets):
-                log.write(json.dumps({"beta": beta, "delta": delta, **{k: float(v[j]) for k, v in diag.items()}}) + "\n")
+        bar = tqdm(total=scfg.max_iters, desc=f"solve β={beta:g}", leave=False, disable=not (self.progress and is_main_process()))
+        last = [time.perf_counter()]
+
+        def batch_for(i, state, meta, previous):
+            round_, fresh = divmod(i, self.ec.resample_every)
+            if fresh == 0:  # resample: PoE(γ) prefixes at the current γ of each budget
+                meta["round_gammas"] = np.asarray(sv.state_gamma(state, scfg)).tolist()
+            elif previous is not None:
+                return previous
+            # (after a resume mid-round the round's prefixes are rebuilt from the saved γ)
+            gammas = np.asarray(meta["round_gammas"], np.float32)
+            return self._prefixes(models, gammas, round_, heldout), eval_batch, util_batch
+
+        def on_iteration(i, diag, meta):
+            meta.setdefault("trajectory", {"gamma": [], "mu": []})
+            meta["trajectory"]["gamma"].append(diag["gamma"].tolist())
+            meta["trajectory"]["mu"].append(diag["mu"].tolist())
+            now = time.perf_counter()  # solving time summed over every (resumed) run
+            meta["seconds"], last[0] = meta.get("seconds", 0.0) + now - last[0], now
+            if log is not None:
+                for j, delta in enumerate(self.ec.budgets):
+                    log.write(json.dumps({"beta": beta, "delta": delta, **{k: float(v[j]) for k, v in diag.items()}}) + "\n")
+                log.flush()
+            bar.n = i + 1
             bar.set_postfix(gamma=np.array2string(diag["gamma"], precision=3), viol=f"{diag['violation'].max():.1e}")
-            if bool(np.all(diag["converged"])):
-                converged = True
-                break
-        seconds = time.perf_counter() - start
+
+        ckpt = SolverCheckpoint(self.checkpoint_dir(beta))
+        try:
+            state, meta = resumable_solve(step, state, scfg.max_iters, batch_for, on_iteration, ckpt)
+        except sv.SolverDivergedError as e:
+            if log is not None:
+                log.write(json.dumps({"beta": beta, "iteration": e.iteration, "error": f"non-finite {e.quantity}"}) + "\n")
+            raise
+        finally:
+            bar.close()
+            ckpt.close()
+        iters = int(meta["iteration"])
         return {
             "state": state,
-            "diag": diag,
+            "diag": {k: np.asarray(v) for k, v in meta["diag"].items()},
             "iterations": iters,
-            "seconds_per_iteration": seconds / max(iters, 1),
-            "converged": converged,
-            "trajectory": traj,
+            "seconds_per_iteration": meta.get("seconds", 0.0) / max(iters, 1),
+            "converged": bool(meta["converged"]),
+            "trajectory": meta.get("trajectory", {"gamma": [], "mu": []}),
         }
 
     def run(self) -> dict:
@@ -162,9 +187,13 @@ class EquilibriumSweep:
         eval_batch = self._reference("test", self.ec.n_eval, models)
         eval_batch = {k: eval_batch[k] for k in ("tokens_bt", "loss_mask_bt")}
         util_batch = self._reference("heldout", self.ec.n_utility, models)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        main = is_main_process()  # only process 0 writes the log, results and plots
+        if main:
+            self.dir.mkdir(parents=True, exist_ok=True)
         points, trajectories = [], []
-        with (self.dir / "solver_log.jsonl").open("w") as log:
+        resuming = any(self.checkpoint_dir(beta).exists() for beta in self.ec.betas)
+        log_file = (self.dir / "solver_log.jsonl").open("a" if resuming else "w") if main else contextlib.nullcontext()
+        with log_file as log, preemption.checkpointed():  # SIGTERM from here on: checkpoint after the iteration
             for beta in self.ec.betas:
                 res = self.solve_beta(beta, models, eval_batch, util_batch, heldout, log)
                 d = res["diag"]
@@ -188,11 +217,12 @@ class EquilibriumSweep:
             "utility_ref": float(make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0).utility(0.0, util_batch)),
             "points": points, "trajectories": trajectories, "seconds": round(time.perf_counter() - start, 1),
         }
-        save_json(self.dir / "equilibrium.json", eq)
-        plots = plot_equilibrium(eq, self.cfg.run_dir)
-        md = equilibrium_markdown(eq)
-        (self.dir / "EQUILIBRIUM.md").write_text(md)
-        eq["plots"] = [str(p) for p in plots if p.suffix == ".png"]
+        eq["plots"] = []
+        if main:
+            save_json(self.dir / "equilibrium.json", eq)
+            plots = plot_equilibrium(eq, self.cfg.run_dir)
+            (self.dir / "EQUILIBRIUM.md").write_text(equilibrium_markdown(eq))
+            eq["plots"] = [str(p) for p in plots if p.suffix == ".png"]
         return eq
 
     def check(self, points, models, heldout, clean) -> None:

@@ -15,7 +15,7 @@ from experiments.tasks.tokenizer import Tokenizer
 Checker = Callable[[str, Any], bool]
 """``is_correct(generated_text, reference_answer)`` of a task (arithmetic's by default)."""
 from models.sampling import Combiner, ExpertSpec, Single, generate
-from models.sharding import batch_divisor, batch_sharding
+from models.sharding import batch_divisor, batch_sharding, put_global, to_host
 
 
 @dataclasses.dataclass
@@ -69,8 +69,8 @@ def decode_problems(
         out = generate(
             specs,
             params,
-            jax.device_put(prompts_bp, batch_sharding(mesh, 2)),
-            jax.device_put(lens_b, batch_sharding(mesh, 1)),
+            put_global(prompts_bp, batch_sharding(mesh, 2)),  # every process holds the same prompts
+            put_global(lens_b, batch_sharding(mesh, 1)),
             jax.random.fold_in(rng, start),
             combiner=combiner,
             max_new_tokens=max_new_tokens,
@@ -80,10 +80,10 @@ def decode_problems(
             top_p=top_p,
             expose_k=expose_k,
             tangents=tangents,
-            carry=None if carry is None else jax.device_put(carry, batch_sharding(mesh, carry.ndim)),
+            carry=None if carry is None else put_global(carry, batch_sharding(mesh, carry.ndim)),
         )
         for key, value in out.items():
-            chunks.setdefault(key, []).append(np.asarray(value)[:real])
+            chunks.setdefault(key, []).append(to_host(value)[:real])  # gathered from every process
     return Decoded(**{k: np.concatenate(v) for k, v in chunks.items()})
 
 

@@ -16,7 +16,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from experiments import preemption
 from experiments.config import Config, ConfigError, RoleConfig, TrainConfig
+from experiments.distributed import is_main_process
 from experiments.evaluate import single_model_accuracy
 from experiments.tasks.batches import RowSource, local_batch
 from experiments.tasks.registry import Task, build_task
@@ -165,43 +167,58 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
+        """Train to tc.steps, resuming from the latest checkpoint. Every process runs this;
+        only process 0 writes metrics, the summary and the progress bar, and all of them
+        write the (collective) checkpoints. On SIGTERM: save at the current step, raise Preempted."""
         start = time.perf_counter()
+        main = is_main_process()
         ckpt = Checkpointer(self.ckpt_dir, keep=self.tc.keep_checkpoints)
         step = 0
         if ckpt.latest_step() is not None:
             self.state, _ = ckpt.restore(abstract_like(self.state))
             step = int(self.state["step"])
         data = self.training_data()
-        self.role_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.role_dir / "metrics.jsonl").open("a")
-        bar = tqdm(total=self.tc.steps, initial=step, desc=f"train {self.role}", disable=not progress, leave=False)
+        if main:
+            self.role_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.role_dir / "metrics.jsonl").open("a") if main else None
+        write = (lambda record: log.write(json.dumps(record) + "\n")) if main else (lambda record: None)
+        bar = tqdm(total=self.tc.steps, initial=step, desc=f"train {self.role}", disable=not (progress and main), leave=False)
         tokens_since, t_last = 0, time.perf_counter()
         try:
-            while step < self.tc.steps:
-                batch = self.batch_at(data, step)
-                self.state, metrics = self.step_fn(self.state, shd.shard_batch(batch, self.mesh))
-                step += 1
-                tokens_since += int(np.sum(batch["tokens_bt"] != self.tokenizer.pad_id))
-                if step % 25 == 0 or step == self.tc.steps:
-                    loss = float(metrics["loss"])
-                    now = time.perf_counter()
-                    tok_s = tokens_since / (now - t_last)
-                    tokens_since, t_last = 0, now
-                    if not np.isfinite(loss):
-                        raise FloatingPointError(f"{self.role}: loss became {loss} at step {step}; lower train.lr")
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                    log.write(json.dumps({"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s}) + "\n")
-                bar.update(1)
-                if self.tc.eval_every and step % self.tc.eval_every == 0 and step < self.tc.steps:
-                    acc = self.test_accuracy(self.tc.eval_size)
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{acc:.3f}")
-                    log.write(json.dumps({"step": step, "test_accuracy": acc, "n": self.tc.eval_size}) + "\n")
-                if step == self.tc.steps or (self.tc.checkpoint_every and step % self.tc.checkpoint_every == 0):
-                    ckpt.save(step, self.state, {"role": self.role, "step": step})
-                log.flush()
+            with preemption.checkpointed():  # SIGTERM: save at this step, then stop
+                while step < self.tc.steps:
+                    batch = self.batch_at(data, step)  # this process's rows of the global batch
+                    self.state, metrics = self.step_fn(self.state, shd.shard_batch(batch, self.mesh))
+                    step += 1
+                    tokens_since += int(np.sum(batch["tokens_bt"] != self.tokenizer.pad_id))
+                    if step % self.tc.log_every == 0 or step == self.tc.steps:
+                        loss = float(metrics["loss"])
+                        now = time.perf_counter()
+                        tok_s = tokens_since / (now - t_last)
+                        tokens_since, t_last = 0, now
+                        if not np.isfinite(loss):
+                            raise FloatingPointError(f"{self.role}: loss became {loss} at step {step}; lower train.lr")
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                        write({"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s})
+                    bar.update(1)
+                    if self.tc.eval_every and step % self.tc.eval_every == 0 and step < self.tc.steps:
+                        acc = self.test_accuracy(self.tc.eval_size)
+                        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{acc:.3f}")
+                        write({"step": step, "test_accuracy": acc, "n": self.tc.eval_size})
+                    preempted = (step < self.tc.steps and step % self.tc.preemption_check_every == 0
+                                 and preemption.stop_requested())  # same decision on every process
+                    if preempted or step == self.tc.steps or (self.tc.checkpoint_every and step % self.tc.checkpoint_every == 0):
+                        ckpt.save(step, self.state, {"role": self.role, "step": step})
+                    if log is not None:
+                        log.flush()
+                    if preempted:
+                        raise preemption.Preempted(
+                            f"{self.role}: preempted at step {step}/{self.tc.steps}; checkpoint saved in {self.ckpt_dir}"
+                        )
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
             ckpt.close()
         train_seconds = time.perf_counter() - start
         acc = self.test_accuracy(self.cfg.task.n_test)
@@ -215,7 +232,8 @@ class Trainer:
             "params": tfm.param_count(self.state["params"]),
             "checkpoint": str(self.ckpt_dir.absolute()),
         }
-        (self.role_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if main:
+            (self.role_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
 

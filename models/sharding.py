@@ -60,7 +60,11 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    devices = list(jax.devices()) if devices is None else list(devices)
+    # Process-major device order: process i's devices form the i-th block of the batch
+    # axes, so its rows of a global batch are the contiguous `process_slice` (see below).
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = list(devices)
     shape = cfg.shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
@@ -110,14 +114,60 @@ def create_sharded(init_fn: Callable[[], Any], shardings: Any) -> Any:
     return jax.jit(init_fn, out_shardings=shardings)()
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def process_slice(global_batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """This process's contiguous rows `[i*B/n, (i+1)*B/n)` of a global batch of B rows
+    (i, n default to this process's index and the process count).
+
+    The batch axes are laid out over devices in process order (jax.devices() lists
+    process 0's devices first), so process i's devices hold exactly these rows and
+    a 1-process run sees the same global batch as an n-process one.
+    """
+    i = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if global_batch_size % n:
+        raise ValueError(f"batch: global batch size {global_batch_size} is not divisible by the {n} processes")
+    per = global_batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
+def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays split over the batch axes, from this process's rows (`process_slice`).
+
+    With one process the local batch is the whole batch. With n processes every
+    process passes its own contiguous slice and
+    `jax.make_array_from_process_local_data` assembles the global array (nothing is
+    sent between hosts).
+    """
     n = batch_divisor(mesh)
     out = {}
-    for key, value in batch.items():
-        if value.shape[0] % n:
+    for key, value in local_batch.items():
+        rows = value.shape[0] * jax.process_count()
+        if rows % n:
             raise ValueError(
-                f"batch: {key} has batch size {value.shape[0]}, not divisible by data*fsdp = {n}; "
+                f"batch: {key} has batch size {rows}, not divisible by data*fsdp = {n}; "
                 "change the batch size or the mesh"
             )
-        out[key] = jax.device_put(value, batch_sharding(mesh, value.ndim))
+        sharding = batch_sharding(mesh, value.ndim)
+        if jax.process_count() == 1:
+            out[key] = jax.device_put(value, sharding)
+        else:
+            out[key] = jax.make_array_from_process_local_data(sharding, value, (rows,) + value.shape[1:])
     return out
+
+
+def put_global(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds whole (e.g. prompts built
+    from a shared seed): each process places only the shards of its own devices."""
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(value: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array as numpy on every process."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(value)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))

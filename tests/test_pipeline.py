@@ -157,3 +157,50 @@ def test_equilibrium_nan_names_iteration_and_quantity(trained, tmp_path):
     line = result.stderr.strip().splitlines()
     assert len(line) == 1 and "at iteration" in line[0] and ("NaN in" in line[0] or "non-finite value in" in line[0])
     assert (run / "equilibrium" / "solver_log.jsonl").read_text()  # the partial log is kept
+
+
+def test_equilibrium_sigterm_resumes_to_the_same_equilibrium(trained, tmp_path):
+    """SIGTERM mid-solve: the solver state is checkpointed and the run exits 0; the re-run
+    resumes and ends at the same γ*, μ and trajectory as the uninterrupted solve of
+    test_equilibrium_end_to_end (β=0 is solved independently of the other tilts)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium", "*.png", "*.csv"))
+    cmd = lambda d: ["equilibrium", "--config", "ci", f"run_dir={d}", "equilibrium.betas=[0.0]",
+                     "equilibrium.empirical_check=false"]
+    reference = trained / "equilibrium" / "equilibrium.json"
+    if not reference.exists():  # this test run alone: solve uninterrupted first
+        reference = tmp_path / "ref" / "equilibrium" / "equilibrium.json"
+        shutil.copytree(run, tmp_path / "ref")
+        assert distgame(*cmd(tmp_path / "ref")).returncode == 0
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *cmd(run), "--no-progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run / "equilibrium" / "solver_log.jsonl"
+    try:
+        deadline = time.monotonic() + 600
+        while not log.exists():  # opened just before the first iteration
+            assert proc.poll() is None and time.monotonic() < deadline, "the solve ended or stalled before starting"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # the stop is checked after each iteration: it lands after the first
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "solver preempted after iteration 1;" in err and "re-run the same command" in err, err
+    assert not (run / "equilibrium" / "equilibrium.json").exists()
+    assert len(list((run / "equilibrium" / "checkpoints").glob("beta0_*/1"))) == 1, err
+
+    again = distgame(*cmd(run))
+    assert again.returncode == 0, again.stderr
+    a = json.loads((run / "equilibrium" / "equilibrium.json").read_text())
+    b = json.loads(reference.read_text())
+    ref_points = [p for p in b["points"] if p["beta"] == 0.0]
+    ref_traj = [t for t in b["trajectories"] if t["beta"] == 0.0]
+    assert len(a["points"]) == len(ref_points) == 2
+    for pa, pb, ta, tb in zip(a["points"], ref_points, a["trajectories"], ref_traj):
+        for key in ("gamma_star", "mu", "J", "U", "violation", "iterations"):
+            assert pa[key] == pytest.approx(pb[key], abs=1e-6), key
+        assert ta["gamma"] == pytest.approx(tb["gamma"], abs=1e-6) and ta["mu"] == pytest.approx(tb["mu"], abs=1e-6)
+    assert len(log.read_text().splitlines()) == 3 * 2  # every iteration logged once across the two runs

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from models.sharding import process_slice
+
 
 class RowSource(Protocol):
     """Random-access training rows: ``rows(idx)`` returns arrays with a leading ``len(idx)`` axis."""
@@ -47,18 +49,6 @@ class LazyRows:
 
     def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return self._encode(np.asarray(idx))
-
-
-def process_slice(global_batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
-    """This process's contiguous slice ``[i*B/n, (i+1)*B/n)`` of a global batch of ``B`` rows."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
-    per = global_batch_size // process_count
-    return slice(process_index * per, (process_index + 1) * per)
 
 
 def global_batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

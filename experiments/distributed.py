@@ -1,0 +1,165 @@
+"""Joining several processes (hosts) into one JAX program with `jax.distributed`.
+
+Where the settings come from, highest priority first:
+1. environment: DISTGAME_COORDINATOR ("host:port"), DISTGAME_NUM_PROCESSES, DISTGAME_PROCESS_ID;
+2. the config section `distributed:` (coordinator_address, num_processes, process_id, ...);
+3. on a Cloud TPU VM with neither: `jax.distributed.initialize()` with no arguments
+   (JAX reads the slice's workers from the TPU metadata).
+Nothing set and no TPU: one process, no initialisation.
+
+`initialize_distributed` must run before anything touches a jax backend (jax.devices(),
+any computation); the CLI calls it right after loading the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+
+ENV_COORDINATOR = "DISTGAME_COORDINATOR"
+ENV_NUM_PROCESSES = "DISTGAME_NUM_PROCESSES"
+ENV_PROCESS_ID = "DISTGAME_PROCESS_ID"
+CPU_COLLECTIVES = ("gloo", "mpi", "none")
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator could not be reached, or the settings are inconsistent (the CLI exits 2)."""
+
+
+def _help(text, default):
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process (multi-host) settings; env DISTGAME_COORDINATOR / DISTGAME_NUM_PROCESSES /
+    DISTGAME_PROCESS_ID override the first three."""
+
+    mode: str = _help(
+        "'auto': join when a coordinator is configured (here or in the environment) or on a Cloud TPU VM, "
+        "else run as one process; 'off': never call jax.distributed", "auto"
+    )
+    coordinator_address: str = _help("host:port of process 0's coordinator (empty = not set)", "")
+    num_processes: int = _help("number of processes in the job (0 = not set)", 0)
+    process_id: int = _help("this process's id in [0, num_processes) (-1 = not set)", -1)
+    initialization_timeout: int = _help("seconds to wait for the coordinator and the other processes", 300)
+    cpu_collectives: str = _help("cross-process collectives on CPU: 'gloo', 'mpi' or 'none' (TPU/GPU ignore this)", "gloo")
+
+    def validate(self) -> None:
+        if self.mode not in ("auto", "off"):
+            raise ValueError(f"distributed.mode={self.mode!r} must be 'auto' or 'off'")
+        if self.initialization_timeout < 1:
+            raise ValueError(f"distributed.initialization_timeout={self.initialization_timeout} must be >= 1 second")
+        if self.cpu_collectives not in CPU_COLLECTIVES:
+            raise ValueError(f"distributed.cpu_collectives={self.cpu_collectives!r} must be one of {', '.join(CPU_COLLECTIVES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What will be passed to jax.distributed.initialize (None = let JAX detect it)."""
+
+    kind: str  # "single", "explicit" or "tpu"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+def _env_int(env, name: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise CoordinatorError(f"environment {name}={raw!r} must be an integer") from None
+
+
+def on_cloud_tpu_vm(env=os.environ) -> bool:
+    """TPU chips on this VM's PCI bus (JAX's own check, which reads sysfs and starts no
+    backend), or the TPU runtime's environment variables."""
+    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_ACCELERATOR_TYPE"):
+        return True
+    try:
+        from jax._src import hardware_utils  # private, hence the fallback
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:
+        return os.path.exists("/dev/accel0")
+
+
+def resolve(dc: DistributedConfig, env=os.environ, tpu: bool | None = None) -> Resolved:
+    """Merge config and environment (environment wins) and check them."""
+    if dc.mode == "off":
+        return Resolved("single")
+    address = env.get(ENV_COORDINATOR) or dc.coordinator_address or None
+    num = _env_int(env, ENV_NUM_PROCESSES)
+    num = num if num is not None else (dc.num_processes or None)
+    pid = _env_int(env, ENV_PROCESS_ID)
+    pid = pid if pid is not None else (dc.process_id if dc.process_id >= 0 else None)
+    if address is None and num is None and pid is None:
+        on_tpu = on_cloud_tpu_vm(env) if tpu is None else tpu
+        return Resolved("tpu") if on_tpu else Resolved("single")
+    missing = [name for name, v in ((f"coordinator_address ({ENV_COORDINATOR})", address),
+                                    (f"num_processes ({ENV_NUM_PROCESSES})", num),
+                                    (f"process_id ({ENV_PROCESS_ID})", pid)) if v is None]
+    if missing:
+        raise CoordinatorError(f"distributed: {', '.join(missing)} not set; a multi-process run needs all three")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise CoordinatorError(f"distributed: coordinator address {address!r} must look like host:port")
+    if num < 1 or not 0 <= pid < num:
+        raise CoordinatorError(f"distributed: process_id={pid} must lie in [0, num_processes={num})")
+    return Resolved("explicit", address, num, pid)
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Process i > 0 checks that process 0's coordinator accepts connections before handing
+    over to JAX, whose own timeout aborts the whole process (SIGABRT, C++ stack trace)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise CoordinatorError(
+                    f"distributed: coordinator {address} did not answer within {timeout:g}s "
+                    "(distributed.initialization_timeout); start process 0 first or check the address and port"
+                ) from None
+            time.sleep(0.2)
+
+
+def initialize_distributed(dc: DistributedConfig, env=os.environ) -> Resolved:
+    """Join the job described by config + environment; a no-op for a single process."""
+    import jax
+
+    resolved = resolve(dc, env)
+    if resolved.kind == "single" or jax.distributed.is_initialized():
+        return resolved
+    if resolved.kind == "tpu":
+        jax.distributed.initialize(initialization_timeout=dc.initialization_timeout)
+        return resolved
+    if dc.cpu_collectives != "none":
+        jax.config.update("jax_cpu_collectives_implementation", dc.cpu_collectives)
+    if resolved.process_id != 0:
+        _wait_for_coordinator(resolved.coordinator_address, dc.initialization_timeout)
+    print(f"distgame: process {resolved.process_id}/{resolved.num_processes} joining {resolved.coordinator_address}",
+          file=sys.stderr, flush=True)
+    jax.distributed.initialize(
+        coordinator_address=resolved.coordinator_address,
+        num_processes=resolved.num_processes,
+        process_id=resolved.process_id,
+        initialization_timeout=dc.initialization_timeout,
+    )
+    return resolved
+
+
+def is_main_process() -> bool:
+    """Process 0 alone writes results, metrics, summaries and logs and shows progress bars."""
+    import jax
+
+    return jax.process_index() == 0
