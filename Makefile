@@ -11,7 +11,7 @@ CONFIG ?= default
 $(BIN)/distgame: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,hf-test]"
 	touch $@
 
 run: $(BIN)/distgame

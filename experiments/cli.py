@@ -19,8 +19,9 @@ import sys
 from experiments.config import ROLES, ConfigError, describe, load_config
 from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError
+from models.hf_loader import HFLoadError
 
-USER_ERRORS = (ConfigError, CheckpointError)
+USER_ERRORS = (ConfigError, CheckpointError, HFLoadError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
