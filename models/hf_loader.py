@@ -3,9 +3,9 @@
 A checkpoint directory (local, or `gs://...` through etils.epath) holds `config.json`,
 `*.safetensors` (with `model.safetensors.index.json` when sharded) and `tokenizer.json`.
 `load_hf_model` maps config.json to a `ModelConfig`, then converts one tensor at a time:
-read it (a memory map locally, a ranged read remotely), cast and re-lay it out in host
-memory, and hand each device only its own shard (`jax.make_array_from_callback`), so
-neither a device nor the host ever holds the whole model. bf16 checkpoints are read
+view it in our layout (a memory map locally, a ranged read remotely) and let each device
+copy and cast only its own shard (`jax.make_array_from_callback`), so neither a device
+nor the host ever holds the whole model, and the host never a whole float32 tensor. bf16 checkpoints are read
 through ml_dtypes (the `safetensors` package's numpy API cannot represent bf16).
 
 Layout conversion (HF Linear weights are [out, in]): q/k/v `[n*h, d] -> [d, n, h]`,
@@ -357,14 +357,17 @@ def load_hf_model(
             raise HFLoadError(
                 f"{info.path.name}: tensor {key!r} has shape {list(info.shape)} but config.json implies {list(hf_shape)}"
             )
-        value = convert(_read_tensor(info)).astype(np.float32)  # the one host copy of this tensor
+        # A view of the file in our layout (transposes and head splits are strided views, not copies) ...
+        value = convert(_read_tensor(info))
         if path[-1] in ("embed_vd", "unembed_dv"):
             value = _fit_rows(value, rows, vocab_size, key)
             if path[-1] == "unembed_dv":
                 value = value.T
         want = expected_flat[path]
         assert value.shape == want.shape, (path, value.shape, want.shape)
-        _set(params, path, jax.make_array_from_callback(value.shape, shardings_flat[path], lambda idx, v=value: v[idx]))
+        # ... from which each device copies (and casts to float32) only its own shard.
+        shard = lambda idx, v=value: np.ascontiguousarray(v[idx], dtype=np.float32)
+        _set(params, path, jax.make_array_from_callback(value.shape, shardings_flat[path], shard))
         del value
 
     used = {key for key, _, _ in sources.values()}
