@@ -34,10 +34,10 @@ from experiments.plots import plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts, make_split
 from experiments.tasks.tokenizer import build_tokenizer
-from experiments.train import RoleModel, Trainer, load_role_params, make_mesh, masked_nll
+from experiments.train import RoleModel, Trainer, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
 from game import students as stu
-from models import lora
+from models import hf_loader, lora
 from models import transformer as tfm
 from models.checkpoint import CheckpointError
 from models.sampling import ExpertSpec, Single, generate
@@ -88,20 +88,47 @@ def mean_stderr(values) -> dict:
 
 
 def ensure_models(cfg: Config, mesh, progress: bool) -> dict[str, RoleModel]:
-    """Restore each role from its checkpoint, training the ones that have none yet."""
+    """Load HF roles (`ROLE.hf_dir`); restore the others from their checkpoints, training any that has none yet."""
     tokenizer = build_tokenizer()
-    models = {}
+    models, hf_tokenizers = {}, {}
     for role in ("teacher", "proxy", "student"):
+        if cfg.role(role).hf_dir:
+            models[role], hf_tokenizers[role] = load_hf_role(cfg, role, mesh)
+            check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
+            continue
         ckpt_dir = pathlib.Path(cfg.run_dir) / role / "checkpoints"
         if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             summary = Trainer(cfg, role, mesh, tokenizer).fit(progress=progress)
             print(f"trained {role}: test accuracy {summary['test_accuracy']:.3f} in {summary['seconds']:.0f}s")
         models[role] = load_role_params(cfg, role, mesh, tokenizer.vocab_size)
+    if "teacher" in hf_tokenizers and "proxy" in hf_tokenizers:
+        hf_loader.check_shared_vocabulary(hf_tokenizers["teacher"], hf_tokenizers["proxy"])
     t_vocab = models["teacher"].params["embed_vd"].shape[0]
     p_vocab = models["proxy"].params["embed_vd"].shape[0]
     if t_vocab != p_vocab:
-        raise ConfigError(f"teacher and proxy vocabularies differ ({t_vocab} vs {p_vocab}); PoE and ADS need one vocabulary")
+        raise ConfigError(
+            f"teacher and proxy vocabularies differ ({t_vocab} vs {p_vocab} embedding rows); PoE and ADS need one "
+            f"vocabulary: if the tokenizers agree and only the padding differs, set "
+            f"{'proxy' if p_vocab < t_vocab else 'teacher'}.model.vocab_rows={max(t_vocab, p_vocab)}"
+        )
     return models
+
+
+def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
+    """The task's token ids must mean the same tokens to an HF role (its tokenizer.json)."""
+    if hasattr(task_tokenizer, "tokens"):
+        task_vocab = {t: i for i, t in enumerate(task_tokenizer.tokens)}
+    elif hasattr(task_tokenizer, "get_vocab"):
+        task_vocab = task_tokenizer.get_vocab(with_added_tokens=True)
+    else:
+        raise ConfigError(f"{role}.hf_dir: cannot compare the task tokenizer {task_tokenizer!r} with its tokenizer.json")
+    hf_vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
+    if task_vocab != hf_vocab:
+        diff = sorted(set(task_vocab.items()) ^ set(hf_vocab.items()))[:3]
+        raise ConfigError(
+            f"{role}.hf_dir: its tokenizer.json ({len(hf_vocab)} tokens) is not the task's tokenizer "
+            f"({len(task_vocab)} tokens; e.g. {diff} differ); the task must be tokenized with the model's tokenizer"
+        )
 
 
 # ---------------------------------------------------------------------------
