@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args, cfg) -> dict:
     from experiments.train import Trainer, make_mesh
 
+    if cfg.role(args.role).hf_dir:
+        raise ConfigError(f"{args.role}.hf_dir is set: that role is loaded from its checkpoint, not trained; "
+                          f"set {args.role}.hf_dir='' to train it from scratch")
     trainer = Trainer(cfg, args.role, make_mesh(cfg))
     summary = trainer.fit(progress=not args.no_progress)
     print(f"{args.role}: test accuracy {summary['test_accuracy']:.3f} on {summary['n_test']} problems "

@@ -430,11 +430,21 @@ def restore_converted(directory: str | os.PathLike, mesh, rules: dict[str, str |
 def load_or_convert(
     hf_dir: str | os.PathLike, cache_dir: str | os.PathLike | None, mesh, rules=shd.DEFAULT_RULES, **overrides: Any
 ) -> LoadedModel:
-    """Restore the cached conversion of `hf_dir` if `cache_dir` has one made with the same overrides, else convert (and cache)."""
-    if cache_dir is not None and (epath.Path(cache_dir) / "model.json").exists():
-        meta = json.loads((epath.Path(cache_dir) / "model.json").read_text())
-        if meta.get("source") == str(hf_dir) and all(meta["model"].get(k) == v for k, v in overrides.items()):
-            return restore_converted(cache_dir, mesh, rules)
+    """Restore the cached conversion of `hf_dir` from `cache_dir` if it has one with the same params, else convert
+    (and cache, replacing a stale conversion). Overrides that do not change the params (compute_dtype) apply either way."""
+    if cache_dir is not None:
+        cache = epath.Path(cache_dir)
+        if (cache / "model.json").exists():
+            meta = json.loads((cache / "model.json").read_text())
+            same_params = meta.get("source") == str(hf_dir) and all(
+                meta["model"].get(k) == v for k, v in overrides.items() if k != "compute_dtype"
+            )
+            if same_params:
+                loaded = restore_converted(cache, mesh, rules)
+                loaded.cfg = dataclasses.replace(loaded.cfg, **overrides)
+                return loaded
+        if cache.exists():
+            cache.rmtree()  # our own cache of another conversion
     loaded = load_hf_model(hf_dir, mesh, rules, **overrides)
     if cache_dir is not None:
         save_converted(loaded, cache_dir, source=str(hf_dir))
