@@ -81,7 +81,8 @@ def hf_models(tmp_path_factory):
         config = transformers.AutoConfig.for_model(**spec["config"])
         model = getattr(transformers, spec["cls"])._from_config(config, attn_implementation="eager").eval()
         _randomise(model)
-        model.save_pretrained(directory)
+        # Qwen2 is saved in several files with an index json, as large checkpoints are.
+        model.save_pretrained(directory, max_shard_size="200KB" if family == "qwen2" else "5GB")
         _write_tokenizer(directory, spec["tokens"])
         tokens = rng.integers(0, spec["tokens"], (BATCH, 40))
         prompt = rng.integers(0, spec["tokens"], (BATCH, PROMPT))
@@ -109,6 +110,8 @@ def mesh():
 @pytest.mark.parametrize("family", list(SPECS))
 def test_logits_match_transformers(hf_models, mesh, family):
     ref = hf_models[family]
+    if family == "qwen2":
+        assert len(list(ref["dir"].glob("*.safetensors"))) > 1 and (ref["dir"] / "model.safetensors.index.json").exists()
     loaded = hfl.load_hf_model(ref["dir"], mesh)
     assert loaded.vocab_size == SPECS[family]["tokens"]
     assert loaded.params["embed_vd"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
@@ -190,6 +193,11 @@ def test_directory_without_expected_files_is_refused(hf_models, mesh, tmp_path):
     d = _copy(hf_models["llama"]["dir"], tmp_path / "no_weights")
     (d / "model.safetensors").unlink()
     with pytest.raises(hfl.HFLoadError, match=r"no \*.safetensors"):
+        hfl.load_hf_model(d, mesh)
+    d = _copy(hf_models["qwen2"]["dir"], tmp_path / "lost_shard")
+    lost = sorted(d.glob("*.safetensors"))[-1]
+    lost.unlink()
+    with pytest.raises(hfl.HFLoadError, match=f"{lost.name}: listed in model.safetensors.index.json but missing"):
         hfl.load_hf_model(d, mesh)
     d = _copy(hf_models["llama"]["dir"], tmp_path / "no_tok")
     (d / "tokenizer.json").unlink()
