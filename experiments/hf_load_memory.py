@@ -2,7 +2,7 @@
 
     python -m experiments.hf_load_memory /tmp/hf_mem_llama [LAYERS]
 
-makes a random bf16 Llama there if the directory is empty (4 layers: 224 MiB, 12: 524 MiB).
+makes a random bf16 Llama there if the directory is empty (4 layers: 224 MiB, 12: 416 MiB).
 
 Building the random checkpoint needs the `hf-test` extra (torch + transformers); the
 measurement runs in a fresh process without torch. On CPU the "devices" live in host
