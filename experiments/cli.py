@@ -23,8 +23,9 @@ from experiments.tasks.registry import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError
+from models.hf_loader import HFLoadError
 
-USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError, CoordinatorError)
+USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError, CoordinatorError, HFLoadError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args, cfg) -> dict:
     from experiments.train import Trainer, make_mesh
 
+    if cfg.role(args.role).hf_dir:
+        raise ConfigError(f"{args.role}.hf_dir is set: that role is loaded from its checkpoint, not trained; "
+                          f"set {args.role}.hf_dir='' to train it from scratch")
     trainer = Trainer(cfg, args.role, make_mesh(cfg))
     summary = trainer.fit(progress=not args.no_progress)
     if _is_main():

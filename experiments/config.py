@@ -18,6 +18,7 @@ import yaml
 from experiments.distributed import DistributedConfig
 from experiments.tasks.registry import TaskConfig
 from game.solver import SolverConfig
+from models.lora import LoraConfig
 from models.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig
 from models.transformer import ModelConfig
 
@@ -82,6 +83,13 @@ class RoleConfig:
 
     model: ModelConfig = _help("architecture", factory=ModelConfig)
     train: TrainConfig = _help("training schedule", factory=TrainConfig)
+    hf_dir: str = _help(
+        "load this role from a Hugging Face checkpoint directory (local or gs://; config.json, *.safetensors, "
+        "tokenizer.json; Llama-3 or Qwen2/2.5) instead of training it: the architecture then comes from config.json "
+        "and only model.compute_dtype and model.vocab_rows (if > 0) apply; '' = train from scratch",
+        "",
+    )
+    hf_cache: bool = _help("save the converted HF model once as an orbax checkpoint under run_dir/ROLE/hf_converted and reuse it", True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +181,8 @@ class DistillConfig:
     attacks: tuple[str, ...] = _help(f"extra attacks: any of {', '.join(ATTACKS)}", ("soft_topk", "poe_inversion"))
     attack_defenses: tuple[str, ...] = _help("defense names the extra attacks are run against (poe_inversion only ever runs against poe)", ("poe",))
     inversion_gamma_error: float = _help("poe_inversion: the attacker's estimate of gamma is the true gamma plus this", 0.0)
+    finetune: str = _help("what the student trains: 'full' (every weight) or 'lora' (low-rank adapters, protocol.distill.lora)", "full")
+    lora: LoraConfig = _help("LoRA adapters when finetune='lora' (models/lora.py)", factory=LoraConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +225,12 @@ class ProtocolConfig:
         if "soft_topk" in dc.attacks or "poe_inversion" in dc.attacks:
             if self.expose_k < 1:
                 raise ConfigError("protocol.distill.attacks use exposed log-probs but protocol.expose_k=0")
+        if dc.finetune not in ("full", "lora"):
+            raise ConfigError(f"protocol.distill.finetune={dc.finetune!r} must be 'full' or 'lora'")
+        try:
+            dc.lora.validate(None, "protocol.distill.lora")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if dc.max_weight < 1:
             raise ConfigError(f"protocol.distill.max_weight={dc.max_weight} must be >= 1")
         for name in ("steps", "batch_size", "heldout_batch"):

@@ -35,9 +35,10 @@ from experiments.plots import plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
 from experiments.tasks.registry import Task, build_task
-from experiments.train import RoleModel, Trainer, load_role_params, make_mesh, masked_nll
+from experiments.train import RoleModel, Trainer, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
 from game import students as stu
+from models import hf_loader, lora
 from models import transformer as tfm
 from models.checkpoint import CheckpointError
 from models.sampling import ExpertSpec, Single, generate
@@ -88,21 +89,48 @@ def mean_stderr(values) -> dict:
 
 
 def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -> dict[str, RoleModel]:
-    """Restore each role from its checkpoint, training the ones that have none yet."""
+    """Load HF roles (`ROLE.hf_dir`); restore the others from their checkpoints, training any that has none yet."""
     task = task or build_task(cfg.task)
     tokenizer = task.tokenizer
-    models = {}
+    models, hf_tokenizers = {}, {}
     for role in ("teacher", "proxy", "student"):
+        if cfg.role(role).hf_dir:
+            models[role], hf_tokenizers[role] = load_hf_role(cfg, role, mesh)
+            check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
+            continue
         ckpt_dir = pathlib.Path(cfg.run_dir) / role / "checkpoints"
         if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             summary = Trainer(cfg, role, mesh, task=task).fit(progress=progress)
             print(f"trained {role}: test accuracy {summary['test_accuracy']:.3f} in {summary['seconds']:.0f}s")
         models[role] = load_role_params(cfg, role, mesh, tokenizer.vocab_size)
+    if "teacher" in hf_tokenizers and "proxy" in hf_tokenizers:
+        hf_loader.check_shared_vocabulary(hf_tokenizers["teacher"], hf_tokenizers["proxy"])
     t_vocab = models["teacher"].params["embed_vd"].shape[0]
     p_vocab = models["proxy"].params["embed_vd"].shape[0]
     if t_vocab != p_vocab:
-        raise ConfigError(f"teacher and proxy vocabularies differ ({t_vocab} vs {p_vocab}); PoE and ADS need one vocabulary")
+        raise ConfigError(
+            f"teacher and proxy vocabularies differ ({t_vocab} vs {p_vocab} embedding rows); PoE and ADS need one "
+            f"vocabulary: if the tokenizers agree and only the padding differs, set "
+            f"{'proxy' if p_vocab < t_vocab else 'teacher'}.model.vocab_rows={max(t_vocab, p_vocab)}"
+        )
     return models
+
+
+def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
+    """The task's token ids must mean the same tokens to an HF role (its tokenizer.json)."""
+    if hasattr(task_tokenizer, "tokens"):
+        task_vocab = {t: i for i, t in enumerate(task_tokenizer.tokens)}
+    elif hasattr(task_tokenizer, "get_vocab"):
+        task_vocab = task_tokenizer.get_vocab(with_added_tokens=True)
+    else:
+        raise ConfigError(f"{role}.hf_dir: cannot compare the task tokenizer {task_tokenizer!r} with its tokenizer.json")
+    hf_vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
+    if task_vocab != hf_vocab:
+        diff = sorted(set(task_vocab.items()) ^ set(hf_vocab.items()))[:3]
+        raise ConfigError(
+            f"{role}.hf_dir: its tokenizer.json ({len(hf_vocab)} tokens) is not the task's tokenizer "
+            f"({len(task_vocab)} tokens; e.g. {diff} differ); the task must be tokenized with the model's tokenizer"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -199,22 +227,32 @@ def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
 def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: float):
     """One student update, jitted once per (model, settings, kind) and reused across defense
     settings (γ, β and the proxy's params are traced arguments, not constants).
-    `kind` is passive | adaptive | soft_topk | poe_inversion."""
+    `kind` is passive | adaptive | soft_topk | poe_inversion.
+
+    The trained tree `tp` is the student's params (finetune='full') or its LoRA adapters
+    over the frozen `base` params (finetune='lora'; then example values and g_S are taken
+    with respect to the adapters, the student's actual parameters)."""
     tx = distill_optimizer(dc)
+    if dc.finetune == "lora":
+        params_of = lambda tp, base: lora.merge(base, tp, dc.lora)
+    else:
+        params_of = lambda tp, base: tp
 
     def per_example_nll(params, tokens_bt, mask_bt):
         return stu.sequence_nll(tfm.token_logprobs(graphdef, params, tokens_bt), mask_bt[:, :-1])
 
-    def loss_fn(params, batch, beta, heldout, proxy_params, gamma):
+    def loss_fn(tp, base, batch, beta, heldout, proxy_params, gamma):
         mask_bt = batch["loss_mask_bt"][:, :-1]
         weights_b = None
         if kind == "adaptive":
-            g_S = jax.grad(lambda p: masked_nll(graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"]))(params)
-            v_b = stu.example_values(per_example_nll, params, g_S, batch["tokens_bt"], batch["loss_mask_bt"])
+            g_S = jax.grad(lambda p: masked_nll(graphdef, params_of(p, base), heldout["tokens_bt"], heldout["loss_mask_bt"]))(tp)
+            nll_b = lambda p, tokens_bt, m_bt: per_example_nll(params_of(p, base), tokens_bt, m_bt)
+            v_b = stu.example_values(nll_b, tp, g_S, batch["tokens_bt"], batch["loss_mask_bt"])
             weights_b = jax.lax.stop_gradient(
                 stu.adaptive_weights(v_b, beta, max_weight=dc.max_weight, mask_b=mask_bt.sum(-1) > 0,
                                      standardize=dc.standardize_values)
             )
+        params = params_of(tp, base)
         if kind in ("passive", "adaptive"):
             logp_bt = tfm.token_logprobs(graphdef, params, batch["tokens_bt"])
             return stu.weighted_nll(logp_bt, mask_bt, weights_b, dc.averaging)
@@ -227,13 +265,13 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
         logp_btv = _student_logp(graphdef, params, batch["tokens_bt"])
         return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging)
 
-    def step(params, opt_state, batch, beta, heldout, proxy_params, gamma):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, beta, heldout, proxy_params, gamma)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def step(tp, opt_state, base, batch, beta, heldout, proxy_params, gamma):
+        loss, grads = jax.value_and_grad(loss_fn)(tp, base, batch, beta, heldout, proxy_params, gamma)
+        updates, opt_state = tx.update(grads, opt_state, tp)
+        return optax.apply_updates(tp, updates), opt_state, loss
 
-    # vmap over seeds: params, opt state, batch and held-out batch all have a leading seed axis.
-    return jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, 0, None, None)), donate_argnums=(0, 1))
+    # vmap over seeds: trained tree, opt state, batch and held-out batch have a leading seed axis; base is shared.
+    return jax.jit(jax.vmap(step, in_axes=(0, 0, None, 0, None, 0, None, None)), donate_argnums=(0, 1))
 
 
 def distil(
@@ -250,15 +288,25 @@ def distil(
     progress: bool = True,
     desc: str = "",
 ):
-    """Train `seeds` copies of the student base at once; traces have a leading seed axis."""
+    """Train `seeds` copies of the student base at once; traces have a leading seed axis.
+    Returns the students' full params (LoRA adapters merged) with a leading seed axis."""
     step = make_distill_step(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau)
     proxy_params = proxy.params if proxy else None
-    stack = lambda x: jnp.broadcast_to(x, (seeds,) + x.shape)
-    params = jax.tree.map(lambda x: jnp.array(stack(x)), base.params)
-    opt_state = jax.vmap(distill_optimizer(dc).init)(params)
+    if dc.finetune == "lora":
+        try:
+            dc.lora.validate(base.cfg.n_layers, "protocol.distill.lora")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        keys = jax.random.split(jax.random.key(17), seeds)
+        trained = jax.vmap(lambda k: lora.init_adapters(base.params, base.cfg, dc.lora, k))(keys)
+        frozen = base.params
+    else:
+        stack = lambda x: jnp.broadcast_to(x, (seeds,) + x.shape)
+        trained, frozen = jax.tree.map(lambda x: jnp.array(stack(x)), base.params), None
+    opt_state = jax.vmap(distill_optimizer(dc).init)(trained)
     # vmap's init leaves the step counters off the params' mesh; the step returns them on it. Place them there
     # up front so the first and later calls share one compiled step (otherwise the step compiles twice).
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    mesh = jax.tree.leaves(base.params)[0].sharding.mesh
     on_mesh = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
     opt_state = jax.tree.map(on_mesh, opt_state)
     n = traces["tokens_bt"].shape[1]
@@ -270,11 +318,13 @@ def distil(
         batch = {k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()}
         h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
         held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
-        params, opt_state, loss = step(params, opt_state, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
+        trained, opt_state, loss = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
     loss = np.asarray(loss)
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
-    return params
+    if dc.finetune == "lora":
+        return jax.vmap(lambda tp: lora.merge(base.params, tp, dc.lora))(trained)
+    return trained
 
 
 # ---------------------------------------------------------------------------

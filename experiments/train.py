@@ -22,6 +22,7 @@ from experiments.distributed import is_main_process
 from experiments.evaluate import single_model_accuracy
 from experiments.tasks.batches import RowSource, local_batch
 from experiments.tasks.registry import Task, build_task
+from models import hf_loader
 from models import sharding as shd
 from models import transformer as tfm
 from models.checkpoint import Checkpointer, abstract_like
@@ -257,3 +258,19 @@ def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> Rol
         ckpt.close()
     model.params = state["params"]
     return model
+
+
+def load_hf_role(cfg: Config, role: str, mesh: Mesh) -> tuple[RoleModel, Any]:
+    """A role whose `hf_dir` is set: its converted model on the mesh, and its `tokenizers.Tokenizer`."""
+    rc = cfg.role(role)
+    overrides: dict[str, Any] = {"compute_dtype": rc.model.compute_dtype}
+    if rc.model.vocab_rows:
+        overrides["vocab_rows"] = rc.model.vocab_rows
+    cache = pathlib.Path(cfg.run_dir) / role / "hf_converted" if rc.hf_cache else None
+    try:
+        loaded = hf_loader.load_or_convert(rc.hf_dir, cache, mesh, cfg.rules, **overrides)
+    except hf_loader.HFLoadError as e:
+        raise hf_loader.HFLoadError(f"{role}.hf_dir: {e}") from None
+    except ValueError as e:  # a parameter dim the mesh does not divide
+        raise ConfigError(f"{role}.hf_dir={rc.hf_dir!r}: {e}") from None
+    return RoleModel(loaded.cfg, loaded.graphdef, loaded.params, loaded.param_shardings), loaded.tokenizer

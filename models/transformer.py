@@ -17,10 +17,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Params = dict[str, Any]
 Cache = dict[str, dict[str, jax.Array]]
+
+# Logit of vocabulary rows beyond the tokenizer (padding): finite, so differences and
+# products with zero probabilities stay NaN-free, yet exp() of it is exactly 0.
+PADDED_LOGIT = -1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +42,31 @@ class ModelConfig:
     tied_embeddings: bool = dataclasses.field(
         default=True, metadata={"help": "reuse the token embedding as the output projection"}
     )
+    scale_tied_logits: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "tied head only: multiply logits by d_model^-1/2 (ours, trained from scratch); false = HF Llama/Qwen"},
+    )
+    head_size: int = dataclasses.field(
+        default=0, metadata={"help": "width of one attention head (0 = d_model / n_heads)"}
+    )
+    qkv_bias: bool = dataclasses.field(default=False, metadata={"help": "biases on the q/k/v projections (Qwen2)"})
     rope_base: float = dataclasses.field(default=10000.0, metadata={"help": "rotary position embedding base"})
+    rope_scaling_factor: float = dataclasses.field(
+        default=0.0, metadata={"help": "Llama-3 RoPE scaling: context extension factor (0 = no scaling)"}
+    )
+    rope_low_freq_factor: float = dataclasses.field(default=1.0, metadata={"help": "Llama-3 RoPE scaling: low_freq_factor"})
+    rope_high_freq_factor: float = dataclasses.field(default=4.0, metadata={"help": "Llama-3 RoPE scaling: high_freq_factor"})
+    rope_original_max_len: int = dataclasses.field(
+        default=8192, metadata={"help": "Llama-3 RoPE scaling: original_max_position_embeddings"}
+    )
     norm_eps: float = dataclasses.field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    vocab_rows: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "embedding rows (0 = the tokenizer's vocabulary size); rows beyond the tokenizer are padding "
+            "whose logits are masked so they are never sampled (HF checkpoints pad, e.g. Qwen2.5: 151936 rows)"
+        },
+    )
     compute_dtype: str = dataclasses.field(
         default="float32", metadata={"help": "dtype of matmuls: float32 or bfloat16 (parameters stay float32)"}
     )
@@ -47,18 +75,33 @@ class ModelConfig:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name}={getattr(self, name)} must be >= 1")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"{where}.n_heads={self.n_heads} must divide {where}.d_model={self.d_model}")
+        if self.head_size < 0 or self.vocab_rows < 0:
+            raise ValueError(f"{where}.head_size and {where}.vocab_rows must be >= 0 (0 = derived)")
+        if not self.head_size and self.d_model % self.n_heads:
+            raise ValueError(f"{where}.n_heads={self.n_heads} must divide {where}.d_model={self.d_model} (or set head_size)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{where}.n_kv_heads={self.n_kv_heads} must divide {where}.n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"{where}: head size d_model/n_heads must be even for rotary embeddings")
+        if self.head_dim % 2:
+            raise ValueError(f"{where}: head size {self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling_factor < 0:
+            raise ValueError(f"{where}.rope_scaling_factor={self.rope_scaling_factor} must be >= 0 (0 = off)")
+        if self.rope_scaling_factor and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            raise ValueError(
+                f"{where}: RoPE scaling needs rope_high_freq_factor > rope_low_freq_factor > 0, got "
+                f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}"
+            )
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"{where}.compute_dtype={self.compute_dtype!r} must be 'float32' or 'bfloat16'")
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
+
+    def rows(self, vocab_size: int) -> int:
+        """Embedding rows for a tokenizer of `vocab_size` tokens."""
+        if self.vocab_rows and self.vocab_rows < vocab_size:
+            raise ValueError(f"vocab_rows={self.vocab_rows} is smaller than the tokenizer's {vocab_size} tokens")
+        return self.vocab_rows or vocab_size
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int) -> nnx.Param:
@@ -77,11 +120,25 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale_d[...]).astype(x_btd.dtype)
 
 
-def rotary(x_btnh: jax.Array, positions_bt: jax.Array, base: float) -> jax.Array:
-    """Rotate-half rotary embedding at absolute `positions_bt` (float32 angles)."""
-    half = x_btnh.shape[-1] // 2
-    inv_freq_h = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies [head_dim/2] (float32, as HF computes them), with Llama-3 scaling if set."""
+    h = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_base) ** (np.arange(0, h, 2).astype(np.float32) / np.float32(h)))).astype(np.float32)
+    if not cfg.rope_scaling_factor:
+        return inv_freq
+    # Llama-3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
+    factor, lo, hi, orig = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > orig / lo, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < orig / hi) & ~(wavelen > orig / lo)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rotary(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq_h: np.ndarray) -> jax.Array:
+    """Rotate-half rotary embedding (HF Llama/Qwen layout) at absolute `positions_bt` (float32 angles)."""
+    angle_bth = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h)
     sin, cos = jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
@@ -95,12 +152,22 @@ class Attention(nnx.Module):
         self.wk_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
         self.wv_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
         self.wo_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), n * h)
+        if cfg.qkv_bias:
+            self.bq_nh = nnx.Param(jnp.zeros((n, h), jnp.float32), logical_axes=("heads", "head_dim"))
+            self.bk_kh = nnx.Param(jnp.zeros((k, h), jnp.float32), logical_axes=("kv_heads", "head_dim"))
+            self.bv_kh = nnx.Param(jnp.zeros((k, h), jnp.float32), logical_axes=("kv_heads", "head_dim"))
+
+    def _project(self, x_btd, weight: str, bias: str, spec: str):
+        dt = x_btd.dtype
+        out = jnp.einsum(spec, x_btd, getattr(self, weight)[...].astype(dt))
+        return out + getattr(self, bias)[...].astype(dt) if self.cfg.qkv_bias else out
 
     def __call__(self, x_btd, positions_bt, mask_bts, cache, cache_index):
         cfg, dt = self.cfg, x_btd.dtype
-        q_btnh = rotary(jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt)), positions_bt, cfg.rope_base)
-        k_btkh = rotary(jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt)), positions_bt, cfg.rope_base)
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
+        inv_freq_h = rope_inv_freq(cfg)
+        q_btnh = rotary(self._project(x_btd, "wq_dnh", "bq_nh", "btd,dnh->btnh"), positions_bt, inv_freq_h)
+        k_btkh = rotary(self._project(x_btd, "wk_dkh", "bk_kh", "btd,dkh->btkh"), positions_bt, inv_freq_h)
+        v_btkh = self._project(x_btd, "wv_dkh", "bv_kh", "btd,dkh->btkh")
         if cache is not None:  # write this chunk at slot `cache_index`, attend over the whole cache
             k_btkh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkh.astype(cache["k"].dtype), cache_index, 1)
             v_btkh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkh.astype(cache["v"].dtype), cache_index, 1)
@@ -143,16 +210,17 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, rngs: nnx.Rngs):
+        rows = cfg.rows(vocab_size)
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed_vd = nnx.Param(
-            jax.random.normal(rngs.params(), (vocab_size, cfg.d_model), jnp.float32), logical_axes=("vocab", "embed")
+            jax.random.normal(rngs.params(), (rows, cfg.d_model), jnp.float32), logical_axes=("vocab", "embed")
         )
         # Named attributes rather than a list keep checkpoint keys plain strings.
         for i in range(cfg.n_layers):
             setattr(self, f"block_{i}", Block(cfg, rngs))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tied_embeddings:
-            self.unembed_dv = _param(rngs, (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.d_model)
+            self.unembed_dv = _param(rngs, (cfg.d_model, rows), ("embed", "vocab"), cfg.d_model)
 
     def __call__(self, tokens_bt, positions_bt, mask_bts, cache: Cache | None = None, cache_index=0):
         dt = jnp.dtype(self.cfg.compute_dtype)
@@ -166,11 +234,17 @@ class Transformer(nnx.Module):
                 new_cache[name] = layer_cache
         x_btd = self.final_norm(x_btd)
         if self.cfg.tied_embeddings:
-            # Scale so tied logits start O(1) like the untied projection (embedding has unit variance).
-            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed_vd[...].astype(dt)) * self.cfg.d_model**-0.5
+            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed_vd[...].astype(dt))
+            if self.cfg.scale_tied_logits:
+                # Scale so tied logits start O(1) like the untied projection (embedding has unit variance).
+                logits = logits * self.cfg.d_model**-0.5
         else:
             logits = x_btd @ self.unembed_dv[...].astype(dt)
-        return logits.astype(jnp.float32), new_cache
+        logits = logits.astype(jnp.float32)
+        rows = logits.shape[-1]
+        if rows > self.vocab_size:  # padded rows are never sampled
+            logits = jnp.where(jnp.arange(rows) < self.vocab_size, logits, PADDED_LOGIT)
+        return logits, new_cache
 
 
 # ---------------------------------------------------------------------------
