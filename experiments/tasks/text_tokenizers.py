@@ -121,6 +121,10 @@ class HFTokenizer(_SubwordTokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(self._decode_ids(ids), skip_special_tokens=False)
 
+    def get_vocab(self, with_added_tokens: bool = True) -> dict[str, int]:
+        """token -> id, as `tokenizers` gives it (the PoE/ADS vocabulary checks compare these)."""
+        return self._tok.get_vocab(with_added_tokens=with_added_tokens)
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
