@@ -113,3 +113,20 @@ def test_malformed_tokenizer_files_are_refused(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(TokenizerError, match="expected a tokenizer.json or a SentencePiece .model"):
         load_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+def test_hf_role_vocabulary_check_accepts_the_same_tokenizer_json_and_refuses_another(tmp_path):
+    """The protocol's check that a text task's tokenizer is an HF role's tokenizer.json."""
+    from tokenizers import Tokenizer as HF
+
+    from experiments.config import ConfigError
+    from experiments.protocol import check_task_vocabulary
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _train_tokenizer_json(tmp_path / "a" / "tokenizer.json", ["<pad>", "<s>", "</s>"])
+    _train_tokenizer_json(tmp_path / "b" / "tokenizer.json", ["</s>", "<pad>", "<s>"])  # other ids
+    task_tok = load_tokenizer(str(tmp_path / "a" / "tokenizer.json"))
+    check_task_vocabulary(task_tok, HF.from_file(str(tmp_path / "a" / "tokenizer.json")), "teacher")
+    with pytest.raises(ConfigError, match="teacher.hf_dir: its tokenizer.json"):
+        check_task_vocabulary(task_tok, HF.from_file(str(tmp_path / "b" / "tokenizer.json")), "teacher")
