@@ -74,16 +74,49 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
         raise ConfigError(str(e)) from None
 
 
-def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
-    """Build the model abstractly, derive shardings from the rule table, then init each shard in place."""
+def abstract_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int):
+    """(graphdef, abstract params, param shardings) from the rule table, allocating nothing."""
     abstract_model = nnx.eval_shape(lambda: tfm.build(rc.model, vocab_size, seed))
     graphdef, abstract_params = tfm.split_params(abstract_model)
     try:
         shardings = shd.param_shardings(tfm.logical_axes(abstract_model), abstract_params, rules, mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return graphdef, abstract_params, shardings
+
+
+def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
+    """Build the model abstractly, derive shardings from the rule table, then init each shard in place."""
+    graphdef, _, shardings = abstract_role_model(rc, vocab_size, mesh, rules, seed)
     params = shd.create_sharded(lambda: tfm.split_params(tfm.build(rc.model, vocab_size, seed))[1], shardings)
     return RoleModel(rc.model, graphdef, params, shardings)
+
+
+def train_state_shardings(tx, params, param_shardings, mesh: Mesh) -> dict:
+    """Shardings of the train state {params, opt_state, step}; `params` may be abstract."""
+    rep = shd.replicated(mesh)
+    return {"params": param_shardings, "opt_state": opt_state_shardings(tx, params, param_shardings, rep), "step": rep}
+
+
+def make_train_step(graphdef, tx, state_shardings: dict, mesh: Mesh):
+    """The jitted sharded step (state, batch) -> (state, metrics), state donated; Trainer and compile-check share it."""
+    batch_sh = {"tokens_bt": shd.batch_sharding(mesh), "loss_mask_bt": shd.batch_sharding(mesh)}
+
+    def train_step(state, batch):
+        loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
+            graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 class Trainer:
@@ -101,32 +134,13 @@ class Trainer:
         self.tokenizer = tokenizer or build_tokenizer()
         self.model = init_role_model(self.rc, self.tokenizer.vocab_size, mesh, cfg.rules, self.tc.seed)
         self.tx = make_optimizer(self.tc)
-        rep = shd.replicated(mesh)
-        opt_shardings = opt_state_shardings(self.tx, self.model.params, self.model.param_shardings, rep)
-        self.state_shardings = {"params": self.model.param_shardings, "opt_state": opt_shardings, "step": rep}
+        self.state_shardings = train_state_shardings(self.tx, self.model.params, self.model.param_shardings, mesh)
         self.state = {
             "params": self.model.params,
-            "opt_state": jax.jit(self.tx.init, out_shardings=opt_shardings)(self.model.params),
-            "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+            "opt_state": jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.model.params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"]),
         }
-        batch_sh = {"tokens_bt": shd.batch_sharding(mesh), "loss_mask_bt": shd.batch_sharding(mesh)}
-        graphdef, tx = self.model.graphdef, self.tx
-
-        def train_step(state, batch):
-            loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
-                graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
-            )
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-        self.step_fn = jax.jit(
-            train_step,
-            in_shardings=(self.state_shardings, batch_sh),
-            out_shardings=(self.state_shardings, rep),
-            donate_argnums=0,
-        )
+        self.step_fn = make_train_step(self.model.graphdef, self.tx, self.state_shardings, mesh)
         self.role_dir = pathlib.Path(cfg.run_dir) / role
         self.ckpt_dir = self.role_dir / "checkpoints"
 
