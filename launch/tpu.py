@@ -130,7 +130,9 @@ def plan(opts, distgame_args: list[str]) -> list[tuple[str, list[str]]]:
     if action in ("logs", "job"):
         steps.append(("status", gcloud.logs_command(target, job)))
     if action in ("fetch", "job"):
-        dest = opts.to or str(pathlib.PurePosixPath(cfg.run_dir.removeprefix("gs://")).parent)
+        # By default the run directory lands at the same relative path here: runs/NAME (gs://bucket/runs/NAME too).
+        relative = cfg.run_dir.removeprefix("gs://").split("/", 1)[-1] if cfg.run_dir.startswith("gs://") else cfg.run_dir
+        dest = opts.to or str(pathlib.PurePosixPath(relative.rstrip("/")).parent)
         steps += [("do", ["mkdir", "-p", dest]), ("fetch", gcloud.fetch_command(target, cfg.run_dir, dest))]
     if action == "delete" or (action == "job" and opts.delete):
         steps.append(("cleanup", gcloud.delete_command(target)))
