@@ -43,13 +43,19 @@ def topology_devices(slice_: Slice) -> list:
         raise LaunchError(message)
     from jax.experimental import topologies
 
-    desc = topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=slice_.topology,
-        chip_config_name=slice_.chip_config_name,
-        chips_per_host_bounds=slice_.chips_per_host_bounds,
-        num_slices=1,
-    )
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=slice_.topology,
+            chip_config_name=slice_.chip_config_name,
+            chips_per_host_bounds=slice_.chips_per_host_bounds,
+            num_slices=1,
+        )
+    except jax.errors.JaxRuntimeError as e:
+        if "lockfile" not in str(e):
+            raise
+        raise LaunchError("libtpu is in use by another process (/tmp/libtpu_lockfile); wait for it to finish, or, on a "
+                          "machine without TPUs, set ALLOW_MULTIPLE_LIBTPU_LOAD=1") from None
     return list(desc.devices)
 
 
