@@ -5,13 +5,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= default
+# pip extras of the venv; CI adds tpu (libtpu, 213 MB wheel) so compile-check's TPU tests run for real
+EXTRAS ?= test
 
 .PHONY: run test bench clean
 
 $(BIN)/distgame: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 run: $(BIN)/distgame
