@@ -8,7 +8,7 @@ the project to every worker, pip install -e .[tpu]), run (start the distgame
 command after `--` on every worker, detached), logs (stream worker 0's log until
 the job ends; exit with its status), fetch (copy the run directory back),
 delete, and job (all of these in order; with --delete the TPU is deleted at the
-end even if a step failed). --dry-run prints the gcloud commands, one per line,
+end even if a step failed, but not on Ctrl-C). --dry-run prints the gcloud commands, one per line,
 and runs nothing.
 """
 
@@ -157,8 +157,12 @@ def _wait_active(argv: list[str], minutes: float) -> None:
 
 
 def execute(steps, opts) -> int:
-    """Run the steps; the cleanup step runs even if an earlier one failed. Returns the exit status."""
+    """Run the steps; the cleanup step runs even if an earlier one failed. Returns the exit status.
+
+    Ctrl-C is the exception: it stops the launcher (and log streaming) but leaves the TPU and its
+    job running, and says how to delete it."""
     status = 0
+    cleanup = [argv for kind, argv in steps if kind == "cleanup"]
     try:
         for kind, argv in steps:
             if kind == "cleanup":
@@ -180,13 +184,15 @@ def execute(steps, opts) -> int:
     except StepFailed as e:
         print(f"launch: error: {e}", file=sys.stderr)
         status = 1
-    finally:
-        for kind, argv in steps:
-            if kind == "cleanup":
-                print(f"launch: {shlex.join(argv)}", file=sys.stderr)
-                if subprocess.run(argv).returncode:
-                    print(f"launch: error: deleting failed; delete by hand: {shlex.join(argv)}", file=sys.stderr)
-                    status = status or 1
+    except KeyboardInterrupt:
+        hint = f"; delete it with: {shlex.join(cleanup[0])}" if cleanup else ""
+        print(f"launch: interrupted; the TPU and any started job keep running{hint}", file=sys.stderr)
+        return 130
+    for argv in cleanup:
+        print(f"launch: {shlex.join(argv)}", file=sys.stderr)
+        if subprocess.run(argv).returncode:
+            print(f"launch: error: deleting failed; delete by hand: {shlex.join(argv)}", file=sys.stderr)
+            status = status or 1
     return status
 
 

@@ -328,3 +328,20 @@ def test_tpu_config_fits_its_slice_and_its_commands_work(name, capsys):
     assert f"--config {name}" in remote_script(next(line for line in lines if "setsid" in line))
     check_args = _header_command(name, "distgame compile-check")
     assert by_topology(check_args[check_args.index("--topology") + 1]) is slice_
+
+
+def test_ctrl_c_leaves_the_tpu_running_and_says_how_to_delete(fake_tpu, monkeypatch, capfd):
+    import launch.tpu
+
+    real_run = subprocess.run
+
+    def interrupted_at_install(argv, *args, **kwargs):  # the user presses Ctrl-C during the install step
+        if any(a.startswith("--command=") for a in argv):
+            raise KeyboardInterrupt
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(launch.tpu.subprocess, "run", interrupted_at_install)
+    assert main(["job", *V5E, "--accelerator", "v5litepod-8", "--delete", "--", "bench", "--config", "tpu_v5e8"]) == 130
+    verbs = [c[2:4] for c in map(json.loads, (fake_tpu / "calls.jsonl").read_text().splitlines())]
+    assert verbs == [["tpu-vm", "create"], ["tpu-vm", "scp"]]  # no delete
+    assert "delete it with: gcloud compute tpus tpu-vm delete my-run" in capfd.readouterr().err
