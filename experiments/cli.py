@@ -106,13 +106,25 @@ def _compile_check(args, cfg) -> dict:
     return report
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and key=value overrides in any order (argparse alone stops collecting the
+    overrides at the first option after them)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # the launcher has its own parser; everything after `launch` is its
         from launch.tpu import main as launch_main
 
         return launch_main(argv[1:], prog="distgame launch")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # Orbax logs its own tracebacks through absl; we report those failures as one line instead.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:

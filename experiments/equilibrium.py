@@ -198,7 +198,9 @@ class EquilibriumSweep:
     def check(self, points, models, heldout, clean) -> None:
         """Sample PoE(γ*) traces and distil the matching student at every equilibrium."""
         for pt in tqdm(points, desc="empirical check", leave=False, disable=not self.progress):
-            d = DefenseSetting("poe", round(pt["gamma_star"], 2))
+            gamma = round(pt["gamma_star"], 2)
+            # PoE at γ=0 is standard decoding (pinned by a test): share the protocol's stage files.
+            d = DefenseSetting("poe", gamma) if gamma > 0 else DefenseSetting("standard")
             traces = self.protocol.traces(d, models, None)
             kind = "passive" if pt["beta"] == 0 else "adaptive"
             accs = self.protocol.student(d, kind, pt["beta"], models, traces, heldout)

@@ -124,6 +124,12 @@ class SolverConfig:
     )
     teacher_lr: float = _help("teacher (γ) optimizer learning rate (> 0)", 1e-2)
     dual_lr: float = _help("dual (μ) optimizer learning rate (> 0)", 1e-2)
+    lr_decay: float = _help(
+        "teacher and dual step sizes decay as lr / (1 + lr_decay·t) at iteration t (>= 0; "
+        "0 = constant). With stochastic hypergradients (resampled prefixes) a constant step "
+        "leaves γ wandering by about lr·(gradient noise); a Robbins–Monro decay lets it settle",
+        0.0,
+    )
     student_optimizer: str = _help("student optax optimizer: 'adam' or 'sgd'", "adam")
     teacher_optimizer: str = _help(
         "teacher optax optimizer for 'alternating'/'simultaneous': 'sgd' or 'adam'", "sgd"
@@ -213,7 +219,7 @@ class SolverConfig:
                 bad("gamma_init", "must lie in (0, gamma_max) when gamma_param='sigmoid'")
         elif not 0.0 <= self.gamma_init <= self.gamma_max:
             bad("gamma_init", "must lie in [0, gamma_max]")
-        for name in ("delta", "mu_init", "penalty", "tol_gamma", "tol_violation", "tol_grad",
+        for name in ("delta", "mu_init", "penalty", "lr_decay", "tol_gamma", "tol_violation", "tol_grad",
                      "tol_student_grad"):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 bad(name, "must be >= 0")
@@ -235,10 +241,13 @@ class Optimizers(NamedTuple):
     dual: optax.GradientTransformation
 
 
-def make_player_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+def make_player_optimizer(name: str, lr: float, decay: float = 0.0) -> optax.GradientTransformation:
     """The optax transformation for one player: 'sgd', 'adam', 'ogd'
-    (optax.optimistic_gradient_descent) or 'optimistic_adam' (optax.optimistic_adam_v2).
-    Optax minimises; a maximising player feeds it the negated gradient."""
+    (optax.optimistic_gradient_descent) or 'optimistic_adam' (optax.optimistic_adam_v2),
+    with step size lr / (1 + decay·t). Optax minimises; a maximising player feeds it the
+    negated gradient."""
+    if decay:
+        lr = lambda count, lr0=lr: lr0 / (1.0 + decay * count)  # noqa: E731
     if name == "sgd":
         return optax.sgd(lr)
     if name == "adam":
@@ -259,8 +268,8 @@ def make_optimizers(cfg: SolverConfig) -> Optimizers:
         teacher, dual = cfg.teacher_optimizer, cfg.dual_optimizer
     return Optimizers(
         student=make_player_optimizer(cfg.student_optimizer, cfg.student_lr),
-        teacher=make_player_optimizer(teacher, cfg.teacher_lr),
-        dual=make_player_optimizer(dual, cfg.dual_lr),
+        teacher=make_player_optimizer(teacher, cfg.teacher_lr, cfg.lr_decay),
+        dual=make_player_optimizer(dual, cfg.dual_lr, cfg.lr_decay),
     )
 
 

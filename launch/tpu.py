@@ -74,13 +74,13 @@ def build_parser(prog: str = "python -m launch.tpu") -> argparse.ArgumentParser:
 
 def parse_distgame_args(args: list[str]):
     """Validate the distgame command with distgame's own parser and load its config (one-line errors)."""
-    from experiments.cli import build_parser as distgame_parser
+    from experiments.cli import parse_args as parse_distgame
 
     if not args:
         raise LaunchError("give the distgame command after '--', e.g. -- protocol --config tpu_v5e8")
     with contextlib.redirect_stderr(io.StringIO()) as err:
         try:
-            ns = distgame_parser().parse_args(args)
+            ns = parse_distgame(args)
         except SystemExit:
             lines = err.getvalue().strip().splitlines()
             raise LaunchError(f"distgame command {shlex.join(args)!r}: {lines[-1] if lines else 'invalid'}") from None

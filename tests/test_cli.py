@@ -123,3 +123,12 @@ def test_every_builtin_config_loads():
 
     for path in CONFIG_DIR.glob("*.yaml"):
         load_config(path.stem)
+
+
+def test_options_and_overrides_in_any_order():
+    from experiments.cli import parse_args
+
+    args = parse_args(["protocol", "a.b=1", "--no-progress", "c=2", "--config", "ci", "a.b=3"])
+    assert args.overrides == ["a.b=1", "c=2", "a.b=3"] and args.no_progress and args.config == "ci"
+    result = distgame("config", "--config", "ci", "seed=3", "--bogus")
+    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
