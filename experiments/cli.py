@@ -6,6 +6,8 @@
     distgame equilibrium --config default [--json]
     distgame run --config default                        # what `make run` does
     distgame config --config default [key=value ...]     # the resolved, documented config
+    distgame compile-check --config tpu_v5e8 --topology v5e:2x4   # compile for a TPU slice, no TPU needed
+    distgame launch ACTION ...                           # Cloud TPU launcher (python -m launch.tpu)
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     show = sub.add_parser("config", help="print the resolved config with the documentation of every field")
     _common(show)
+    check = sub.add_parser("compile-check", help="compile the sharded train step for a TPU topology (needs .[tpu]) and report memory per device")
+    check.add_argument("--topology", required=True, help="TPU topology (v5e:2x4) or accelerator type (v5litepod-8, v4-32); 'local' = this machine's devices")
+    check.add_argument("--role", choices=ROLES, action="append", help="role(s) to compile (default: all three)")
+    _common(check)
+    sub.add_parser("launch", add_help=False, help="Cloud TPU launcher: create, install, run, logs, fetch, delete, job (distgame launch ACTION --help)")
     return parser
 
 
@@ -100,6 +107,14 @@ def _run(args, cfg) -> dict:
     return main_job(cfg, progress=not args.no_progress)
 
 
+def _compile_check(args, cfg) -> dict:
+    from launch.compile_check import format_report, run_compile_check
+
+    report = run_compile_check(cfg, args.topology, tuple(args.role or ROLES))
+    print(format_report(report))
+    return report
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options and key=value overrides in any order (argparse alone stops collecting the
     overrides at the first option after them)."""
@@ -113,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # the launcher has its own parser; everything after `launch` is its
+        from launch.tpu import main as launch_main
+
+        return launch_main(argv[1:], prog="distgame launch")
     args = parse_args(argv)
     # Orbax logs its own tracebacks through absl; we report those failures as one line instead.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
@@ -123,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Before anything touches a jax backend: join the other processes (if any).
         initialize_distributed(cfg.distributed)
-        command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run}[args.command]
+        command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run,
+                   "compile-check": _compile_check}[args.command]
         with preemption.watch_sigterm():
             summary = command(args, cfg)
     except (*USER_ERRORS, SolverDivergedError) as e:

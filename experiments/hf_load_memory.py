@@ -4,7 +4,7 @@
 
 makes a random bf16 Llama there if the directory is empty (4 layers: 224 MiB, 12: 416 MiB).
 
-Building the random checkpoint needs the `hf-test` extra (torch + transformers); the
+Building the random checkpoint needs the `test` extra (torch + transformers); the
 measurement runs in a fresh process without torch. On CPU the "devices" live in host
 RAM, so the resident-set growth includes the loaded float32 params themselves; the
 loader's own overhead is that growth minus the params' bytes (the peak is reset with

@@ -96,6 +96,33 @@ def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, se
     return model
 
 
+def train_state_shardings(tx, params, param_shardings, mesh: Mesh) -> dict:
+    """Shardings of the train state {params, opt_state, step}; `params` may be abstract."""
+    rep = shd.replicated(mesh)
+    return {"params": param_shardings, "opt_state": opt_state_shardings(tx, params, param_shardings, rep), "step": rep}
+
+
+def make_train_step(graphdef, tx, state_shardings: dict, mesh: Mesh):
+    """The jitted sharded step (state, batch) -> (state, metrics), state donated; Trainer and compile-check share it."""
+    batch_sh = {"tokens_bt": shd.batch_sharding(mesh), "loss_mask_bt": shd.batch_sharding(mesh)}
+
+    def train_step(state, batch):
+        loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
+            graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 class Trainer:
     """Owns one role's train state, its jitted sharded step, and its checkpoints."""
 
@@ -112,32 +139,13 @@ class Trainer:
         self.tokenizer = self.task.tokenizer
         self.model = init_role_model(self.rc, self.tokenizer.vocab_size, mesh, cfg.rules, self.tc.seed)
         self.tx = make_optimizer(self.tc)
-        rep = shd.replicated(mesh)
-        opt_shardings = opt_state_shardings(self.tx, self.model.params, self.model.param_shardings, rep)
-        self.state_shardings = {"params": self.model.param_shardings, "opt_state": opt_shardings, "step": rep}
+        self.state_shardings = train_state_shardings(self.tx, self.model.params, self.model.param_shardings, mesh)
         self.state = {
             "params": self.model.params,
-            "opt_state": jax.jit(self.tx.init, out_shardings=opt_shardings)(self.model.params),
-            "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+            "opt_state": jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.model.params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"]),
         }
-        batch_sh = {"tokens_bt": shd.batch_sharding(mesh), "loss_mask_bt": shd.batch_sharding(mesh)}
-        graphdef, tx = self.model.graphdef, self.tx
-
-        def train_step(state, batch):
-            loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
-                graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
-            )
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-        self.step_fn = jax.jit(
-            train_step,
-            in_shardings=(self.state_shardings, batch_sh),
-            out_shardings=(self.state_shardings, rep),
-            donate_argnums=0,
-        )
+        self.step_fn = make_train_step(self.model.graphdef, self.tx, self.state_shardings, mesh)
         self.role_dir = pathlib.Path(cfg.run_dir) / role
         self.ckpt_dir = self.role_dir / "checkpoints"
 
