@@ -20,7 +20,7 @@ import sys
 
 from experiments import preemption
 from experiments.config import ROLES, ConfigError, describe, load_config
-from experiments.distributed import CoordinatorError, initialize_distributed
+from experiments.distributed import CoordinatorError, initialize_distributed, keep_off_absent_tpu
 from experiments.tasks.registry import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(describe(cfg))
             return 0
-        # Before anything touches a jax backend: join the other processes (if any).
+        # Before anything touches a jax backend: pick the platform, join the other processes (if any).
+        keep_off_absent_tpu()
         initialize_distributed(cfg.distributed)
         command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run,
                    "compile-check": _compile_check}[args.command]

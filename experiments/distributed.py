@@ -90,6 +90,24 @@ def on_cloud_tpu_vm(env=os.environ) -> bool:
         return os.path.exists("/dev/accel0")
 
 
+def keep_off_absent_tpu(env=os.environ) -> bool:
+    """With libtpu installed (the `test` extra) on a machine without TPU chips, JAX would try
+    the TPU first and print libtpu's initialisation warnings on every command: use the CPU
+    instead, unless the user chose platforms (JAX_PLATFORMS) or a GPU plugin is installed.
+    compile-check still finds the TPU compiler (topologies do not need the TPU backend).
+    Returns whether it switched."""
+    import importlib.util
+
+    if "JAX_PLATFORMS" in env or importlib.util.find_spec("libtpu") is None or on_cloud_tpu_vm(env):
+        return False
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")):
+        return False
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def resolve(dc: DistributedConfig, env=os.environ, tpu: bool | None = None) -> Resolved:
     """Merge config and environment (environment wins) and check them."""
     if dc.mode == "off":

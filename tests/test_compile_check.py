@@ -87,3 +87,22 @@ def test_tpu_compile_without_tpu(topology, hosts, kind):
     (teacher,) = report["roles"]
     assert 0 < teacher["peak_bytes_estimate"] < report["hbm_bytes_per_device"]
     assert np.isclose(teacher["xla_flops_per_device"], teacher["model_flops_per_device"], rtol=0.5)
+
+
+@needs_libtpu
+def test_cli_keeps_off_an_absent_tpu_so_libtpu_stays_quiet():
+    """With libtpu installed and no TPU, every distgame command uses the CPU without libtpu's warnings."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = ("from experiments.distributed import keep_off_absent_tpu as k; switched = k(); import jax; "
+            "print(switched, jax.devices()[0].platform)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "cpu"]
+    assert "TPU_ACCELERATOR_TYPE" not in out.stderr
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "cpu"]  # the user's choice wins
