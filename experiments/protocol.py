@@ -306,9 +306,10 @@ def distil(
     opt_state = jax.vmap(distill_optimizer(dc).init)(trained)
     # vmap's init leaves the step counters off the params' mesh; the step returns them on it. Place them there
     # up front so the first and later calls share one compiled step (otherwise the step compiles twice).
-    mesh = jax.tree.leaves(base.params)[0].sharding.mesh
-    on_mesh = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-    opt_state = jax.tree.map(on_mesh, opt_state)
+    mesh = getattr(jax.tree.leaves(base.params)[0].sharding, "mesh", None)
+    if mesh is not None:
+        on_mesh = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        opt_state = jax.tree.map(on_mesh, opt_state)
     n = traces["tokens_bt"].shape[1]
     n_h = heldout["tokens_bt"].shape[0]
     rngs = [np.random.default_rng([s, 17]) for s in range(seeds)]
