@@ -489,8 +489,25 @@ class Protocol:
         }
         if self.cfg.task.is_text:
             results["task"] = self.cfg.task.name
+        add_paired_deltas(rows)
         write_results(self.dir.parent, results)
         return results
+
+
+def add_paired_deltas(rows: list[dict]) -> None:
+    """Each row's per-seed change vs the standard row, mean ± SE over seeds (`row["paired_delta"]`).
+
+    Seed s of every defense distils the same student base with the same data order (and the
+    teacher samples with the same keys), so the per-seed difference cancels the spread between
+    seeds that the unpaired ± of each cell carries. Needs a standard row and >= 2 seeds."""
+    base = next((r for r in rows if r["defense"] == "standard"), None)
+    if base is None or len(base["teacher_accuracy"]["values"]) < 2:
+        return
+    for r in rows:
+        deltas = {"teacher": np.subtract(r["teacher_accuracy"]["values"], base["teacher_accuracy"]["values"])}
+        if "passive" in r["students"] and "passive" in base["students"]:
+            deltas["passive"] = np.subtract(r["students"]["passive"]["values"], base["students"]["passive"]["values"])
+        r["paired_delta"] = {k: mean_stderr(v) for k, v in deltas.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -498,11 +515,13 @@ class Protocol:
 # ---------------------------------------------------------------------------
 
 
-def pm(stat: dict | None) -> str:
+def pm(stat: dict | None, signed: bool = False) -> str:
+    """A fraction as percent (points when `signed`) ± its standard error."""
     if not stat:
         return "–"
     se = stat["stderr"]
-    return f"{100 * stat['mean']:.1f}" + ("" if not np.isfinite(se) else f" ± {100 * se:.1f}")
+    mean = f"{100 * stat['mean']:+.1f}" if signed else f"{100 * stat['mean']:.1f}"
+    return mean + ("" if not np.isfinite(se) else f" ± {100 * se:.1f}")
 
 
 def results_markdown(results: dict) -> str:
@@ -510,7 +529,9 @@ def results_markdown(results: dict) -> str:
     kinds = []
     for r in rows:
         kinds += [k for k in r["students"] if k not in kinds]
-    head = ["defense", "teacher acc (%)"] + [f"{k} (%)" for k in kinds] + [
+    paired = any("paired_delta" in r for r in rows)
+    head = ["defense", "teacher acc (%)"] + [f"{k} (%)" for k in kinds] + (
+        ["Δ teacher, paired (pts)", "Δ passive, paired (pts)"] if paired else []) + [
         "rel. gain", "fwd passes/token", "FLOPs ratio", "wall-clock ratio", "trace len", "degenerate (%)"]
     lines = [
         "# Results: passive vs adaptive students under antidistillation defenses",
@@ -518,7 +539,9 @@ def results_markdown(results: dict) -> str:
         f"Config `{results['config']}`; {results['seeds']} seed(s), mean ± standard error over seeds; "
         f"{results['n_test']} test problems; {results['n_traces']} training traces per seed sampled at "
         f"τ={results['temperature']:g}. Accuracies are exact final answers; the teacher is decoded with the "
-        "same defended sampler as the traces, students greedily. Relative gain = (adaptive − passive) / passive.",
+        "same defended sampler as the traces, students greedily. Relative gain = (adaptive − passive) / passive."
+        + (" Δ paired = per-seed change vs standard (seed s of every defense shares the student's data order "
+           "and the sampling keys), mean ± SE over seeds." if paired else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -526,7 +549,9 @@ def results_markdown(results: dict) -> str:
     for r in rows:
         c = r["cost"]
         gain = r.get("relative_gain")
-        cells = [r["label"], pm(r["teacher_accuracy"])] + [pm(r["students"].get(k)) for k in kinds] + [
+        delta = r.get("paired_delta", {})
+        cells = [r["label"], pm(r["teacher_accuracy"])] + [pm(r["students"].get(k)) for k in kinds] + (
+            [pm(delta.get("teacher"), signed=True), pm(delta.get("passive"), signed=True)] if paired else []) + [
             "–" if gain is None or not np.isfinite(gain) else f"{100 * gain:+.0f}%",
             str(c["forward_passes_per_token"]),
             f"{c['flops_ratio']:.2f}×",

@@ -3,6 +3,8 @@
 import csv
 import math
 
+import numpy as np
+
 import matplotlib.image as mpimg
 import pytest
 
@@ -209,3 +211,29 @@ def test_equilibrium_nan_and_missing(tmp_path):
     _check_outputs(plot_equilibrium({}, tmp_path / "empty"), EQ_STEMS)
     _, rows = _read_csv(tmp_path / "empty" / "gap.csv")
     assert rows == []
+
+
+def test_paired_deltas_cancel_the_seed_spread():
+    """Δ vs standard is taken seed by seed: a defense that costs every seed exactly 3 points has
+    Δ = -3.0 ± 0.0 although each row's own ± (spread over seeds) is large."""
+    from experiments.protocol import add_paired_deltas, mean_stderr, results_markdown
+
+    def row(label, defense, teacher, passive):
+        return {"label": label, "defense": defense, "teacher_accuracy": mean_stderr(teacher),
+                "students": {"passive": mean_stderr(passive)}, "relative_gain": None,
+                "cost": {"forward_passes_per_token": 1, "flops_ratio": 1.0, "wallclock_ratio": 1.0},
+                "mean_trace_length": 30.0, "degeneracy_rate": 0.0}
+
+    rows = [row("standard", "standard", [0.99, 0.98, 1.0], [0.30, 0.40, 0.50]),
+            row("poe γ=0.5", "poe_x", [0.95, 0.93, 0.96], [0.27, 0.37, 0.47])]
+    add_paired_deltas(rows)
+    d = rows[1]["paired_delta"]
+    assert np.isclose(d["passive"]["mean"], -0.03) and np.isclose(d["passive"]["stderr"], 0.0, atol=1e-12)
+    assert np.isclose(d["teacher"]["mean"], -0.01 * (4 + 5 + 4) / 3)
+    assert rows[1]["students"]["passive"]["stderr"] > 0.05  # the unpaired spread
+    md = results_markdown({"config": "t", "seeds": 3, "n_test": 8, "n_traces": 8, "temperature": 1.0,
+                           "rows": rows, "seconds": 1.0})
+    assert "Δ passive, paired (pts)" in md and "| -3.0 ± 0.0 |" in md
+    single = [row("standard", "standard", [0.99], [0.3])]
+    add_paired_deltas(single)  # one seed: nothing to pair
+    assert "paired_delta" not in single[0]
