@@ -11,11 +11,11 @@ from jax.sharding import Mesh
 
 from experiments.tasks.arithmetic import Problem, encode_prompts, is_correct
 from experiments.tasks.tokenizer import Tokenizer
+from models.sampling import Combiner, ExpertSpec, Single, generate
+from models.sharding import batch_divisor, batch_sharding, put_global, to_host
 
 Checker = Callable[[str, Any], bool]
 """``is_correct(generated_text, reference_answer)`` of a task (arithmetic's by default)."""
-from models.sampling import Combiner, ExpertSpec, Single, generate
-from models.sharding import batch_divisor, batch_sharding, put_global, to_host
 
 
 @dataclasses.dataclass
