@@ -88,7 +88,8 @@ def _protocol(args, cfg) -> dict:
     from experiments.protocol import Protocol
 
     results = Protocol(cfg, progress=not args.no_progress, seeds=args.seeds).run()
-    print((pathlib.Path(cfg.run_dir) / "RESULTS.md").read_text())
+    if _is_main():
+        print((pathlib.Path(cfg.run_dir) / "RESULTS.md").read_text())
     return {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"])}
 
 
@@ -96,7 +97,8 @@ def _equilibrium(args, cfg) -> dict:
     from experiments.equilibrium import EquilibriumSweep
 
     eq = EquilibriumSweep(cfg, progress=not args.no_progress).run()
-    print((pathlib.Path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md").read_text())
+    if _is_main():
+        print((pathlib.Path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md").read_text())
     return {"equilibrium": str(pathlib.Path(cfg.run_dir) / "equilibrium" / "equilibrium.json"), "seconds": eq["seconds"],
             "plots": eq["plots"], "converged": all(p["converged"] for p in eq["points"])}
 

@@ -9,6 +9,11 @@ fingerprint of the settings it depends on, so a killed run restarts where it sto
   4. per defense setting and student kind: distil the student base, all seeds
      vectorised with `vmap`, then evaluate each student greedily on the test prompts;
   5. results.json, RESULTS.md and the teacher-vs-student plot.
+
+With several processes every process computes every stage (decoded arrays are gathered to
+each host) and writes the stage files to its run_dir (same content, unique temporary
+names), so each host can resume from its own disk; process 0 alone writes and prints the
+results, the plot and the progress bars.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
+from experiments.distributed import is_main_process
 from experiments.plots import plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
@@ -101,7 +107,8 @@ def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -
         ckpt_dir = pathlib.Path(cfg.run_dir) / role / "checkpoints"
         if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             summary = Trainer(cfg, role, mesh, task=task).fit(progress=progress)
-            print(f"trained {role}: test accuracy {summary['test_accuracy']:.3f} in {summary['seconds']:.0f}s")
+            if is_main_process():
+                print(f"trained {role}: test accuracy {summary['test_accuracy']:.3f} in {summary['seconds']:.0f}s")
         models[role] = load_role_params(cfg, role, mesh, tokenizer.vocab_size)
     if "teacher" in hf_tokenizers and "proxy" in hf_tokenizers:
         hf_loader.check_shared_vocabulary(hf_tokenizers["teacher"], hf_tokenizers["proxy"])
@@ -335,7 +342,7 @@ def distil(
 
 class Protocol:
     def __init__(self, cfg: Config, progress: bool = True, seeds: int | None = None):
-        self.cfg, self.pc, self.progress = cfg, cfg.protocol, progress
+        self.cfg, self.pc, self.progress = cfg, cfg.protocol, progress and is_main_process()
         self.seeds = seeds or self.pc.seeds
         self.dir = pathlib.Path(cfg.run_dir) / "protocol"
         self.task = build_task(cfg.task)
@@ -490,7 +497,8 @@ class Protocol:
         if self.cfg.task.is_text:
             results["task"] = self.cfg.task.name
         add_paired_deltas(rows)
-        write_results(self.dir.parent, results)
+        if is_main_process():  # every process holds the same results; one writes them
+            write_results(self.dir.parent, results)
         return results
 
 

@@ -8,6 +8,7 @@ import pathlib
 import time
 
 from experiments.config import Config
+from experiments.distributed import is_main_process
 from experiments.equilibrium import EquilibriumSweep, equilibrium_markdown
 from experiments.protocol import Protocol, atomic_write, ensure_models, results_markdown
 from experiments.train import make_mesh
@@ -26,8 +27,10 @@ def main_job(cfg: Config, progress: bool = True) -> dict:
         eq = EquilibriumSweep(cfg, progress=progress).run()
         text += "\n" + equilibrium_markdown(eq)
         summary.update(equilibrium_seconds=eq["seconds"], plots=eq["plots"])
-    atomic_write(run_dir / "RESULTS.md", lambda tmp: pathlib.Path(tmp).write_text(text))
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    if not is_main_process():  # every process holds the same results; process 0 writes and reports them
+        return summary
+    atomic_write(run_dir / "RESULTS.md", lambda tmp: pathlib.Path(tmp).write_text(text))
     print(text)
     print(f"Run directory: {summary['run_dir']}")
     print(f"  RESULTS.md            the results table{' and the equilibrium table' if cfg.run.equilibrium else ''}")

@@ -129,3 +129,32 @@ def test_resolution_order():
     assert resolve(DistributedConfig(), env={}, tpu=False).kind == "single"
     assert resolve(DistributedConfig(), env={}, tpu=True).kind == "tpu"
     assert resolve(DistributedConfig(mode="off"), env=env, tpu=True).kind == "single"
+
+
+def test_protocol_on_two_processes_writes_results_once(tmp_path):
+    """`distgame protocol` joined over 2 processes: every process computes every stage; process 0
+    alone prints and writes the results (the stage files are written by both, atomically)."""
+    port = free_port()
+    overrides = ["protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]", "protocol.distill.attacks=[]",
+                 "protocol.distill.betas=[1.0]", "protocol.distill.steps=5", "protocol.seeds=2",
+                 "distributed.initialization_timeout=60"]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", "protocol", "--config", "ci", "--no-progress", f"run_dir={tmp_path}", *overrides],
+        env=_env(4, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2", DISTGAME_PROCESS_ID=str(i)),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert "# Results" in outs[0] and "# Results" not in outs[1]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["label"] for r in results["rows"]] == ["standard", "poe γ=0.5"]
+    assert all(r["mean_trace_length"] > 0 and len(r["students"]["passive"]["values"]) == 2 for r in results["rows"])
+    assert (tmp_path / "RESULTS.md").exists() and not list(tmp_path.rglob("*.tmp"))
