@@ -20,7 +20,7 @@ import sys
 
 from experiments import preemption
 from experiments.config import ROLES, ConfigError, describe, load_config
-from experiments.distributed import CoordinatorError, initialize_distributed, keep_off_absent_tpu
+from experiments.distributed import CoordinatorError, initialize_distributed, is_main_process, keep_off_absent_tpu
 from experiments.tasks.registry import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
@@ -70,7 +70,7 @@ def _train(args, cfg) -> dict:
                           f"set {args.role}.hf_dir='' to train it from scratch")
     trainer = Trainer(cfg, args.role, make_mesh(cfg))
     summary = trainer.fit(progress=not args.no_progress)
-    if _is_main():
+    if is_main_process():
         print(f"{args.role}: test accuracy {summary['test_accuracy']:.3f} on {summary['n_test']} problems "
               f"after {summary['steps']} steps in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
     return summary
@@ -88,7 +88,7 @@ def _protocol(args, cfg) -> dict:
     from experiments.protocol import Protocol
 
     results = Protocol(cfg, progress=not args.no_progress, seeds=args.seeds).run()
-    if _is_main():
+    if is_main_process():
         print((pathlib.Path(cfg.run_dir) / "RESULTS.md").read_text())
     return {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"])}
 
@@ -97,7 +97,7 @@ def _equilibrium(args, cfg) -> dict:
     from experiments.equilibrium import EquilibriumSweep
 
     eq = EquilibriumSweep(cfg, progress=not args.no_progress).run()
-    if _is_main():
+    if is_main_process():
         print((pathlib.Path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md").read_text())
     return {"equilibrium": str(pathlib.Path(cfg.run_dir) / "equilibrium" / "equilibrium.json"), "seconds": eq["seconds"],
             "plots": eq["plots"], "converged": all(p["converged"] for p in eq["points"])}
@@ -159,15 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"distgame {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    if args.json and _is_main():
+    if args.json and is_main_process():
         print(json.dumps(summary))
     return 0
-
-
-def _is_main() -> bool:
-    from experiments.distributed import is_main_process
-
-    return is_main_process()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from experiments.distributed import DistributedConfig
+from experiments.fields import documented as _help
 from experiments.tasks.registry import TaskConfig
 from game.solver import SolverConfig
 from models.lora import LoraConfig
@@ -28,12 +29,6 @@ ROLES = ("teacher", "proxy", "student")
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the CLI prints it as one line."""
-
-
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"help": text})
-    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,8 @@ import socket
 import sys
 import time
 
+from experiments.fields import documented as _help
+
 ENV_COORDINATOR = "DISTGAME_COORDINATOR"
 ENV_NUM_PROCESSES = "DISTGAME_NUM_PROCESSES"
 ENV_PROCESS_ID = "DISTGAME_PROCESS_ID"
@@ -27,10 +29,6 @@ CPU_COLLECTIVES = ("gloo", "mpi", "none")
 
 class CoordinatorError(RuntimeError):
     """The coordinator could not be reached, or the settings are inconsistent (the CLI exits 2)."""
-
-
-def _help(text, default):
-    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass(frozen=True)

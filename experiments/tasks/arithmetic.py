@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from experiments.fields import documented as _help
+
 if TYPE_CHECKING:
     from experiments.tasks.tokenizer import Tokenizer
 
@@ -95,10 +97,6 @@ def vocabulary_words() -> tuple[str, ...]:
 
 
 # --- config -----------------------------------------------------------------
-
-
-def _help(text: str, default):
-    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from experiments.fields import documented as _help
 from experiments.tasks import arithmetic as ar
 from experiments.tasks.batches import ArrayRows, LazyRows, RowSource
 
@@ -36,10 +37,6 @@ CHECKERS = ("gsm8k", "math", "exact")
 
 class TaskError(ValueError):
     """A task setting that cannot be used (unknown dataset, missing data directory, ...); one line for the user."""
-
-
-def _help(text: str, default):
-    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclasses.dataclass(frozen=True)
