@@ -46,8 +46,7 @@ from game import defenses as dfn
 from game import students as stu
 from models import hf_loader, lora
 from models import transformer as tfm
-from models.checkpoint import CheckpointError
-from models.sampling import ExpertSpec, Single, generate
+from models.sampling import ExpertSpec, generate
 
 # ---------------------------------------------------------------------------
 # Atomic stage outputs

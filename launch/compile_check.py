@@ -15,7 +15,6 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.config import ROLES, Config
 from experiments.tasks.arithmetic import encode_problems, make_split
