@@ -90,7 +90,8 @@ def _protocol(args, cfg) -> dict:
     results = Protocol(cfg, progress=not args.no_progress, seeds=args.seeds).run()
     if is_main_process():
         print((pathlib.Path(cfg.run_dir) / "RESULTS.md").read_text())
-    return {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"])}
+    return {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"]),
+            **results["headline"]}
 
 
 def _equilibrium(args, cfg) -> dict:

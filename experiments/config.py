@@ -17,6 +17,7 @@ import yaml
 
 from experiments.distributed import DistributedConfig
 from experiments.fields import documented as _help
+from experiments.tasks.reasoning import STYLES
 from experiments.tasks.registry import TaskConfig
 from game.solver import SolverConfig
 from models.lora import LoraConfig
@@ -47,6 +48,11 @@ class TrainConfig:
         "'easy' (solutions of problems with 1..easy_max_steps steps), or 'prompts' (problem text only)",
         "solutions",
     )
+    style: str = _help(
+        "reasoning task only: the mix of solution texts the role learns: 'mixed' (every variant), 'terse' (fused "
+        "add/subtract chains, no checks: the proxy's habits) or 'canonical' (one text); see experiments/tasks/reasoning.py",
+        "mixed",
+    )
     n_examples: int = _help("size of the role's training set (0 = task.n_train)", 0)
     log_every: int = _help("steps between loss records in metrics.jsonl (the last step is always logged)", 25)
     eval_every: int = _help("steps between test-accuracy evaluations (0 = only at the end)", 0)
@@ -70,6 +76,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.lr={self.lr} must be > 0")
         if self.data not in ("solutions", "easy", "prompts"):
             raise ConfigError(f"{where}.data={self.data!r} must be one of 'solutions', 'easy', 'prompts'")
+        if self.style not in STYLES:
+            raise ConfigError(f"{where}.style={self.style!r} must be one of {', '.join(map(repr, STYLES))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +184,16 @@ class DistillConfig:
     attacks: tuple[str, ...] = _help(f"extra attacks: any of {', '.join(ATTACKS)}", ("soft_topk", "poe_inversion"))
     attack_defenses: tuple[str, ...] = _help("defense names the extra attacks are run against (poe_inversion only ever runs against poe)", ("poe",))
     inversion_gamma_error: float = _help("poe_inversion: the attacker's estimate of gamma is the true gamma plus this", 0.0)
+    schedule: str = _help(
+        "learning rate after warmup: 'constant' (then the first N steps of a longer run are exactly an N-step run, so one "
+        "run gives the whole learning curve) or 'cosine' (decays to lr/10 at `steps`)", "constant")
+    curve: tuple[float, ...] = _help(
+        "learning curve of the passive student under standard decoding: accuracy after these multiples of `steps` "
+        "(one run to the largest; must include 1 and needs schedule='constant'); the plateau check is acc(2x) - acc(1x). "
+        "[] = off", (0.25, 0.5, 1.0, 2.0))
+    correct_pool: int = _help(
+        "learnability control: a passive student per defense trained only on that defense's correct traces, exactly "
+        "this many per seed (the same count for every defense, so only which correct texts differ); 0 = off", 0)
     finetune: str = _help("what the student trains: 'full' (every weight) or 'lora' (low-rank adapters, protocol.distill.lora)", "full")
     lora: LoraConfig = _help("LoRA adapters when finetune='lora' (models/lora.py)", factory=LoraConfig)
 
@@ -228,6 +246,15 @@ class ProtocolConfig:
             raise ConfigError(str(e)) from None
         if dc.max_weight < 1:
             raise ConfigError(f"protocol.distill.max_weight={dc.max_weight} must be >= 1")
+        if dc.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"protocol.distill.schedule={dc.schedule!r} must be 'constant' or 'cosine'")
+        if dc.curve and (1.0 not in dc.curve or min(dc.curve) <= 0):
+            raise ConfigError(f"protocol.distill.curve={list(dc.curve)} must be positive multiples of steps including 1")
+        if dc.curve and dc.schedule != "constant":
+            raise ConfigError("protocol.distill.curve needs protocol.distill.schedule='constant' (with 'cosine' the first N "
+                              "steps of a longer run are not an N-step run); set protocol.distill.curve=[] or the schedule")
+        if dc.correct_pool < 0 or dc.correct_pool > self.n_traces:
+            raise ConfigError(f"protocol.distill.correct_pool={dc.correct_pool} must be in [0, protocol.n_traces={self.n_traces}]")
         for name in ("steps", "batch_size", "heldout_batch"):
             if getattr(dc, name) < 1:
                 raise ConfigError(f"protocol.distill.{name}={getattr(dc, name)} must be >= 1")
@@ -332,7 +359,11 @@ class Config:
             raise ConfigError(f"easy_max_steps={self.easy_max_steps} must be >= 1")
         for role in ROLES if self.task.is_text else ():
             if self.role(role).train.data == "easy":
-                raise ConfigError(f"{role}.train.data='easy' needs the arithmetic task; task.name={self.task.name!r} has no step counts")
+                raise ConfigError(f"{role}.train.data='easy' needs a built-in task; task.name={self.task.name!r} has no step counts")
+        for role in ROLES if self.task.name != "reasoning" else ():
+            if self.role(role).train.style != "mixed":
+                raise ConfigError(f"{role}.train.style={self.role(role).train.style!r} needs task.name='reasoning' "
+                                  f"(task.name={self.task.name!r} has one text per problem)")
         self.sample.validate()
         self.protocol.validate()
         self.equilibrium.validate()

@@ -572,3 +572,29 @@ def plot_equilibrium(eq: Mapping, out_dir) -> list[pathlib.Path]:
     paths += _plot_gap(pts, betas, styles, out_dir)
     paths += _plot_trajectories(eq, styles, out_dir)
     return paths
+
+
+def plot_learning_curve(results: Mapping, out_dir) -> list[pathlib.Path]:
+    """Passive student accuracy (%) vs distillation steps under standard decoding (one run, evaluated
+    at each step count of ``protocol.distill.curve``), mean ± stderr over seeds, with the table's step
+    count marked. Writes ``learning_curve.{png,csv}``; nothing when no row has a learning curve."""
+    row = next((r for r in results.get("rows") or [] if r.get("learning_curve")), None)
+    if row is None:
+        return []
+    png, csv_path = _paths(out_dir, "learning_curve")
+    points = sorted((int(n), *_stat(s)) for n, s in row["learning_curve"].items())
+    _write_csv(csv_path, ["steps", "passive_mean", "passive_stderr"], points)
+    fig, (ax,) = _new_figure((6.5, 4.5))
+    steps, means, ses = zip(*points)
+    ax.errorbar(steps, [_pct(m) for m in means], yerr=_err([_pct(s) for s in ses]), fmt="o-", color=PASSIVE_COLOR,
+                ms=6, capsize=3, label=f"passive student on {row.get('label', 'standard')} traces")
+    if results.get("distill_steps"):
+        ax.axvline(results["distill_steps"], color="0.5", ls="--", lw=1, label="steps in the results table")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("distillation steps")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title("Is the student trained to a plateau?\n(mean ± stderr over seeds)")
+    ax.legend(loc="lower right", framealpha=0.9)
+    _save(fig, png)
+    return [png, csv_path]

@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
-from experiments.plots import plot_protocol
+from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
+from experiments.tasks.reasoning import text_features
 from experiments.tasks.registry import Task, build_task
 from experiments.train import RoleModel, Trainer, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
@@ -213,6 +214,32 @@ def assemble(prompts_bp, lens_b, decoded: Decoded, max_len: int, pad_id: int) ->
     return {"tokens_bt": tokens, "loss_mask_bt": mask, "topk_ids_btk": top_ids, "topk_logprob_btk": top_lp}
 
 
+def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: float = 0.9) -> dict:
+    """Mean entropy (nats) of softmax(logits) over the masked positions, and the share of them whose top
+    probability is below `top_below`."""
+    logp = jax.nn.log_softmax(jnp.asarray(logits_btv, jnp.float32), axis=-1)
+    ent_bt = -(jnp.exp(logp) * logp).sum(-1)
+    top_bt = jnp.exp(logp.max(-1))
+    m = jnp.asarray(mask_bt, jnp.float32)
+    return {"entropy_nats": float((ent_bt * m).sum() / m.sum()),
+            f"share_top_below_{top_below:g}": float(((top_bt < top_below) * m).sum() / m.sum()),
+            "positions": int(m.sum())}
+
+
+def correct_pool(train: dict[str, np.ndarray], correct_sb: np.ndarray, pool: int, label: str) -> tuple[dict, int]:
+    """The first `pool` correct traces of each seed (arrays [seeds, n, ...] -> [seeds, pool, ...]).
+
+    Every defense's control student then trains on the same number of traces, so a gap between
+    defenses is about which correct texts they contain, not how many."""
+    have = correct_sb.sum(-1)
+    if have.min() < pool:
+        raise ConfigError(f"protocol.distill.correct_pool={pool}: {label} has only {int(have.min())} correct traces in a "
+                          f"seed (of {correct_sb.shape[-1]}); lower correct_pool or raise protocol.n_traces")
+    idx_sp = np.stack([np.flatnonzero(c)[:pool] for c in correct_sb])
+    take = lambda v: np.take_along_axis(v, idx_sp.reshape(idx_sp.shape + (1,) * (v.ndim - 2)), axis=1)
+    return {k: take(v) for k, v in train.items()}, pool
+
+
 # ---------------------------------------------------------------------------
 # Distillation, vectorised over seeds
 # ---------------------------------------------------------------------------
@@ -225,7 +252,10 @@ def _student_logp(graphdef, params, tokens_bt):
 
 def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
     warmup = min(dc.warmup_steps, dc.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
+    if dc.schedule == "constant":
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, dc.lr, warmup), optax.constant_schedule(dc.lr)], [warmup])
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
     return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
 
 
@@ -293,9 +323,11 @@ def distil(
     tau: float = 1.0,
     progress: bool = True,
     desc: str = "",
+    snapshots: tuple[int, ...] = (),
 ):
     """Train `seeds` copies of the student base at once; traces have a leading seed axis.
-    Returns the students' full params (LoRA adapters merged) with a leading seed axis."""
+    Returns the students' full params (LoRA adapters merged) with a leading seed axis; with
+    `snapshots` (step counts), a list of them, one per snapshot, training to the largest."""
     step = make_distill_step(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau)
     proxy_params = proxy.params if proxy else None
     if dc.finetune == "lora":
@@ -319,19 +351,22 @@ def distil(
     n = traces["tokens_bt"].shape[1]
     n_h = heldout["tokens_bt"].shape[0]
     rngs = [np.random.default_rng([s, 17]) for s in range(seeds)]
-    bar = tqdm(range(dc.steps), desc=desc, leave=False, disable=not progress)
-    for _ in bar:
+    total = max(snapshots) if snapshots else dc.steps
+    merged = (lambda tp: jax.vmap(lambda t: lora.merge(base.params, t, dc.lora))(tp)) if dc.finetune == "lora" else (lambda tp: tp)
+    kept = {}
+    bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
+    for i in bar:
         idx = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
         batch = {k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()}
         h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
         held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
         trained, opt_state, loss = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
+        if i + 1 in snapshots:  # a copy: the next step donates `trained`
+            kept[i + 1] = jax.tree.map(jnp.copy, merged(trained))
     loss = np.asarray(loss)
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
-    if dc.finetune == "lora":
-        return jax.vmap(lambda tp: lora.merge(base.params, tp, dc.lora))(trained)
-    return trained
+    return [kept[n] for n in snapshots] if snapshots else merged(trained)
 
 
 # ---------------------------------------------------------------------------
@@ -374,6 +409,15 @@ class Protocol:
         save_npz(path, **arrays)
         return arrays
 
+    def teacher_entropy(self, models, traces: dict[str, np.ndarray], n: int = 512) -> dict:
+        """The world's entropy: the teacher's next-token distribution at τ=1 on its own (standard-decoded) traces,
+        over the first `n` traces of seed 0. Mean entropy (nats) and the share of positions whose top probability
+        is below 0.9."""
+        t = models["teacher"]
+        tokens, mask = traces["tokens_bt"][0, :n], traces["loss_mask_bt"][0, :n, :-1]
+        logits_btv, _ = jax.jit(lambda p, x: tfm.forward(t.graphdef, p, x))(t.params, tokens[:, :-1])
+        return token_entropy_stats(np.asarray(logits_btv, np.float32), mask)
+
     def proxy_gradient(self, models, heldout):
         proxy = models["proxy"]
         return jax.jit(jax.grad(lambda p: masked_nll(proxy.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"])))(proxy.params)
@@ -393,9 +437,14 @@ class Protocol:
         correct = correct_mask(test_problems * self.seeds, test.texts(self.tokenizer), self.task.is_correct).reshape(self.seeds, -1)
         lens = dec.lengths_b.reshape(self.seeds, -1)
         keep = np.asarray(stu.degenerate_mask(dec.tokens_bn, dec.lengths_b)).reshape(self.seeds, -1)
-        train_correct = correct_mask(train_problems * self.seeds, dec.texts(self.tokenizer), self.task.is_correct).reshape(self.seeds, -1)
+        texts = dec.texts(self.tokenizer)
+        train_correct = correct_mask(train_problems * self.seeds, texts, self.task.is_correct).reshape(self.seeds, -1)
         out = {k: v.reshape((self.seeds, -1) + v.shape[1:]) for k, v in arrays.items()}
         out.update(teacher_correct=correct, trace_lengths=lens, keep=keep, trace_correct=train_correct)
+        if self.cfg.task.name == "reasoning":  # what the texts are made of (valid reasoning, checks, fused lines)
+            feats = [text_features(t) for t in texts]
+            for name in feats[0]:
+                out[f"trace_{name}"] = np.array([f[name] for f in feats], np.float32).reshape(self.seeds, -1)
         save_npz(path, **out)
         return out
 
@@ -415,19 +464,36 @@ class Protocol:
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
-    def student(self, d: DefenseSetting, kind: str, beta: float, models, traces, heldout) -> list[float]:
+    def student(self, d: DefenseSetting, kind: str, beta: float, models, traces, heldout) -> dict:
+        """Distil `kind` on this defense's traces; {"accuracy": per seed} (+ "curve" for the standard passive student:
+        step count -> per-seed accuracy along one run, see protocol.distill.curve; + "pool" for correct_only)."""
         dc = self.pc.distill
-        path = self.dir / f"student-{d.key}-{kind}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dataclasses.replace(dc, betas=(), attacks=(), attack_defenses=()), s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
+        with_curve = kind == "passive" and d.name == "standard" and bool(dc.curve)
+        path = self.dir / f"student-{d.key}-{kind}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dataclasses.replace(dc, betas=(), attacks=(), attack_defenses=(), curve=dc.curve if with_curve else (), correct_pool=dc.correct_pool if kind == 'correct_only' else 0), s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
         if path.exists():
-            return json.loads(path.read_text())["accuracy"]
+            return json.loads(path.read_text())
         train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
         if dc.degeneracy_filter:
             train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
+        out = {"defense": d.label, "kind": kind, "beta": beta}
+        if kind == "correct_only":
+            train, out["pool"] = correct_pool(train, traces["trace_correct"] & traces["keep"], dc.correct_pool, d.label)
         gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
+        snapshots = tuple(sorted({max(1, round(f * dc.steps)) for f in dc.curve})) if with_curve else ()
         params = distil(
-            models["student"], train, heldout, dc, kind, beta, self.seeds, models["proxy"], gamma,
-            self.pc.temperature, self.progress, desc=f"distil {kind} on {d.label}",
+            models["student"], train, heldout, dc, "passive" if kind == "correct_only" else kind, beta, self.seeds,
+            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distil {kind} on {d.label}", snapshots=snapshots,
         )
+        if with_curve:
+            out["curve"] = {str(n): self.student_accuracy(models, p) for n, p in zip(snapshots, params)}
+            out["accuracy"] = out["curve"][str(dc.steps)]
+        else:
+            out["accuracy"] = self.student_accuracy(models, params)
+        save_json(path, out)
+        return out
+
+    def student_accuracy(self, models, params) -> list[float]:
+        """Greedy test accuracy of each seed's student (params with a leading seed axis)."""
         test_problems = self.task.problems("test", self.cfg.seed)
         spec = models["student"].spec
         accs = []
@@ -436,7 +502,6 @@ class Protocol:
             dec = decode_problems(test_problems, self.tokenizer, (spec,), (p_s,), self.mesh,
                                   max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
             accs.append(float(correct_mask(test_problems, dec.texts(self.tokenizer), self.task.is_correct).mean()))
-        save_json(path, {"defense": d.label, "kind": kind, "beta": beta, "accuracy": accs})
         return accs
 
     def attacker_heldout(self, clean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -449,6 +514,8 @@ class Protocol:
     def student_kinds(self, d: DefenseSetting) -> list[tuple[str, str, float]]:
         dc = self.pc.distill
         kinds = [("passive", "passive", 0.0)] + [(f"adaptive(beta={b:g})", "adaptive", b) for b in dc.betas]
+        if dc.correct_pool:
+            kinds.append(("correct_only", "correct_only", 0.0))
         if d.name not in dc.attack_defenses:
             return kinds
         if "soft_topk" in dc.attacks:
@@ -463,7 +530,7 @@ class Protocol:
         clean = self.heldout_traces(models)
         g_P = self.proxy_gradient(models, clean)
         heldout = self.attacker_heldout(clean)
-        rows = []
+        rows, world = [], None
         standard_time = self.wallclock(DefenseSetting("standard"), models, g_P)
         context = encode_prompts(self.task.problems("test", self.cfg.seed, 64), self.tokenizer, None)[1].mean()
         for d in tqdm(self.pc.defenses, desc="defenses", disable=not self.progress):
@@ -472,7 +539,12 @@ class Protocol:
             row["teacher_accuracy"] = mean_stderr(tr["teacher_correct"].mean(-1))
             row["students"] = {}
             for name, kind, beta in self.student_kinds(d):
-                row["students"][name] = mean_stderr(self.student(d, kind, beta, models, tr, heldout))
+                st = self.student(d, kind, beta, models, tr, heldout)
+                row["students"][name] = mean_stderr(st["accuracy"])
+                if "curve" in st:
+                    row["learning_curve"] = {n: mean_stderr(v) for n, v in st["curve"].items()}
+                if "pool" in st:
+                    row["correct_pool"] = st["pool"]
             row["adaptive_key"] = next((k for k in row["students"] if k.startswith("adaptive")), None)
             if row["adaptive_key"]:
                 p, a = row["students"]["passive"]["mean"], row["students"][row["adaptive_key"]]["mean"]
@@ -483,12 +555,19 @@ class Protocol:
             row["mean_trace_length"] = float(tr["trace_lengths"].mean())
             row["degeneracy_rate"] = float(1 - tr["keep"].mean())
             row["trace_accuracy"] = float(tr["trace_correct"].mean())
+            for name in ("valid", "checks", "fused"):  # reasoning task: share of valid texts, checks and fused lines per trace
+                if f"trace_{name}" in tr:
+                    row[f"trace_{name}"] = float(tr[f"trace_{name}"].mean())
+            if d.name == "standard":
+                world = self.teacher_entropy(models, tr)
             rows.append(row)
         results = {
             "config": self.cfg.name,
+            "world": world,
             "seeds": self.seeds,
             "n_test": len(self.task.problems("test", self.cfg.seed)),
             "n_traces": self.pc.n_traces,
+            "distill_steps": self.pc.distill.steps,
             "temperature": self.pc.temperature,
             "rows": rows,
             "seconds": round(time.perf_counter() - start, 1),
@@ -496,6 +575,7 @@ class Protocol:
         if self.cfg.task.is_text:
             results["task"] = self.cfg.task.name
         add_paired_deltas(rows)
+        results["headline"] = headline(results)
         if is_main_process():  # every process holds the same results; one writes them
             write_results(self.dir.parent, results)
         return results
@@ -512,9 +592,45 @@ def add_paired_deltas(rows: list[dict]) -> None:
         return
     for r in rows:
         deltas = {"teacher": np.subtract(r["teacher_accuracy"]["values"], base["teacher_accuracy"]["values"])}
-        if "passive" in r["students"] and "passive" in base["students"]:
-            deltas["passive"] = np.subtract(r["students"]["passive"]["values"], base["students"]["passive"]["values"])
+        for kind in ("passive", "correct_only"):
+            if kind in r["students"] and kind in base["students"]:
+                deltas[kind] = np.subtract(r["students"][kind]["values"], base["students"][kind]["values"])
         r["paired_delta"] = {k: mean_stderr(v) for k, v in deltas.items()}
+
+
+def headline(results: dict) -> dict:
+    """The figures a reader looks for first (accuracies in percent points).
+
+    The *informative* defense setting is the one whose passive student loses most (paired mean) among the
+    settings whose teacher loses at most 5 points: the paper's regime, a teacher still useful to its users."""
+    rows = results["rows"]
+    base = next((r for r in rows if r["defense"] == "standard"), None)
+    out: dict[str, Any] = {}
+    if base is None:
+        return out
+    out["teacher_accuracy_standard"] = 100 * base["teacher_accuracy"]["mean"]
+    out["passive_accuracy_standard"] = 100 * base["students"]["passive"]["mean"]
+    if results.get("world"):
+        out["teacher_entropy_nats"] = results["world"]["entropy_nats"]
+    curve = base.get("learning_curve")
+    if curve:
+        steps = sorted(curve, key=int)
+        one = str(results.get("distill_steps"))
+        if one in curve and str(2 * int(one)) in curve:
+            out["plateau_delta_points"] = 100 * (curve[str(2 * int(one))]["mean"] - curve[one]["mean"])
+        out["learning_curve"] = {n: 100 * curve[n]["mean"] for n in steps}
+    useful = [r for r in rows if r is not base and "paired_delta" in r and "passive" in r["paired_delta"]
+              and r["paired_delta"]["teacher"]["mean"] >= -0.05]
+    if useful:
+        r = min(useful, key=lambda r: r["paired_delta"]["passive"]["mean"])
+        pd = r["paired_delta"]
+        info = {"defense": r["label"], "delta_teacher": 100 * pd["teacher"]["mean"],
+                "delta_passive": 100 * pd["passive"]["mean"], "delta_passive_se": 100 * pd["passive"]["stderr"]}
+        if "correct_only" in pd:
+            info.update(delta_passive_correct_only=100 * pd["correct_only"]["mean"],
+                        delta_passive_correct_only_se=100 * pd["correct_only"]["stderr"])
+        out["informative"] = info
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -537,9 +653,11 @@ def results_markdown(results: dict) -> str:
     for r in rows:
         kinds += [k for k in r["students"] if k not in kinds]
     paired = any("paired_delta" in r for r in rows)
-    head = ["defense", "teacher acc (%)"] + [f"{k} (%)" for k in kinds] + (
-        ["Δ teacher, paired (pts)", "Δ passive, paired (pts)"] if paired else []) + [
-        "rel. gain", "fwd passes/token", "FLOPs ratio", "wall-clock ratio", "trace len", "degenerate (%)"]
+    paired_kinds = [k for k in ("teacher", "passive", "correct_only") if any(k in r.get("paired_delta", {}) for r in rows)]
+    texts = [k for k in ("valid", "checks", "fused") if any(f"trace_{k}" in r for r in rows)]
+    head = ["defense", "teacher acc (%)"] + [f"{k} (%)" for k in kinds] + [f"Δ {k}, paired (pts)" for k in paired_kinds] + [
+        "rel. gain", "fwd passes/token", "FLOPs ratio", "wall-clock ratio", "trace acc (%)", "trace len", "degenerate (%)"] + (
+        ["valid reasoning (%)", "checks/trace", "fused lines/trace"] if texts else [])
     lines = [
         "# Results: passive vs adaptive students under antidistillation defenses",
         "",
@@ -557,15 +675,16 @@ def results_markdown(results: dict) -> str:
         c = r["cost"]
         gain = r.get("relative_gain")
         delta = r.get("paired_delta", {})
-        cells = [r["label"], pm(r["teacher_accuracy"])] + [pm(r["students"].get(k)) for k in kinds] + (
-            [pm(delta.get("teacher"), signed=True), pm(delta.get("passive"), signed=True)] if paired else []) + [
+        cells = [r["label"], pm(r["teacher_accuracy"])] + [pm(r["students"].get(k)) for k in kinds] + [
+            pm(delta.get(k), signed=True) for k in paired_kinds] + [
             "–" if gain is None or not np.isfinite(gain) else f"{100 * gain:+.0f}%",
             str(c["forward_passes_per_token"]),
             f"{c['flops_ratio']:.2f}×",
             f"{c['wallclock_ratio']:.2f}×",
+            f"{100 * r['trace_accuracy']:.1f}",
             f"{r['mean_trace_length']:.1f}",
             f"{100 * r['degeneracy_rate']:.1f}",
-        ]
+        ] + ([f"{100 * r['trace_valid']:.1f}", f"{r['trace_checks']:.2f}", f"{r['trace_fused']:.2f}"] if texts else [])
         lines.append("| " + " | ".join(cells) + " |")
     poe = [r for r in rows if r["defense"] == "poe"]
     if poe:
@@ -573,6 +692,24 @@ def results_markdown(results: dict) -> str:
         worst = max(r["cost"]["wallclock_ratio"] for r in poe)
         lines += ["", f"PoE wall-clock ratio {worst:.2f}× vs the bound 1.10 × (1 + proxy/teacher FLOPs) = {bound:.2f}× "
                   f"({'within' if worst <= bound else 'ABOVE'} bound)."]
+    world, head_ = results.get("world"), results.get("headline", {})
+    if world:
+        lines += ["", f"The world: the standard teacher's next-token entropy at τ=1 on its own traces is {world['entropy_nats']:.3f} "
+                  f"nats per token; {100 * world['share_top_below_0.9']:.1f}% of positions have a top probability below 0.9."]
+    if "learning_curve" in head_:
+        curve = ", ".join(f"{n} steps {v:.1f}%" for n, v in head_["learning_curve"].items())
+        lines += ["", f"Passive student under standard decoding, one run: {curve}"
+                  + (f" (2× the table's steps changes it by {head_['plateau_delta_points']:+.1f} points)."
+                     if "plateau_delta_points" in head_ else ".") + " Plot: `learning_curve.png`."]
+    info = head_.get("informative")
+    if info:
+        text = (f"Informative setting (largest paired passive loss with the teacher losing ≤ 5 points): {info['defense']}: "
+                f"teacher {info['delta_teacher']:+.1f}, passive {info['delta_passive']:+.1f} ± {info['delta_passive_se']:.1f} points")
+        if "delta_passive_correct_only" in info:
+            text += (f", passive on correct traces only {info['delta_passive_correct_only']:+.1f} ± "
+                     f"{info['delta_passive_correct_only_se']:.1f} (same number of correct traces per defense: what is left "
+                     f"is the learnability of the correct texts)")
+        lines += ["", text + "."]
     lines += ["", f"Finished in {results['seconds']:.0f}s. Plot: `teacher_vs_student.png`."]
     return "\n".join(lines) + "\n"
 
@@ -581,4 +718,4 @@ def write_results(run_dir: pathlib.Path, results: dict) -> list[pathlib.Path]:
     save_json(run_dir / "results.json", results)
     atomic_write(run_dir / "RESULTS.md", lambda tmp: pathlib.Path(tmp).write_text(results_markdown(results)))
     paths = [run_dir / "results.json", run_dir / "RESULTS.md"]
-    return paths + plot_protocol(results, run_dir)
+    return paths + plot_protocol(results, run_dir) + plot_learning_curve(results, run_dir)

@@ -154,7 +154,8 @@ class Trainer:
         tc = self.tc
         n = tc.n_examples or self.cfg.task.n_train
         easy = self.cfg.easy_max_steps if tc.data == "easy" else None
-        return self.task.training_rows(self.cfg.seed, n, with_solution=tc.data != "prompts", easy_max_steps=easy)
+        return self.task.training_rows(self.cfg.seed, n, with_solution=tc.data != "prompts", easy_max_steps=easy,
+                                       style=tc.style)
 
     def batch_at(self, data: RowSource, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the global batch at `step`; deterministic in (seed, step), so a

@@ -40,7 +40,7 @@ import hashlib
 import operator
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,6 +78,8 @@ ANSWER_MARKER = "####"
 
 _SYMBOLS: tuple[str, ...] = ("+", "-", "*", "=", ".", "?", ANSWER_MARKER)
 _FIXED_WORDS: tuple[str, ...] = ("has", "them", "how", "many")
+_REASONING_WORDS: tuple[str, ...] = ("first", "so", "then", "now", "check", "verify")
+"""Words of the reasoning task's solution texts (:mod:`experiments.tasks.reasoning`); one tokenizer serves both tasks."""
 
 SPLITS: tuple[str, ...] = ("train", "heldout", "test")
 _SPLIT_BUCKETS: dict[str, frozenset[int]] = {
@@ -93,6 +95,7 @@ def vocabulary_words() -> tuple[str, ...]:
     for name, pronoun in NAMES:
         words += [name, pronoun]
     words += list(ITEMS) + list(ADD_VERBS) + list(SUB_VERBS) + [v for v, _ in MUL_VERBS]
+    words += list(_REASONING_WORDS)  # appended last: the arithmetic task's ids are unchanged
     return tuple(dict.fromkeys(words))  # dedupe (pronouns repeat), keep order
 
 
@@ -246,6 +249,7 @@ def make_split(
     *,
     min_steps: int | None = None,
     max_steps: int | None = None,
+    write_solution: Callable[[str, list], str] | None = None,
 ) -> list[Problem]:
     """Generate ``n`` distinct problems of ``split`` ("train", "heldout" or "test").
 
@@ -254,7 +258,8 @@ def make_split(
     different splits never share a prompt (membership is a hash of the prompt).
     ``min_steps`` / ``max_steps`` override the config's step range (e.g.
     ``min_steps=1, max_steps=1`` for an easy variant); the overridden config must
-    still validate. Raises ``ValueError`` for an unknown split or when the
+    still validate. ``write_solution(prompt, steps)`` spells the solution text (default: the one
+    canonical text ``a op b = c . ... #### answer``). Raises ``ValueError`` for an unknown split or when the
     problem space is too small to hold ``n`` distinct problems of the split.
     """
     if split not in _SPLIT_BUCKETS:
@@ -295,7 +300,8 @@ def make_split(
         if h % 10 not in buckets or prompt in seen:
             continue
         seen.add(prompt)
-        out.append(Problem(prompt=prompt, solution=_solution(steps), answer=steps[-1][3]))
+        solution = write_solution(prompt, steps) if write_solution else _solution(steps)
+        out.append(Problem(prompt=prompt, solution=solution, answer=steps[-1][3]))
     return out
 
 

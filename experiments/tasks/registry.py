@@ -2,7 +2,9 @@
 
 ``task.name`` picks it:
 
-- ``arithmetic``: the synthetic word problems of :mod:`experiments.tasks.arithmetic` (the default);
+- ``reasoning``: the built-in default, the arithmetic word problems with many valid solution texts
+  (:mod:`experiments.tasks.reasoning`; each role's ``train.style`` picks the mix of texts it learns);
+- ``arithmetic``: the same problems with one canonical solution text each (:mod:`experiments.tasks.arithmetic`);
 - ``gsm8k`` / ``math``: the project's own TFDS builders (:mod:`experiments.tasks.tfds_builders`),
   numeric answer checking for GSM8K, normalised-LaTeX ``\\boxed{}`` checking for MATH;
 - ``tfds:<name>``: any dataset tfds knows, with ``task.prompt_field``/``solution_field``/``answer_field``
@@ -29,8 +31,10 @@ import numpy as np
 
 from experiments.fields import documented as _help
 from experiments.tasks import arithmetic as ar
+from experiments.tasks import reasoning as rs
 from experiments.tasks.batches import ArrayRows, LazyRows, RowSource
 
+BUILTIN_TASKS = ("reasoning", "arithmetic")
 TEXT_TASKS = ("gsm8k", "math")
 CHECKERS = ("gsm8k", "math", "exact")
 
@@ -44,8 +48,9 @@ class TaskConfig(ar.ArithmeticTaskConfig):
     """The task: the built-in arithmetic problems (fields above) or a text dataset through TFDS (fields below).
     n_train / n_heldout / n_test / max_len apply to every task; the step and value ranges to arithmetic only."""
 
-    name: str = _help("task: 'arithmetic' (built-in), 'gsm8k', 'math', or 'tfds:<dataset>' (any dataset tfds knows)", "arithmetic")
-    tokenizer: str = _help("'word' (arithmetic only), 'byte' (UTF-8 bytes, no download), or a path to tokenizer.json / a SentencePiece .model", "word")
+    name: str = _help("task: 'reasoning' (built-in, many valid solution texts), 'arithmetic' (built-in, one text), 'gsm8k', "
+                      "'math', or 'tfds:<dataset>' (any dataset tfds knows)", "reasoning")
+    tokenizer: str = _help("'word' (built-in tasks only), 'byte' (UTF-8 bytes, no download), or a path to tokenizer.json / a SentencePiece .model", "word")
     data_dir: str = _help("TFDS data directory (local or gs://; '' = tfds's default ~/tensorflow_datasets); must exist", "")
     download: bool = _help("text tasks: download and prepare the dataset into data_dir when it is not there yet", True)
     train_split: str = _help("text tasks: TFDS split to train on (its last n_heldout rows are the held-out set)", "train")
@@ -57,16 +62,22 @@ class TaskConfig(ar.ArithmeticTaskConfig):
 
     @property
     def is_text(self) -> bool:
-        return self.name != "arithmetic"
+        return self.name not in BUILTIN_TASKS
 
     def validate(self) -> "TaskConfig":
-        if self.name == "arithmetic":
+        if self.name in BUILTIN_TASKS:
             if self.tokenizer != "word":
-                raise ValueError(f"task.tokenizer={self.tokenizer!r}: the arithmetic task uses the 'word' tokenizer")
-            self.identity().validate()  # the arithmetic checks, on the arithmetic fields only
+                raise ValueError(f"task.tokenizer={self.tokenizer!r}: the {self.name} task uses the 'word' tokenizer")
+            arithmetic = ar.ArithmeticTaskConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ar.ArithmeticTaskConfig)})
+            if self.name == "reasoning":  # longer texts than the canonical ones: check its own bound first
+                need = rs.max_sequence_tokens(arithmetic)
+                if self.max_len < need:
+                    raise ValueError(f"task.max_len={self.max_len} is too small: a reasoning problem with "
+                                     f"task.max_steps={self.max_steps} steps can need {need} tokens")
+            arithmetic.validate()  # the arithmetic checks, on the arithmetic fields only
             return self
         if self.name not in TEXT_TASKS and not (self.name.startswith("tfds:") and len(self.name) > 5):
-            raise ValueError(f"task.name={self.name!r} must be 'arithmetic', 'gsm8k', 'math' or 'tfds:<dataset>'")
+            raise ValueError(f"task.name={self.name!r} must be 'reasoning', 'arithmetic', 'gsm8k', 'math' or 'tfds:<dataset>'")
         if self.tokenizer == "word":
             raise ValueError(f"task.tokenizer='word' only spells the arithmetic task; use 'byte' or a tokenizer file for task.name={self.name!r}")
         for name in ("n_train", "n_heldout", "n_test"):
@@ -94,29 +105,35 @@ class Task(Protocol):
 
     def is_correct(self, text: str, answer: Any) -> bool: ...
 
-    def training_rows(self, seed: int, n: int, *, with_solution: bool, easy_max_steps: int | None = None) -> RowSource: ...
+    def training_rows(self, seed: int, n: int, *, with_solution: bool, easy_max_steps: int | None = None,
+                      style: str | None = None) -> RowSource: ...
 
 
 # --- arithmetic ---------------------------------------------------------------
 
 
 class ArithmeticTask:
-    """The built-in task, behind the common interface (every call is the one the pipeline always made)."""
+    """The built-in tasks behind the common interface: ``arithmetic`` (one canonical text per problem)
+    and ``reasoning`` (texts written in a style: ``mixed`` for reference solutions, a role's
+    ``train.style`` for its training rows)."""
 
     def __init__(self, tc: TaskConfig, tokenizer):
         self.tc, self.tokenizer = tc, tokenizer
         self.max_len, self.n_test = tc.max_len, tc.n_test
+        self.styled = tc.name == "reasoning"
 
-    def problems(self, split, seed, n=None, *, easy_max_steps=None):
+    def problems(self, split, seed, n=None, *, easy_max_steps=None, style=None):
         steps = {"min_steps": 1, "max_steps": easy_max_steps} if easy_max_steps else {}
+        if self.styled:
+            steps["write_solution"] = rs.solution_writer(style or "mixed", seed)
         return ar.make_split(self.tc, split, seed, n, **steps)
 
     def is_correct(self, text, answer) -> bool:
         return ar.is_correct(text, answer)
 
-    def training_rows(self, seed, n, *, with_solution, easy_max_steps=None) -> RowSource:
-        data = ar.encode_problems(self.problems("train", seed, n, easy_max_steps=easy_max_steps), self.tokenizer,
-                                  self.max_len, with_solution=with_solution)
+    def training_rows(self, seed, n, *, with_solution, easy_max_steps=None, style=None) -> RowSource:
+        problems = self.problems("train", seed, n, easy_max_steps=easy_max_steps, style=style)
+        data = ar.encode_problems(problems, self.tokenizer, self.max_len, with_solution=with_solution)
         return ArrayRows({"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]})
 
 
@@ -287,7 +304,7 @@ class TextTask:
     def is_correct(self, text: str, answer: str) -> bool:
         return self._check(text, answer)
 
-    def training_rows(self, seed, n, *, with_solution, easy_max_steps=None) -> RowSource:
+    def training_rows(self, seed, n, *, with_solution, easy_max_steps=None, style=None) -> RowSource:
         """The first ``n`` rows of the training order, encoded (and truncated to ``max_len``) only when read."""
         if easy_max_steps:
             raise TaskError(f"task.name={self.tc.name!r} has no 'easy' problems; set train.data to 'solutions' or 'prompts'")

@@ -1,0 +1,158 @@
+"""The built-in default task: the arithmetic word problems with many valid solution texts.
+
+Same problems, splits and answers as :mod:`experiments.tasks.arithmetic`; what changes is the
+solution *text*. Real reasoning traces carry entropy (many correct texts per problem), and a
+defense can act on which correct text the teacher emits (learnability), not only on whether
+it is right. Each solution is written in a *style*: a set of probabilities for independent
+choices, drawn per line from a generator seeded by ``(style, seed, prompt)``:
+
+- ``connective``: a line after the first opens with nothing, ``so``, ``then`` or ``now``
+  (the first line with nothing or ``first``);
+- ``commute``: ``a + b`` / ``a * b`` is written ``b + a`` / ``b * a``;
+- ``fuse``: an add/subtract step joins the previous add/subtract line without writing the
+  intermediate result (``7 + 5 - 3 = 9 .`` instead of ``7 + 5 = 12 . 12 - 3 = 9 .``; at most
+  ``MAX_FUSED`` operations per line, evaluated left to right);
+- ``check``: a one-operation line is followed by its inverse check, ``check 12 - 5 = 7 .``
+  (``verify`` instead of ``check`` half the time; ``a * 2 = c`` is checked as ``a + a = c``,
+  ``a * 3`` is not checked).
+
+Every text ends with ``#### <answer>``; the answer is unique and checked as in the arithmetic task.
+Styles (:data:`STYLES`): ``mixed`` (the teacher's and the student base's data: every choice open),
+``terse`` (the proxy's: fuses most add/subtract chains, never checks, no connectives; a smaller
+model with other habits, as the paper's Qwen2.5-3B proxy beside an R1-distilled teacher) and
+``canonical`` (the arithmetic task's one text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+from experiments.tasks import arithmetic as ar
+
+MAX_FUSED = 3
+"""Most operations written on one fused line."""
+
+CONNECTIVES = ("so", "then", "now")
+CHECK_WORDS = ("check", "verify")
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """Probabilities of the independent choices a solution text makes (see the module docstring)."""
+
+    connective: float  # P(a line opens with a word); the word is uniform among the options
+    commute: float  # P(operands of + or * are swapped)
+    fuse: float  # P(an add/subtract step joins the previous add/subtract line)
+    check: float  # P(a one-operation line is followed by its inverse check)
+
+
+STYLES: dict[str, Style] = {
+    "mixed": Style(connective=0.75, commute=0.5, fuse=0.25, check=0.5),
+    "terse": Style(connective=0.0, commute=0.5, fuse=0.85, check=0.0),
+    "canonical": Style(connective=0.0, commute=0.0, fuse=0.0, check=0.0),
+}
+
+
+def write_solution(steps, rng: random.Random, style: Style) -> str:
+    """One solution text for ``steps = [(a, op, b, c), ...]`` (op in ``+ - *``)."""
+    lines: list[list] = []  # [first operand, [(op, operand), ...], result]
+    for a, op, b, c in steps:
+        last = lines[-1] if lines else None
+        if (last is not None and op in "+-" and all(o in "+-" for o, _ in last[1])
+                and len(last[1]) < MAX_FUSED and rng.random() < style.fuse):
+            last[1].append((op, b))
+            last[2] = c
+        else:
+            lines.append([a, [(op, b)], c])
+    words: list[str] = []
+    for i, (first, ops, result) in enumerate(lines):
+        if rng.random() < style.connective:
+            words.append("first" if i == 0 else CONNECTIVES[int(rng.random() * len(CONNECTIVES))])
+        (op0, b0), rest = ops[0], ops[1:]
+        if op0 in "+*" and rng.random() < style.commute:
+            first, b0 = b0, first
+        words += [str(first), op0, str(b0)]
+        for op, b in rest:
+            words += [op, str(b)]
+        words += ["=", str(result), "."]
+        if len(ops) == 1 and rng.random() < style.check:
+            check = _inverse_check(first, op0, b0, result)
+            if check:
+                words += [CHECK_WORDS[int(rng.random() * 2)]] + check + ["."]
+    words += [ar.ANSWER_MARKER, str(steps[-1][3])]
+    return " ".join(words)
+
+
+def _inverse_check(a: int, op: str, b: int, c: int) -> list[str] | None:
+    if op == "+":
+        return [str(c), "-", str(b), "=", str(a)]
+    if op == "-":
+        return [str(c), "+", str(b), "=", str(a)]
+    if op == "*" and 2 in (a, b):  # a * 2 = c  ->  a + a = c
+        x = a if b == 2 else b
+        return [str(x), "+", str(x), "=", str(c)]
+    return None
+
+
+def solution_writer(style: str, seed: int):
+    """``write(prompt, steps)`` for :func:`experiments.tasks.arithmetic.make_split`: the text of a
+    problem is a function of (style, seed, prompt) alone, so every split and run agree on it."""
+    spec = STYLES[style]
+    return lambda prompt, steps: write_solution(steps, random.Random(f"{style}|{seed}|{prompt}"), spec)
+
+
+def max_solution_tokens(cfg: ar.ArithmeticTaskConfig, max_steps: int | None = None) -> int:
+    """Upper bound on ``len(encode(solution) + EOS)`` in any style."""
+    steps = cfg.max_steps if max_steps is None else max_steps
+    d = ar._ndigits(max(cfg.max_value, cfg.max_start, cfg.max_operand, 3))
+    line = 1 + d + (1 + d) + 1 + d + 1  # connective a op b = c .
+    check = 1 + d + 1 + d + 1 + d + 1  # check c - b = a .
+    return steps * (line + check) + 1 + d + 1  # #### answer EOS
+
+
+def max_sequence_tokens(cfg: ar.ArithmeticTaskConfig, max_steps: int | None = None) -> int:
+    """Upper bound on ``len(BOS + prompt + solution + EOS)`` in any style (89 for the default config)."""
+    return ar.max_prompt_tokens(cfg, max_steps) + max_solution_tokens(cfg, max_steps)
+
+
+# --- checking the reasoning, not just the answer ----------------------------------
+
+_LINE_RE = re.compile(r"^(?:(?:first|so|then|now|check|verify) )?(\d+(?: [-+*] \d+)+) = (\d+)$")
+
+
+def text_features(text: str) -> dict[str, float]:
+    """What a solution text is made of: ``valid`` (every line true, :func:`reasoning_is_valid`),
+    ``checks`` (check lines) and ``fused`` (lines with more than one operation)."""
+    lines = [s.strip() for s in text.rpartition(ar.ANSWER_MARKER)[0].split(" .") if s.strip()]
+    checks = sum(line.startswith(CHECK_WORDS) for line in lines)
+    fused = sum(len(re.findall(r" [-+*] ", " " + line)) > 1 for line in lines if not line.startswith(CHECK_WORDS))
+    return {"valid": float(reasoning_is_valid(text)), "checks": float(checks), "fused": float(fused)}
+
+
+def reasoning_is_valid(text: str) -> bool:
+    """Whether every line of a solution text is well formed and arithmetically true (left to
+    right), and the text ends with ``#### <the last line's result>``. Independent of how the text
+    was written: it parses the words, so it also judges sampled traces."""
+    body, marker, tail = text.rpartition(ar.ANSWER_MARKER)
+    answer = ar.extract_answer(text)
+    if not marker or answer is None or tail.strip() != str(answer):
+        return False
+    lines = [s.strip() for s in body.split(" .")]
+    if lines[-1] != "" or len(lines) < 2:
+        return False
+    last_result = None
+    for line in lines[:-1]:
+        m = _LINE_RE.match(line)
+        if not m:
+            return False
+        terms = m.group(1).split()
+        value = int(terms[0])
+        for op, x in zip(terms[1::2], terms[2::2]):
+            value = value + int(x) if op == "+" else value - int(x) if op == "-" else value * int(x)
+        if value != int(m.group(2)):
+            return False
+        if not line.startswith(CHECK_WORDS):
+            last_result = value
+    return last_result == answer

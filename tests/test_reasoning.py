@@ -1,0 +1,95 @@
+"""The reasoning task: many valid solution texts per problem, one checked answer."""
+
+import random
+
+import numpy as np
+import pytest
+
+from experiments.tasks import arithmetic as ar
+from experiments.tasks import reasoning as rs
+from experiments.tasks.registry import TaskConfig, build_task
+
+CFG = TaskConfig(name="reasoning", min_steps=2, max_steps=3, max_len=88)
+STEPS = [(7, "+", 5, 12), (12, "-", 3, 9), (9, "*", 2, 18), (18, "+", 4, 22)]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task(CFG.validate())
+
+
+def test_every_style_and_choice_gives_the_same_checked_answer(task):
+    problems = task.problems("train", 0, 400, style="canonical")
+    always = rs.Style(connective=1.0, commute=1.0, fuse=1.0, check=1.0)
+    for p in problems:
+        steps = _steps_of(p.solution)
+        texts = {rs.write_solution(steps, random.Random(i), style) for i in range(8)
+                 for style in (*rs.STYLES.values(), always)}
+        for text in texts:
+            assert ar.extract_answer(text) == p.answer, text
+            assert rs.reasoning_is_valid(text), text
+            assert len(task.tokenizer.encode(text)) + 1 <= rs.max_solution_tokens(CFG)
+            assert task.tokenizer.decode(task.tokenizer.encode(text)) == text
+
+
+def test_mixed_style_has_many_texts_per_problem():
+    texts = {rs.write_solution(STEPS, random.Random(i), rs.STYLES["mixed"]) for i in range(300)}
+    assert len(texts) > 50
+    terse = {rs.write_solution(STEPS, random.Random(i), rs.STYLES["terse"]) for i in range(300)}
+    assert all(rs.text_features(t)["checks"] == 0 for t in terse)
+    assert {rs.write_solution(STEPS, random.Random(i), rs.STYLES["canonical"]) for i in range(20)} == {
+        "7 + 5 = 12 . 12 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"}
+
+
+def test_variants_spelled_out():
+    fused = rs.Style(connective=0.0, commute=0.0, fuse=1.0, check=0.0)
+    assert rs.write_solution(STEPS, random.Random(0), fused) == "7 + 5 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"
+    checked = rs.Style(connective=0.0, commute=1.0, fuse=0.0, check=1.0)
+    text = rs.write_solution(STEPS, random.Random(0), checked)
+    assert text.startswith("5 + 7 = 12 . ") and "12 + 3 = 9" not in text
+    for check in ("12 - 7 = 5", "9 + 3 = 12", "9 + 9 = 18", "22 - 18 = 4"):
+        assert check in text
+    assert rs.text_features("7 + 5 - 3 = 9 . check 9 + 3 = 12 . so 9 * 2 = 18 . #### 18") == {
+        "valid": 1.0, "checks": 1.0, "fused": 1.0}
+
+
+@pytest.mark.parametrize("text", [
+    "7 + 5 = 13 . #### 13",  # false line
+    "7 + 5 = 12 . #### 13",  # answer is not the last result
+    "7 + 5 = 12 . check 12 - 5 = 8 . #### 12",  # false check
+    "7 + 5 = 12 #### 12",  # no full stop
+    "so = 12 . #### 12",
+    "#### 12",
+])
+def test_invalid_reasoning_is_caught(text):
+    assert not rs.reasoning_is_valid(text)
+
+
+def test_splits_disjoint_and_texts_reproducible(task):
+    prompts = {s: {p.prompt for p in task.problems(s, 0, 300)} for s in ar.SPLITS}
+    assert not (prompts["train"] & prompts["heldout"]) and not (prompts["train"] & prompts["test"])
+    assert not (prompts["heldout"] & prompts["test"])
+    a, b = task.problems("test", 0, 50), task.problems("test", 0, 50)
+    assert a == b  # texts are a function of (style, seed, prompt)
+    assert [p.prompt for p in task.problems("test", 0, 50, style="terse")] == [p.prompt for p in a]
+
+
+def test_roles_learn_their_style(task):
+    rows = {s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "terse")}
+    texts = {s: [task.tokenizer.decode(r) for r in rows[s].rows(np.arange(300))["tokens_bt"]] for s in rows}
+    assert sum("check" in t or "verify" in t for t in texts["mixed"]) > 100
+    assert sum("check" in t or "verify" in t for t in texts["terse"]) == 0
+
+
+def test_max_len_too_small_names_the_field():
+    with pytest.raises(ValueError, match="task.max_len=64"):
+        TaskConfig(name="reasoning", min_steps=2, max_steps=3, max_len=64).validate()
+
+
+def _steps_of(canonical: str):
+    steps = []
+    for line in canonical.split(" . ")[:-1]:
+        lhs, c = line.split(" = ")
+        a, op, b = lhs.split()
+        steps.append((int(a), op, int(b), int(c)))
+    return steps
