@@ -36,7 +36,7 @@ def test_mixed_style_has_many_texts_per_problem():
     texts = {rs.write_solution(STEPS, random.Random(i), rs.STYLES["mixed"]) for i in range(300)}
     assert len(texts) > 50
     terse = {rs.write_solution(STEPS, random.Random(i), rs.STYLES["terse"]) for i in range(300)}
-    assert all(rs.text_features(t)["checks"] == 0 for t in terse)
+    assert sum(rs.text_features(t)["fused"] for t in terse) / len(terse) > 0.5
     assert {rs.write_solution(STEPS, random.Random(i), rs.STYLES["canonical"]) for i in range(20)} == {
         "7 + 5 = 12 . 12 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"}
 
@@ -77,8 +77,9 @@ def test_splits_disjoint_and_texts_reproducible(task):
 def test_roles_learn_their_style(task):
     rows = {s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "terse")}
     texts = {s: [task.tokenizer.decode(r) for r in rows[s].rows(np.arange(300))["tokens_bt"]] for s in rows}
-    assert sum("check" in t or "verify" in t for t in texts["mixed"]) > 100
-    assert sum("check" in t or "verify" in t for t in texts["terse"]) == 0
+    fused = {s: sum(rs.text_features(t.split("? ", 1)[1])["fused"] for t in texts[s]) for s in texts}
+    assert fused["terse"] > 1.5 * fused["mixed"] > 0
+    assert not any(w in t for t in texts["terse"] for w in rs.CONNECTIVES)
 
 
 def test_max_len_too_small_names_the_field():

@@ -18,8 +18,8 @@ choices, drawn per line from a generator seeded by ``(style, seed, prompt)``:
 
 Every text ends with ``#### <answer>``; the answer is unique and checked as in the arithmetic task.
 Styles (:data:`STYLES`): ``mixed`` (the teacher's and the student base's data: every choice open),
-``terse`` (the proxy's: fuses most add/subtract chains, never checks, no connectives; a smaller
-model with other habits, as the paper's Qwen2.5-3B proxy beside an R1-distilled teacher) and
+``terse`` (the proxy's: fuses most add/subtract chains, no connectives; a smaller model with
+other habits, as the paper's Qwen2.5-3B proxy beside an R1-distilled teacher) and
 ``canonical`` (the arithmetic task's one text).
 """
 
@@ -31,7 +31,7 @@ import re
 
 from experiments.tasks import arithmetic as ar
 
-MAX_FUSED = 3
+MAX_FUSED = 2
 """Most operations written on one fused line."""
 
 CONNECTIVES = ("so", "then", "now")
@@ -49,8 +49,8 @@ class Style:
 
 
 STYLES: dict[str, Style] = {
-    "mixed": Style(connective=0.75, commute=0.5, fuse=0.25, check=0.5),
-    "terse": Style(connective=0.0, commute=0.5, fuse=0.85, check=0.0),
+    "mixed": Style(connective=0.75, commute=0.5, fuse=0.4, check=0.5),
+    "terse": Style(connective=0.0, commute=0.5, fuse=0.85, check=0.5),
     "canonical": Style(connective=0.0, commute=0.0, fuse=0.0, check=0.0),
 }
 

@@ -1,0 +1,101 @@
+"""Measures of the default world: teacher entropy, the learnability control's trace pool, the
+learning curve's exactness, and the headline's choice of the informative setting."""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.config import ConfigError, DistillConfig
+from experiments.protocol import correct_pool, distil, headline, token_entropy_stats
+from experiments.train import RoleModel, init_role_model
+from models.sharding import MeshConfig
+from models.transformer import ModelConfig
+
+
+def test_token_entropy_stats_against_hand_computed_values():
+    # Position 0: uniform over 4 tokens (entropy log 4, top 0.25). Position 1: probabilities (0.95, 0.05, 0, 0)
+    # up to float precision. Position 2: masked out (would change both figures).
+    p1 = np.array([0.95, 0.05, 1e-30, 1e-30])
+    logits = np.stack([np.zeros(4), np.log(p1), np.array([50.0, 0, 0, 0])])[None]
+    mask = np.array([[1.0, 1.0, 0.0]])
+    stats = token_entropy_stats(logits, mask)
+    h1 = -(0.95 * math.log(0.95) + 0.05 * math.log(0.05))
+    assert stats["entropy_nats"] == pytest.approx((math.log(4) + h1) / 2, rel=1e-5)
+    assert stats["share_top_below_0.9"] == pytest.approx(0.5)
+    assert stats["positions"] == 2
+    # Temperature is not applied: scaling the logits changes the entropy.
+    assert token_entropy_stats(2 * logits, mask)["entropy_nats"] < stats["entropy_nats"]
+
+
+def test_correct_pool_takes_the_first_correct_traces_of_each_seed():
+    tokens = np.arange(2 * 5)[:, None].reshape(2, 5, 1) * np.ones((1, 1, 3), int)
+    correct = np.array([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]], bool)
+    pooled, n = correct_pool({"tokens_bt": tokens}, correct, 2, "x")
+    assert n == 2
+    np.testing.assert_array_equal(pooled["tokens_bt"][:, :, 0], [[0, 2], [6, 7]])
+    with pytest.raises(ConfigError, match="correct_pool=4: poe γ=0.5 has only 3 correct traces"):
+        correct_pool({"tokens_bt": tokens}, correct, 4, "poe γ=0.5")
+
+
+def test_learning_curve_prefix_is_exactly_a_shorter_run():
+    """With the constant schedule, the snapshot after N steps of a 2N-step run is the N-step student."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    from models.sharding import DEFAULT_RULES
+
+    model = init_role_model(dataclasses.replace(_role(), model=cfg), 20, mesh, DEFAULT_RULES, 0)
+    rng = np.random.default_rng(0)
+    traces = {"tokens_bt": rng.integers(3, 20, (2, 16, 12)).astype(np.int32),
+              "loss_mask_bt": np.ones((2, 16, 12), np.float32),
+              "topk_ids_btk": np.zeros((2, 16, 12, 1), np.int32), "topk_logprob_btk": np.zeros((2, 16, 12, 1), np.float32)}
+    heldout = {"tokens_bt": traces["tokens_bt"][0], "loss_mask_bt": traces["loss_mask_bt"][0]}
+    dc = DistillConfig(steps=6, batch_size=4, warmup_steps=2, lr=1e-2, schedule="constant", betas=(), attacks=())
+    short = distil(model, traces, heldout, dc, "passive", 0.0, 2, progress=False)
+    snaps = distil(model, traces, heldout, dc, "passive", 0.0, 2, progress=False, snapshots=(3, 6, 12))
+    for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(snaps[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(snaps[1]), jax.tree.leaves(snaps[2]))]
+    assert max(moved) > 0  # the longer run kept training
+    cosine = distil(model, traces, heldout, dataclasses.replace(dc, schedule="cosine"), "passive", 0.0, 2, progress=False)
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(cosine)))
+
+
+def _role():
+    from experiments.config import RoleConfig
+
+    return RoleConfig()
+
+
+def _row(label, defense, teacher, passive, correct=None):
+    students = {"passive": {"mean": np.mean(passive), "values": passive}}
+    if correct is not None:
+        students["correct_only"] = {"mean": np.mean(correct), "values": correct}
+    return {"label": label, "defense": defense, "teacher_accuracy": {"mean": np.mean(teacher), "values": teacher},
+            "students": students}
+
+
+def test_headline_picks_the_largest_student_loss_with_a_useful_teacher():
+    from experiments.protocol import add_paired_deltas
+
+    rows = [
+        _row("standard", "standard", [0.90, 0.88, 0.89], [0.50, 0.52, 0.51], [0.49, 0.50, 0.51]),
+        _row("poe γ=0.2", "poe", [0.88, 0.86, 0.87], [0.44, 0.45, 0.46], [0.45, 0.46, 0.46]),  # teacher -2
+        _row("poe γ=0.5", "poe", [0.80, 0.78, 0.79], [0.30, 0.31, 0.32], [0.40, 0.40, 0.41]),  # teacher -10: not useful
+    ]
+    rows[0]["learning_curve"] = {"100": {"mean": 0.4}, "200": {"mean": 0.51}, "400": {"mean": 0.52}}
+    add_paired_deltas(rows)
+    h = headline({"rows": rows, "world": {"entropy_nats": 0.3}, "distill_steps": 200})
+    assert h["informative"]["defense"] == "poe γ=0.2"
+    assert h["informative"]["delta_teacher"] == pytest.approx(-2.0)
+    assert h["informative"]["delta_passive"] == pytest.approx(-6.0)
+    se = np.std([-6, -7, -5], ddof=1) / np.sqrt(3)
+    assert h["informative"]["delta_passive_se"] == pytest.approx(se)
+    assert h["informative"]["delta_passive_correct_only"] == pytest.approx(-4.333333, rel=1e-5)
+    assert h["plateau_delta_points"] == pytest.approx(1.0)
+    assert h["teacher_accuracy_standard"] == pytest.approx(89.0) and h["teacher_entropy_nats"] == 0.3
