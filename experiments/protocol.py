@@ -226,6 +226,15 @@ def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: 
             "positions": int(m.sum())}
 
 
+def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
+    """Drop the trailing columns no row uses (rounded up to `multiple` so few shapes compile): the
+    rows are padded to task.max_len, but most traces are much shorter, and the step's cost is linear in width."""
+    used = np.flatnonzero(arrays["loss_mask_bt"].reshape(-1, arrays["loss_mask_bt"].shape[-1]).any(0))
+    width = min(arrays["tokens_bt"].shape[-1], -(-(int(used[-1]) + 2 if used.size else 2) // multiple) * multiple)
+    time_axis = arrays["tokens_bt"].ndim - 1
+    return {k: v[(slice(None),) * time_axis + (slice(0, width),)] for k, v in arrays.items()}
+
+
 def correct_pool(train: dict[str, np.ndarray], correct_sb: np.ndarray, pool: int, label: str) -> tuple[dict, int]:
     """The first `pool` correct traces of each seed (arrays [seeds, n, ...] -> [seeds, pool, ...]).
 
@@ -329,6 +338,7 @@ def distil(
     Returns the students' full params (LoRA adapters merged) with a leading seed axis; with
     `snapshots` (step counts), a list of them, one per snapshot, training to the largest."""
     step = make_distill_step(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau)
+    traces, heldout = trim_columns(traces), trim_columns(heldout)
     proxy_params = proxy.params if proxy else None
     if dc.finetune == "lora":
         try:

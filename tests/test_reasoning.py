@@ -35,7 +35,7 @@ def test_every_style_and_choice_gives_the_same_checked_answer(task):
 def test_mixed_style_has_many_texts_per_problem():
     texts = {rs.write_solution(STEPS, random.Random(i), rs.STYLES["mixed"]) for i in range(300)}
     assert len(texts) > 50
-    terse = {rs.write_solution(STEPS, random.Random(i), rs.STYLES["terse"]) for i in range(300)}
+    terse = [rs.write_solution(STEPS, random.Random(i), rs.STYLES["terse"]) for i in range(300)]
     assert sum(rs.text_features(t)["fused"] for t in terse) / len(terse) > 0.5
     assert {rs.write_solution(STEPS, random.Random(i), rs.STYLES["canonical"]) for i in range(20)} == {
         "7 + 5 = 12 . 12 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"}
@@ -75,11 +75,12 @@ def test_splits_disjoint_and_texts_reproducible(task):
 
 
 def test_roles_learn_their_style(task):
-    rows = {s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "terse")}
-    texts = {s: [task.tokenizer.decode(r) for r in rows[s].rows(np.arange(300))["tokens_bt"]] for s in rows}
-    fused = {s: sum(rs.text_features(t.split("? ", 1)[1])["fused"] for t in texts[s]) for s in texts}
-    assert fused["terse"] > 1.5 * fused["mixed"] > 0
-    assert not any(w in t for t in texts["terse"] for w in rs.CONNECTIVES)
+    rows = {s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "careful", "terse")}
+    texts = {s: [task.tokenizer.decode(r).split("? ", 1)[1] for r in rows[s].rows(np.arange(300))["tokens_bt"]] for s in rows}
+    feats = {s: {k: sum(rs.text_features(t)[k] for t in texts[s]) / 300 for k in ("fused", "checks")} for s in texts}
+    assert feats["terse"]["fused"] > 2 * feats["mixed"]["fused"] > 0
+    assert feats["careful"]["checks"] > 2 * feats["mixed"]["checks"] > 0
+    assert not any(w in t.split() for t in texts["terse"] for w in rs.CONNECTIVES)
 
 
 def test_max_len_too_small_names_the_field():

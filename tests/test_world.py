@@ -99,3 +99,16 @@ def test_headline_picks_the_largest_student_loss_with_a_useful_teacher():
     assert h["informative"]["delta_passive_correct_only"] == pytest.approx(-4.333333, rel=1e-5)
     assert h["plateau_delta_points"] == pytest.approx(1.0)
     assert h["teacher_accuracy_standard"] == pytest.approx(89.0) and h["teacher_entropy_nats"] == 0.3
+
+
+def test_trim_columns_keeps_every_used_column_and_rounds_up():
+    from experiments.protocol import trim_columns
+
+    mask = np.zeros((2, 3, 40), np.float32)
+    mask[1, 2, 4:17] = 1  # the last target token is tokens[:, :, 18]
+    arrays = {"tokens_bt": np.arange(2 * 3 * 40).reshape(2, 3, 40), "loss_mask_bt": mask,
+              "topk_ids_btk": np.zeros((2, 3, 40, 5))}
+    out = trim_columns(arrays)
+    assert out["tokens_bt"].shape == (2, 3, 24) and out["topk_ids_btk"].shape == (2, 3, 24, 5)
+    np.testing.assert_array_equal(out["tokens_bt"], arrays["tokens_bt"][..., :24])
+    assert trim_columns({"tokens_bt": np.zeros((2, 10)), "loss_mask_bt": np.ones((2, 10))})["tokens_bt"].shape == (2, 10)

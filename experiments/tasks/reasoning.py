@@ -17,10 +17,16 @@ choices, drawn per line from a generator seeded by ``(style, seed, prompt)``:
   ``a * 3`` is not checked).
 
 Every text ends with ``#### <answer>``; the answer is unique and checked as in the arithmetic task.
-Styles (:data:`STYLES`): ``mixed`` (the teacher's and the student base's data: every choice open),
-``terse`` (the proxy's: fuses most add/subtract chains, no connectives; a smaller model with
-other habits, as the paper's Qwen2.5-3B proxy beside an R1-distilled teacher) and
-``canonical`` (the arithmetic task's one text).
+Styles (:data:`STYLES`, a role picks one with ``train.style``):
+
+- ``mixed``: the teacher's and the student base's data, every choice open (few fused lines, few checks);
+- ``careful``: the proxy's: the same, but it checks every line it can. The proxy is the provider's
+  smaller model with habits of its own (as the paper's Qwen2.5-3B beside an R1-distilled teacher);
+  PoE mixes its habit into the teacher's texts. A check never changes the answer, so the teacher stays
+  right, but texts with more checks teach a small student less (measured with students trained on
+  reference texts: 2 seeds, 600 steps, checks on half the lines 26% test accuracy, on none 33%);
+- ``terse`` (fuses most add/subtract chains; fused lines are hard even for the teacher) and
+  ``canonical`` (the arithmetic task's one text), for experiments.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ class Style:
 
 
 STYLES: dict[str, Style] = {
-    "mixed": Style(connective=0.75, commute=0.5, fuse=0.4, check=0.5),
-    "terse": Style(connective=0.0, commute=0.5, fuse=0.85, check=0.5),
+    "mixed": Style(connective=0.75, commute=0.5, fuse=0.15, check=0.2),
+    "careful": Style(connective=0.75, commute=0.5, fuse=0.15, check=1.0),
+    "terse": Style(connective=0.0, commute=0.5, fuse=0.85, check=0.0),
     "canonical": Style(connective=0.0, commute=0.0, fuse=0.0, check=0.0),
 }
 
