@@ -1,0 +1,99 @@
+"""The attacker's recipes in the protocol (experiments/attacker.py): tuned β chosen on the
+validation split only, recipes resolved once, ablation summary numbers against hand sums."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from experiments import attacker as A
+from experiments.config import ConfigError, DefenseSetting, DistillConfig, load_config
+from game import students as S
+
+
+def test_choose_beta_uses_validation_and_prefers_passive_on_ties():
+    betas = [0.0, 0.1, 0.3, 1.0]
+    val = np.array([[0.50, 0.40, 0.60], [0.55, 0.40, 0.50], [0.55, 0.40, 0.70], [0.20, 0.40, 0.70]])  # [beta, seed]
+    np.testing.assert_array_equal(A.choose_beta(val, betas), [1, 0, 2])
+    # order of the grid does not matter: ties still go to the smallest |β|
+    perm = [3, 2, 1, 0]
+    np.testing.assert_array_equal(np.asarray(perm)[A.choose_beta(val[perm], [betas[i] for i in perm])], [1, 0, 2])
+
+
+class _FakeProtocol:
+    """student_record returns canned per-β records: validation favours β=0.3, test favours β=1."""
+
+    def __init__(self, dc):
+        self.pc = type("PC", (), {"distill": dc})()
+        self.calls = []
+
+    def student_record(self, d, kind, beta, models, traces, heldout):
+        self.calls.append((A.kind_label(kind), beta))
+        val = {0.0: 0.50, 0.3: 0.62, 1.0: 0.40}.get(beta, 0.3)
+        test = {0.0: 0.40, 0.3: 0.45, 1.0: 0.90}.get(beta, 0.3)
+        return {"accuracy": [test, test - 0.01], "validation_accuracy": [val, val], "ess_fraction": [1 - beta / 4] * 2}
+
+
+def test_tuned_student_is_selected_on_validation_only():
+    ac = A.AttackerConfig(tuned_betas=(0.0, 0.3, 1.0), ablation=("passive_token", "tuned"), ablation_defenses=("standard",))
+    dc = DistillConfig(betas=(1.0,), attacker=ac)
+    proto = _FakeProtocol(dc)
+    out = A.ablation_students(proto, DefenseSetting("standard"), None, None, None)
+    assert out["tuned"]["beta"] == [0.3, 0.3]  # the validation winner, although β=1 has the best test accuracy
+    assert out["tuned"]["accuracy"] == [0.45, 0.44]
+    # β = 0 is the passive student itself (no separate training), the others the configured adaptive recipe
+    assert ("passive", 0.0) in proto.calls and ("adaptive", 0.3) in proto.calls and ("adaptive", 1.0) in proto.calls
+    summary = A.ablation_summary([{"label": "standard", "ablation_students": out}])["standard"]
+    # paired: (0.45 - 0.40, 0.44 - 0.39) -> +5.0 points, SE 0
+    assert summary["tuned_minus_passive"] == pytest.approx(5.0)
+    assert summary["tuned_minus_passive_se"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_validation_split_of_the_heldout_set_never_touches_test(tmp_path):
+    from experiments.protocol import Protocol
+
+    cfg = load_config("ci", [f"run_dir={tmp_path}", "protocol.distill.attacker.ablation_defenses=[standard]"])
+    proto = Protocol(cfg, progress=False)
+    heldout = proto.task.problems("heldout", cfg.seed)
+    n = len(heldout)
+    clean = {"tokens_bt": np.arange(n)[:, None] * np.ones((1, 5), np.int32), "loss_mask_bt": np.ones((n, 5), np.float32)}
+    held = proto.attacker_heldout(clean)
+    val = proto.validation_problems
+    n_val = round(cfg.protocol.distill.attacker.validation_fraction * n)
+    assert len(val) == n_val and len(held["tokens_bt"]) == n - n_val
+    fit_rows = set(held["tokens_bt"][:, 0].tolist())  # which held-out prompts g_S sees
+    val_rows = {i for i, p in enumerate(heldout) if any(repr(p) == repr(q) for q in val)}
+    assert fit_rows.isdisjoint(val_rows) and len(fit_rows | val_rows) == n
+    assert {repr(p) for p in val}.isdisjoint({repr(p) for p in proto.task.problems("test", cfg.seed)})
+    # without the tuned row nothing is held back
+    proto2 = Protocol(load_config("ci", [f"run_dir={tmp_path}"]), progress=False)
+    assert len(proto2.attacker_heldout(clean)["tokens_bt"]) == n and proto2.validation_problems is None
+
+
+def test_recipes_resolve_once():
+    dc = DistillConfig(standardize_values=False, max_weight=3.0, averaging="sequence",
+                       attacker=A.AttackerConfig(value_refresh=0, weighting="filter", clamp=2.0))
+    r = A.recipe_of("adaptive", dc)
+    assert (r.refresh_every, r.weighting, r.clamp, r.standardize, r.max_weight, r.averaging) == (0, "filter", 2.0, False, 3.0, "sequence")
+    assert A.recipe_of("passive", dc) == dataclasses.replace(S.PASSIVE_RECIPE, averaging="sequence")
+    assert A.recipe_of("soft_topk", dc) is None and A.recipe_of(S.REFERENCE_RECIPE, dc) is S.REFERENCE_RECIPE
+    specs = A.ablation_specs(DistillConfig(betas=(0.5,)))
+    assert specs["passive_token"] == ("passive", 0.0) and specs["design"] == ("adaptive", 0.5)  # cached students reused
+    assert specs["reference"] == (S.REFERENCE_RECIPE, 0.5)
+    assert specs["reference_design_sign"][0].sign == 1 and specs["reference_token"][0].averaging == "token"
+    assert specs["design_shuffled"][0].shuffle and specs["reference_shuffled"][0].shuffle
+
+
+@pytest.mark.parametrize("override,key", [
+    ("protocol.distill.attacker.weighting=soft", "attacker.weighting"),
+    ("protocol.distill.attacker.tuned_betas=[0.5,1.0]", "attacker.tuned_betas"),
+    ("protocol.distill.attacker.ablation_defenses=[ads]", "attacker.ablation_defenses"),
+    ("protocol.distill.attacker.ablation=[bogus]", "attacker.ablation"),
+    ("protocol.distill.attacker.validation_fraction=1.5", "attacker.validation_fraction"),
+])
+def test_attacker_config_errors_name_the_key(override, key):
+    base = ["protocol.defenses=[{name: standard}]", "protocol.distill.attacker.ablation_defenses=[standard]"]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("ci", base + [override])
