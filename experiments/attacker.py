@@ -34,7 +34,7 @@ from models import lora
 from models import transformer as tfm
 
 ABLATION_ROWS = (
-    "passive_token", "passive_sequence", "design", "design_shuffled", "tuned", "filter",
+    "passive_token", "passive_sequence", "design", "design_shuffled", "design_once", "tuned", "filter",
     "reference", "reference_shuffled", "reference_design_sign", "reference_token",
 )
 ABLATION_HELP = {
@@ -42,6 +42,7 @@ ABLATION_HELP = {
     "passive_sequence": "passive, loss averaged per example (the reference recipe's averaging, no weights)",
     "design": "the table's adaptive student (the configured recipe: by default exact fp32 JVP values of each batch at the current student)",
     "design_shuffled": "control: the design student's weights on randomly permuted examples",
+    "design_once": "the design student with values computed once, at the student base, for every trace (value_refresh=0)",
     "tuned": "the configured recipe with β chosen per seed on the attacker's validation split (grid includes 0 = passive)",
     "filter": "one-sided filter: w = min(1, exp(β v)), only down-weights",
     "reference": "the paper's public code: -v by bf16 finite difference (ε=0.01), clamp ±10, no cap, mean 1 over all traces, once at the base, per-example averaging, β=0.5",
@@ -249,6 +250,7 @@ def ablation_specs(dc) -> dict[str, tuple[Any, float]]:
         "passive_sequence": (dataclasses.replace(stu.PASSIVE_RECIPE, averaging="sequence"), 0.0),
         "design": (design, beta_d),
         "design_shuffled": (dataclasses.replace(design, shuffle=True), beta_d),
+        "design_once": (dataclasses.replace(design, refresh_every=0), beta_d),
         "filter": (dataclasses.replace(design, weighting="filter"), ac.filter_beta),
         "reference": (ref, ac.reference_beta),
         "reference_shuffled": (dataclasses.replace(ref, shuffle=True), ac.reference_beta),
