@@ -97,3 +97,92 @@ def test_attacker_config_errors_name_the_key(override, key):
     base = ["protocol.defenses=[{name: standard}]", "protocol.distill.attacker.ablation_defenses=[standard]"]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("ci", base + [override])
+
+
+def _tiny_student():
+    import jax
+
+    from experiments.train import RoleModel
+    from models import transformer as tfm
+
+    cfg = tfm.ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32)
+    graphdef, params = tfm.split_params(tfm.build(cfg, 30, seed=0))
+    return RoleModel(cfg, graphdef, params, None), jax
+
+
+def test_dataset_level_weights_at_the_base_and_their_shuffled_control():
+    """RecipeFeeder: the reference weights are computed once, at the student base, over every
+    trace (mean 1 over the valid traces, a degenerate trace gets 0); the shuffled control gives
+    each seed the same multiset of weights on permuted traces; later steps reuse them."""
+    base, jax = _tiny_student()
+    rng = np.random.default_rng(0)
+    seeds, n, t = 2, 10, 9
+    tokens = rng.integers(1, 30, (seeds, n, t)).astype(np.int32)
+    mask = np.ones((seeds, n, t), np.float32)
+    mask[..., :3] = 0
+    mask[:, 4] = 0  # a dropped (degenerate) trace
+    traces = {"tokens_bt": tokens, "loss_mask_bt": mask}
+    heldout = {"tokens_bt": tokens[0, :6], "loss_mask_bt": mask[0, :6]}
+    dc = DistillConfig(batch_size=4, heldout_batch=4)
+    stacked = jax.tree.map(lambda x: np.broadcast_to(x, (seeds,) + x.shape), base.params)
+    idx = np.tile(np.arange(n), (seeds, 1))
+    ref = A.RecipeFeeder(base, dc, S.REFERENCE_RECIPE, traces, heldout, seeds)
+    w = ref.extras(0, stacked, None, idx, 0.5)["weights_b"]
+    assert np.all(w[:, 4] == 0)
+    np.testing.assert_allclose(np.delete(w, 4, axis=1).mean(1), 1.0, rtol=1e-5)
+    # independent assembly for seed 1: g over the whole held-out set, bf16 scores, reference weights
+    from experiments.train import masked_nll
+    from models import transformer as tfm
+
+    g = jax.grad(lambda p: masked_nll(base.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"]))(base.params)
+    per_ex = lambda p, tk, m: S.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
+    a = S.recipe_scores(S.REFERENCE_RECIPE, per_ex, base.params, g, tokens[1], mask[1])
+    want = S.recipe_weights(S.REFERENCE_RECIPE, a, 0.5, mask[1, :, :-1].sum(-1) > 0)
+    np.testing.assert_allclose(w[1], want, rtol=2e-2, atol=2e-2)  # bf16 scores: chunked vs whole-set rounding may differ
+    shuffled = A.RecipeFeeder(base, dc, dataclasses.replace(S.REFERENCE_RECIPE, shuffle=True), traces, heldout, seeds)
+    ws = shuffled.extras(0, stacked, None, idx, 0.5)["weights_b"]
+    for s in range(seeds):
+        np.testing.assert_allclose(np.sort(ws[s]), np.sort(w[s]), rtol=1e-6)
+    assert ws[:, 4].tolist() == [0.0, 0.0]
+    # values once: a later step (other params) gathers the same weights
+    later = jax.tree.map(lambda x: x + 1.0, stacked)
+    np.testing.assert_array_equal(ref.extras(7, later, None, idx[:, ::-1], 0.5)["weights_b"], w[:, ::-1])
+
+
+def test_protocol_ablation_end_to_end(tmp_path):
+    """`distgame protocol` with the ablation on: results.json and the last-line JSON carry the
+    `ablation` object with the Done-when keys, RESULTS.md its section; every row is paired
+    against the passive student of the same seeds."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.cli", *a, "--no-progress"],
+                                    capture_output=True, text=True, env=env, timeout=900)
+    for role in ("teacher", "proxy", "student"):
+        r = run("train", "--role", role, "--config", "ci", f"run_dir={tmp_path}")
+        assert r.returncode == 0, r.stderr
+    r = run("protocol", "--config", "ci", f"run_dir={tmp_path}", "--json", "protocol.defenses=[{name: standard}]",
+            "protocol.distill.attacks=[]", "protocol.distill.betas=[2.0]",
+            "protocol.distill.attacker.ablation_defenses=[standard]", "protocol.distill.attacker.tuned_betas=[0.0, 2.0]",
+            "protocol.distill.attacker.ablation=[passive_token, design, tuned, reference, reference_shuffled]")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    ab = summary["ablation"]["standard"]
+    for key in ("tuned_minus_passive", "tuned_minus_passive_se", "reference_minus_passive", "reference_minus_passive_se", "ess_fraction"):
+        assert key in ab, key
+    assert 0 < ab["ess_fraction"] <= 1 and len(ab["tuned_betas_chosen"]) == 2
+    results = json.loads(pathlib.Path(summary["results"]).read_text())
+    rows = results["ablation"]["standard"]["rows"]
+    assert rows["passive_token"]["minus_passive"] == 0.0
+    students = results["rows"][0]["ablation_students"]
+    for name in ("design", "reference"):
+        want = 100 * np.mean(np.subtract(students[name]["accuracy"], students["passive_token"]["accuracy"]))
+        assert rows[name]["minus_passive"] == pytest.approx(want)
+    assert all(0 < rows[n]["ess_fraction"] <= 1 for n in ("reference", "reference_shuffled"))
+    assert students["design"]["accuracy"] == results["rows"][0]["students"]["adaptive(beta=2)"]["values"]  # reused, not retrained
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Attacker ablation" in md and "| reference |" in md
