@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any
 
 import jax
@@ -137,8 +138,6 @@ def kind_label(kind: Any) -> str:
     """File-name part for a kind: its name, or a short hash of a recipe."""
     if isinstance(kind, str):
         return kind
-    import hashlib
-
     return "recipe" + hashlib.sha1(repr(kind).encode()).hexdigest()[:8]
 
 
