@@ -81,6 +81,8 @@ class AttackerConfig:
 
     def validate(self, where: str = "protocol.distill.attacker") -> None:
         """Raises ValueError naming the key."""
+        if self.value_refresh < 0:
+            raise ValueError(f"{where}.value_refresh={self.value_refresh} must be >= 0 (0 = once at the student base)")
         self.base_recipe(True, 5.0, "token").validate(where)
         if self.validation_fraction <= 0 or self.validation_fraction >= 1:
             raise ValueError(f"{where}.validation_fraction={self.validation_fraction} must be in (0, 1)")

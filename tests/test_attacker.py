@@ -92,6 +92,8 @@ def test_recipes_resolve_once():
     ("protocol.distill.attacker.ablation_defenses=[ads]", "attacker.ablation_defenses"),
     ("protocol.distill.attacker.ablation=[bogus]", "attacker.ablation"),
     ("protocol.distill.attacker.validation_fraction=1.5", "attacker.validation_fraction"),
+    ("protocol.distill.attacker.value_refresh=-2", "attacker.value_refresh"),
+    ("protocol.distill.attacker.fd_dtype=int8", "attacker.fd_dtype"),
 ])
 def test_attacker_config_errors_name_the_key(override, key):
     base = ["protocol.defenses=[{name: standard}]", "protocol.distill.attacker.ablation_defenses=[standard]"]
