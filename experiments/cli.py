@@ -90,8 +90,13 @@ def _protocol(args, cfg) -> dict:
     results = Protocol(cfg, progress=not args.no_progress, seeds=args.seeds).run()
     if is_main_process():
         print((pathlib.Path(cfg.run_dir) / "RESULTS.md").read_text())
-    return {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"]),
-            **results["headline"]}
+    summary = {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"]),
+               **results["headline"]}
+    if "ablation" in results:  # attacker ablation (experiments/attacker.py): per defense, paired points vs passive
+        from experiments.attacker import compact
+
+        summary["ablation"] = compact(results["ablation"])
+    return summary
 
 
 def _equilibrium(args, cfg) -> dict:

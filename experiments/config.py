@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from experiments.attacker import AttackerConfig
 from experiments.distributed import DistributedConfig
 from experiments.fields import documented as _help
 from experiments.tasks.reasoning import STYLES
@@ -197,6 +198,7 @@ class DistillConfig:
         "this many per seed (the same count for every defense, so only which correct texts differ); 0 = off", 0)
     finetune: str = _help("what the student trains: 'full' (every weight) or 'lora' (low-rank adapters, protocol.distill.lora)", "full")
     lora: LoraConfig = _help("LoRA adapters when finetune='lora' (models/lora.py)", factory=LoraConfig)
+    attacker: AttackerConfig = _help("the adaptive students' recipe, the tuned β and the attacker ablation (experiments/attacker.py)", factory=AttackerConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +258,16 @@ class ProtocolConfig:
                               "steps of a longer run are not an N-step run); set protocol.distill.curve=[] or the schedule")
         if dc.correct_pool < 0 or dc.correct_pool > self.n_traces:
             raise ConfigError(f"protocol.distill.correct_pool={dc.correct_pool} must be in [0, protocol.n_traces={self.n_traces}]")
+        try:
+            dc.attacker.validate("protocol.distill.attacker")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if dc.attacker.ablation_defenses and dc.heldout == "none":
+            raise ConfigError("protocol.distill.attacker.ablation_defenses needs a held-out set; protocol.distill.heldout='none'")
+        for name in dc.attacker.ablation_defenses:
+            if not any(name in (d.label, d.key, d.name) for d in self.defenses):
+                raise ConfigError(f"protocol.distill.attacker.ablation_defenses: {name!r} matches no defense setting; "
+                                  f"labels: {', '.join(d.label for d in self.defenses)}")
         for name in ("steps", "batch_size", "heldout_batch"):
             if getattr(dc, name) < 1:
                 raise ConfigError(f"protocol.distill.{name}={getattr(dc, name)} must be >= 1")

@@ -35,6 +35,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from experiments import attacker
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
 from experiments.plots import plot_learning_curve, plot_protocol
@@ -272,7 +273,8 @@ def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
 def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: float):
     """One student update, jitted once per (model, settings, kind) and reused across defense
     settings (γ, β and the proxy's params are traced arguments, not constants).
-    `kind` is passive | adaptive | soft_topk | poe_inversion.
+    `kind` is passive | adaptive | soft_topk | poe_inversion, or a `game.students.Recipe`
+    (attacker.recipe_of resolves passive/adaptive to theirs; `stu.recipe_loss` assembles it).
 
     The trained tree `tp` is the student's params (finetune='full') or its LoRA adapters
     over the frozen `base` params (finetune='lora'; then example values and g_S are taken
@@ -283,24 +285,16 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
     else:
         params_of = lambda tp, base: tp
 
-    def per_example_nll(params, tokens_bt, mask_bt):
-        return stu.sequence_nll(tfm.token_logprobs(graphdef, params, tokens_bt), mask_bt[:, :-1])
+    recipe = attacker.recipe_of(kind, dc)
 
     def loss_fn(tp, base, batch, beta, heldout, proxy_params, gamma):
         mask_bt = batch["loss_mask_bt"][:, :-1]
-        weights_b = None
-        if kind == "adaptive":
-            g_S = jax.grad(lambda p: masked_nll(graphdef, params_of(p, base), heldout["tokens_bt"], heldout["loss_mask_bt"]))(tp)
-            nll_b = lambda p, tokens_bt, m_bt: per_example_nll(params_of(p, base), tokens_bt, m_bt)
-            v_b = stu.example_values(nll_b, tp, g_S, batch["tokens_bt"], batch["loss_mask_bt"])
-            weights_b = jax.lax.stop_gradient(
-                stu.adaptive_weights(v_b, beta, max_weight=dc.max_weight, mask_b=mask_bt.sum(-1) > 0,
-                                     standardize=dc.standardize_values)
-            )
+        if recipe is not None:  # passive and adaptive students: values, weights, averaging in one place
+            token_loss = lambda p: (-tfm.token_logprobs(graphdef, params_of(p, base), batch["tokens_bt"]), mask_bt)
+            held = lambda p: masked_nll(graphdef, params_of(p, base), heldout["tokens_bt"], heldout["loss_mask_bt"])
+            return stu.recipe_loss(recipe, beta, token_loss, tp, heldout_loss_fn=held,
+                                   weights_b=batch.get("weights_b"), shuffle_u_b=batch.get("shuffle_u_b"))
         params = params_of(tp, base)
-        if kind in ("passive", "adaptive"):
-            logp_bt = tfm.token_logprobs(graphdef, params, batch["tokens_bt"])
-            return stu.weighted_nll(logp_bt, mask_bt, weights_b, dc.averaging)
         target_lp = batch["topk_logprob_btk"][:, :-1]
         ids = batch["topk_ids_btk"][:, :-1]
         if kind == "poe_inversion":  # undo the mixture with the attacker's own copy of the proxy
@@ -308,12 +302,12 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
             z_p_k = jnp.take_along_axis(z_p, ids, axis=-1)
             target_lp = stu.invert_poe(target_lp, z_p_k, gamma, tau)
         logp_btv = _student_logp(graphdef, params, batch["tokens_bt"])
-        return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging)
+        return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging), {"ess_fraction": jnp.float32(1.0)}
 
     def step(tp, opt_state, base, batch, beta, heldout, proxy_params, gamma):
-        loss, grads = jax.value_and_grad(loss_fn)(tp, base, batch, beta, heldout, proxy_params, gamma)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tp, base, batch, beta, heldout, proxy_params, gamma)
         updates, opt_state = tx.update(grads, opt_state, tp)
-        return optax.apply_updates(tp, updates), opt_state, loss
+        return optax.apply_updates(tp, updates), opt_state, loss, aux
 
     # vmap over seeds: trained tree, opt state, batch and held-out batch have a leading seed axis; base is shared.
     return jax.jit(jax.vmap(step, in_axes=(0, 0, None, 0, None, 0, None, None)), donate_argnums=(0, 1))
@@ -333,10 +327,12 @@ def distil(
     progress: bool = True,
     desc: str = "",
     snapshots: tuple[int, ...] = (),
+    stats: dict | None = None,
 ):
     """Train `seeds` copies of the student base at once; traces have a leading seed axis.
     Returns the students' full params (LoRA adapters merged) with a leading seed axis; with
-    `snapshots` (step counts), a list of them, one per snapshot, training to the largest."""
+    `snapshots` (step counts), a list of them, one per snapshot, training to the largest.
+    `stats` (if given) receives the per-seed mean effective-sample-size fraction of the weights."""
     step = make_distill_step(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau)
     traces, heldout = trim_columns(traces), trim_columns(heldout)
     proxy_params = proxy.params if proxy else None
@@ -364,15 +360,21 @@ def distil(
     total = max(snapshots) if snapshots else dc.steps
     merged = (lambda tp: jax.vmap(lambda t: lora.merge(base.params, t, dc.lora))(tp)) if dc.finetune == "lora" else (lambda tp: tp)
     kept = {}
+    feeder = attacker.RecipeFeeder(base, dc, kind, traces, heldout, seeds)
+    ess = 0.0
     bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
     for i in bar:
         idx = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
         batch = {k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()}
+        batch.update(feeder.extras(i, trained, frozen, idx, beta))
         h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
         held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
-        trained, opt_state, loss = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
+        trained, opt_state, loss, aux = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
+        ess = ess + aux["ess_fraction"]
         if i + 1 in snapshots:  # a copy: the next step donates `trained`
             kept[i + 1] = jax.tree.map(jnp.copy, merged(trained))
+    if stats is not None:
+        stats["ess_fraction"] = (np.asarray(ess) / total).tolist()
     loss = np.asarray(loss)
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
@@ -393,6 +395,7 @@ class Protocol:
         self.tokenizer = self.task.tokenizer
         self.mesh = make_mesh(cfg)
         self.task_fp = fingerprint(task=cfg.task.identity(), seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
+        self.validation_problems, self.heldout_tag = None, ""  # set by attacker_heldout when the attacker tunes β
 
     # -- helpers --------------------------------------------------------------
     def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0, carry_b=None) -> Decoded:
@@ -474,52 +477,77 @@ class Protocol:
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
-    def student(self, d: DefenseSetting, kind: str, beta: float, models, traces, heldout) -> dict:
-        """Distil `kind` on this defense's traces; {"accuracy": per seed} (+ "curve" for the standard passive student:
-        step count -> per-seed accuracy along one run, see protocol.distill.curve; + "pool" for correct_only)."""
+    def student(self, d: DefenseSetting, kind: str, beta: float, models, traces, heldout) -> list[float]:
+        return self.student_record(d, kind, beta, models, traces, heldout)["accuracy"]
+
+    def student_record(self, d: DefenseSetting, kind, beta: float, models, traces, heldout) -> dict:
+        """Distil (or load) one student kind for every seed: its per-seed test `accuracy`,
+        `ess_fraction` of its weights and, while the attacker keeps a validation split,
+        `validation_accuracy`; + `curve` for the standard passive student (step count -> per-seed accuracy
+        along one run, protocol.distill.curve) and `pool` for correct_only. `kind` may be a
+        `game.students.Recipe` (attacker.py)."""
         dc = self.pc.distill
         with_curve = kind == "passive" and d.name == "standard" and bool(dc.curve)
-        path = self.dir / f"student-{d.key}-{kind}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dataclasses.replace(dc, betas=(), attacks=(), attack_defenses=(), curve=dc.curve if with_curve else (), correct_pool=dc.correct_pool if kind == 'correct_only' else 0), s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
+        # Recipe kinds are keyed by their resolved recipe, so attacker settings invalidate only the students they change.
+        dc_key = dataclasses.replace(dc, betas=(), attacks=(), attack_defenses=(), attacker=attacker.AttackerConfig(),
+                                     curve=dc.curve if with_curve else (), correct_pool=dc.correct_pool if kind == "correct_only" else 0)
+        path = self.dir / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
         if path.exists():
             return json.loads(path.read_text())
         train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
         if dc.degeneracy_filter:
             train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
-        out = {"defense": d.label, "kind": kind, "beta": beta}
-        if kind == "correct_only":
-            train, out["pool"] = correct_pool(train, traces["trace_correct"] & traces["keep"], dc.correct_pool, d.label)
         gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
+        record = {"defense": d.label, "kind": kind if isinstance(kind, str) else dataclasses.asdict(kind), "beta": beta}
+        if kind == "correct_only":
+            train, record["pool"] = correct_pool(train, traces["trace_correct"] & traces["keep"], dc.correct_pool, d.label)
         snapshots = tuple(sorted({max(1, round(f * dc.steps)) for f in dc.curve})) if with_curve else ()
+        stats: dict = {}
         params = distil(
             models["student"], train, heldout, dc, "passive" if kind == "correct_only" else kind, beta, self.seeds,
-            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distil {kind} on {d.label}", snapshots=snapshots,
+            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distil {attacker.kind_label(kind)} on {d.label}",
+            snapshots=snapshots, stats=stats,
         )
-        if with_curve:
-            out["curve"] = {str(n): self.student_accuracy(models, p) for n, p in zip(snapshots, params)}
-            out["accuracy"] = out["curve"][str(dc.steps)]
-        else:
-            out["accuracy"] = self.student_accuracy(models, params)
-        save_json(path, out)
-        return out
-
-    def student_accuracy(self, models, params) -> list[float]:
-        """Greedy test accuracy of each seed's student (params with a leading seed axis)."""
         test_problems = self.task.problems("test", self.cfg.seed)
+        if with_curve:
+            record["curve"] = {str(n): self._accuracies(models, p, test_problems) for n, p in zip(snapshots, params)}
+            params = params[snapshots.index(dc.steps)]
+            record["accuracy"] = record["curve"][str(dc.steps)]
+        else:
+            record["accuracy"] = self._accuracies(models, params, test_problems)
+        record.update(stats)
+        if self.validation_problems:  # the attacker's own validation split (tuned β); never the test set
+            record["validation_accuracy"] = self._accuracies(models, params, self.validation_problems)
+        save_json(path, record)
+        return record
+
+    def _accuracies(self, models, params, problems) -> list[float]:
+        """Greedy accuracy of each seed's student (params with a leading seed axis) on `problems`."""
         spec = models["student"].spec
         accs = []
         for s in range(self.seeds):
             p_s = jax.tree.map(lambda x: x[s], params)
-            dec = decode_problems(test_problems, self.tokenizer, (spec,), (p_s,), self.mesh,
+            dec = decode_problems(problems, self.tokenizer, (spec,), (p_s,), self.mesh,
                                   max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
-            accs.append(float(correct_mask(test_problems, dec.texts(self.tokenizer), self.task.is_correct).mean()))
+            accs.append(float(correct_mask(problems, dec.texts(self.tokenizer), self.task.is_correct).mean()))
         return accs
 
     def attacker_heldout(self, clean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The attacker's held-out set for g_S; while it tunes β (attacker.py) a validation split of
+        its prompts is kept out of it (`self.validation_problems`)."""
+        problems = self.task.problems("heldout", self.cfg.seed)
         if self.pc.distill.heldout == "ground_truth":
-            problems = self.task.problems("heldout", self.cfg.seed)
             data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
-            return {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}
-        return {"tokens_bt": clean["tokens_bt"], "loss_mask_bt": clean["loss_mask_bt"]}
+            held = {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}
+        else:
+            held = {"tokens_bt": clean["tokens_bt"], "loss_mask_bt": clean["loss_mask_bt"]}
+        ac = self.pc.distill.attacker
+        if ac.tunes and self.pc.distill.heldout != "none":
+            fit, val = attacker.validation_split(len(problems), ac.validation_fraction, self.cfg.seed)
+            self.validation_problems = [problems[i] for i in val]
+            self.heldout_tag = f"val{ac.validation_fraction:g}"
+            held = {k: v[fit] for k, v in held.items()}
+        return held
 
     def student_kinds(self, d: DefenseSetting) -> list[tuple[str, str, float]]:
         dc = self.pc.distill
@@ -549,12 +577,16 @@ class Protocol:
             row["teacher_accuracy"] = mean_stderr(tr["teacher_correct"].mean(-1))
             row["students"] = {}
             for name, kind, beta in self.student_kinds(d):
-                st = self.student(d, kind, beta, models, tr, heldout)
-                row["students"][name] = mean_stderr(st["accuracy"])
-                if "curve" in st:
-                    row["learning_curve"] = {n: mean_stderr(v) for n, v in st["curve"].items()}
-                if "pool" in st:
-                    row["correct_pool"] = st["pool"]
+                record = self.student_record(d, kind, beta, models, tr, heldout)
+                row["students"][name] = mean_stderr(record["accuracy"])
+                if kind == "adaptive" and "ess_fraction" in record:
+                    row.setdefault("ess_fraction", {})[name] = mean_stderr(record["ess_fraction"])
+                if "curve" in record:
+                    row["learning_curve"] = {n: mean_stderr(v) for n, v in record["curve"].items()}
+                if "pool" in record:
+                    row["correct_pool"] = record["pool"]
+            if attacker.runs_ablation(d, self.pc.distill.attacker):
+                row["ablation_students"] = attacker.ablation_students(self, d, models, tr, heldout)
             row["adaptive_key"] = next((k for k in row["students"] if k.startswith("adaptive")), None)
             if row["adaptive_key"]:
                 p, a = row["students"]["passive"]["mean"], row["students"][row["adaptive_key"]]["mean"]
@@ -585,6 +617,8 @@ class Protocol:
         if self.cfg.task.is_text:
             results["task"] = self.cfg.task.name
         add_paired_deltas(rows)
+        if any("ablation_students" in r for r in rows):
+            results["ablation"] = attacker.ablation_summary(rows)
         results["headline"] = headline(results)
         if is_main_process():  # every process holds the same results; one writes them
             write_results(self.dir.parent, results)
@@ -721,7 +755,7 @@ def results_markdown(results: dict) -> str:
                      f"is the learnability of the correct texts)")
         lines += ["", text + "."]
     lines += ["", f"Finished in {results['seconds']:.0f}s. Plot: `teacher_vs_student.png`."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + attacker.ablation_markdown(results)
 
 
 def write_results(run_dir: pathlib.Path, results: dict) -> list[pathlib.Path]:

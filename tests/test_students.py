@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -325,3 +326,160 @@ def test_invert_poe_validation():
         S.invert_poe(jnp.zeros((1, 3)), jnp.zeros((1, 3)), 1.0)
     with pytest.raises(ValueError, match="temperature=0"):
         S.invert_poe(jnp.zeros((1, 3)), jnp.zeros((1, 3)), 0.5, 0)
+
+
+# ---------------------------------------------------------------------------
+# Attacker recipes (Recipe, recipe_loss, dataset_weights)
+# ---------------------------------------------------------------------------
+
+
+def test_reference_recipe_scores_are_minus_design_values_up_to_bf16_rounding():
+    # Constructed so that only the bf16 rounding of the two losses can differ from -v:
+    # quadratic losses (the central difference is exact), θ = 0 and g a vector of powers of
+    # two (θ ± εg is exact in bf16), losses computed in float32 from the exact point.
+    theta = jnp.zeros(3, jnp.float32)
+    g = jnp.array([1.0, -0.5, 0.25], jnp.float32)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=64) * 3, jnp.float32)
+    v = np.asarray(S.example_values(sq_losses, theta, g, x, y))
+    a = np.asarray(S.recipe_scores(S.REFERENCE_RECIPE, sq_losses, theta, g, x, y))
+    np.testing.assert_array_equal(a, S.example_values_reference_code_compat(sq_losses, theta, g, x, y, eps=0.01))
+    eps = float(jnp.asarray(0.01, jnp.bfloat16))  # the step actually taken
+    lp = np.asarray(sq_losses(theta + eps * g, x, y), np.float64)
+    lm = np.asarray(sq_losses(theta - eps * g, x, y), np.float64)
+    u = 2.0**-8  # bf16 unit roundoff (8 significant bits)
+    bound = u * (np.abs(lp) + np.abs(lm)) / (2 * eps) * 1.01 + 2 * u * np.abs(v) + 1e-6
+    assert np.all(np.abs(a + v) <= bound)
+    # ... and that rounding is not a nicety: it is exactly the quantisation the paper's weights show
+    assert np.mean(a == 0) > 0.1 and np.all(v != 0)
+    assert len(np.unique(a)) < 0.6 * len(np.unique(v))
+    # in float32 the same recipe is -v to O(float32) (the difference is exact for a quadratic)
+    a32 = S.recipe_scores(dataclasses.replace(S.REFERENCE_RECIPE, fd_dtype="float32"), sq_losses, theta, g, x, y)
+    np.testing.assert_allclose(a32, -v, rtol=2e-3, atol=2e-3)
+    # the design's sign, same precision: +v
+    flip = dataclasses.replace(S.REFERENCE_RECIPE, sign=1)
+    np.testing.assert_array_equal(S.recipe_scores(flip, sq_losses, theta, g, x, y), -a)
+
+
+def test_recipe_weights_closed_forms():
+    a = np.array([0.4, -2.0, 30.0, 0.0, -15.0, 1.0])
+    mask = np.array([1, 1, 1, 1, 1, 0], bool)
+    # reference: clamp to ±10, exp(β a), mean 1 over the valid, no cap, no standardisation
+    want = np.exp(0.5 * np.clip(a, -10, 10)) * mask
+    want = want / want[mask].mean()
+    np.testing.assert_allclose(S.recipe_weights(S.REFERENCE_RECIPE, a, 0.5, mask), want, rtol=1e-5)
+    # one-sided filter on standardised scores: min(1, exp(β a / std)), never renormalised
+    filt = S.Recipe(weighting="filter", standardize=True)
+    std = a[mask].std()
+    want_f = np.minimum(1.0, np.exp(1.5 * a / std)) * mask
+    got_f = np.asarray(S.recipe_weights(filt, a, 1.5, mask))
+    np.testing.assert_allclose(got_f, want_f, rtol=1e-5, atol=1e-30)
+    assert got_f.max() <= 1.0 and got_f[mask].mean() < 1.0  # it only ever down-weights
+    # passive: ones on the valid examples
+    np.testing.assert_array_equal(S.recipe_weights(S.PASSIVE_RECIPE, a, 3.0, mask), mask.astype(np.float32))
+    # design: the old adaptive_weights call
+    design = S.Recipe(standardize=True, max_weight=5.0)
+    np.testing.assert_allclose(S.recipe_weights(design, a, 1.0, mask),
+                               S.adaptive_weights(a, 1.0, max_weight=5.0, mask_b=mask, standardize=True), rtol=1e-6)
+
+
+def test_shuffled_weights_keep_the_multiset():
+    rng = np.random.default_rng(11)
+    w = rng.exponential(size=20).astype(np.float32)
+    mask = rng.random(20) < 0.7
+    w = np.where(mask, w, 0.0).astype(np.float32)
+    moved = 0
+    for trial in range(4):
+        s = np.asarray(S.shuffle_weights(w, mask, rng.random(20)))
+        np.testing.assert_array_equal(np.sort(s[mask]), np.sort(w[mask]))  # same multiset on the valid examples
+        assert np.all(s[~mask] == 0)
+        moved += np.sum(s != w)
+    assert moved > 20  # really permuted
+
+
+def test_ess_fraction_closed_forms():
+    assert float(S.ess_fraction(np.ones(8))) == pytest.approx(1.0)
+    assert float(S.ess_fraction(np.array([4.0, 0, 0, 0]))) == pytest.approx(0.25)
+    w = np.array([2.0, 1.0, 1.0, 0.0, 7.0])
+    m = np.array([1, 1, 1, 1, 0], bool)
+    assert float(S.ess_fraction(w, m)) == pytest.approx(16 / (4 * 6))
+
+
+def _toy_token_problem(seed=0, B=6, T=4):
+    """Token losses of a per-position logistic model: loss_bt = softplus(-y_bt (x_bt·θ))."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    y = jnp.asarray(rng.choice([-1.0, 1.0], size=(B, T)), jnp.float32)
+    mask = np.ones((B, T), np.float32)
+    mask[0, 2:] = 0
+    mask[3] = 0  # an example with no target tokens
+    mask = jnp.asarray(mask)
+    theta = jnp.asarray(rng.normal(size=D), jnp.float32)
+    token_loss = lambda th, x=x, y=y, mask=mask: (jax.nn.softplus(-y * (x @ th)), mask)
+    return theta, x, y, mask, token_loss
+
+
+def test_recipe_loss_per_batch_equals_hand_assembly():
+    theta, x, y, mask, token_loss = _toy_token_problem()
+    xh, yh = x[:2] * 0.5 + 0.1, -y[:2]
+    held = lambda th: jnp.mean(jax.nn.softplus(-yh * (xh @ th)))
+    g = jax.grad(held)(theta)
+    per_ex = lambda th: S.sequence_nll(-token_loss(th)[0], mask)
+    v = S.example_values(per_ex, theta, g)
+    mask_b = np.asarray(mask.sum(-1) > 0)
+    for recipe, beta in [(S.Recipe(averaging="sequence", max_weight=2.0), 1.0), (S.Recipe(weighting="filter"), 2.0),
+                         (S.Recipe(averaging="token", standardize=False, max_weight=None, sign=-1), 3.0)]:
+        w = S.recipe_weights(recipe, recipe.sign * v, beta, mask_b)
+        want = S.weighted_nll(-token_loss(theta)[0], mask, w, recipe.averaging)
+        loss, aux = S.recipe_loss(recipe, beta, token_loss, theta, heldout_loss_fn=held)
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+        np.testing.assert_allclose(aux["ess_fraction"], S.ess_fraction(w, mask_b), rtol=1e-6)
+        assert float(aux["ess_fraction"]) < 1.0
+        # weights carry no gradient: ∇loss = Σ w_i ∇ℓ_i / n with w held fixed
+        grad = jax.grad(lambda th: S.recipe_loss(recipe, beta, token_loss, th, heldout_loss_fn=held)[0])(theta)
+        want_grad = jax.grad(lambda th: S.weighted_nll(-token_loss(th)[0], mask, w, recipe.averaging))(theta)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+    # passive: the plain token mean, ESS 1
+    loss, aux = S.recipe_loss(S.PASSIVE_RECIPE, 5.0, token_loss, theta)
+    np.testing.assert_allclose(loss, S.weighted_nll(-token_loss(theta)[0], mask), rtol=1e-6)
+    assert float(aux["ess_fraction"]) == 1.0
+    # precomputed (dataset-level) weights are used as given
+    w_given = jnp.arange(6, dtype=jnp.float32)
+    loss, _ = S.recipe_loss(S.REFERENCE_RECIPE, 0.5, token_loss, theta, weights_b=w_given)
+    want = np.sum(np.asarray(w_given) * np.asarray(per_ex(theta))) / 5  # Σ w ℓ / #examples with tokens
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+def test_dataset_gradient_and_weights_match_whole_set():
+    rng = np.random.default_rng(2)
+    N, T = 11, 3  # not a multiple of the chunk: padding must not count
+    data = {"x": jnp.asarray(rng.normal(size=(N, T, D)), jnp.float32),
+            "y": jnp.asarray(rng.choice([-1.0, 1.0], size=(N, T)), jnp.float32),
+            "m": jnp.asarray((rng.random((N, T)) < 0.8).astype(np.float32))}
+    theta = jnp.asarray(rng.normal(size=D), jnp.float32)
+    tok = lambda th, r: jax.nn.softplus(-r["y"] * (r["x"] @ th)) * r["m"]
+    sum_loss = lambda th, r: (jnp.sum(tok(th, r)), jnp.sum(r["m"]))
+    g = S.dataset_gradient(sum_loss, theta, data, chunk=4)
+    want_g = jax.grad(lambda th: jnp.sum(tok(th, data)) / jnp.sum(data["m"]))(theta)
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
+    per_ex = lambda th, r: S.sequence_nll(-tok(th, r), r["m"])
+    mask_n = np.asarray(data["m"].sum(-1) > 0)
+    for recipe in (S.Recipe(refresh_every=0), dataclasses.replace(S.REFERENCE_RECIPE, fd_dtype="float32")):
+        w = S.dataset_weights(recipe, 1.0, per_ex, theta, g, data, mask_n, chunk=4)
+        a = S.recipe_scores(recipe, per_ex, theta, g, data)
+        np.testing.assert_allclose(w, S.recipe_weights(recipe, a, 1.0, mask_n), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(w)[mask_n].mean(), 1.0, rtol=1e-5)
+    sh = S.dataset_weights(dataclasses.replace(S.Recipe(refresh_every=0), shuffle=True), 1.0, per_ex, theta, g, data,
+                           mask_n, chunk=4, shuffle_u_n=rng.random(N))
+    w = S.dataset_weights(S.Recipe(refresh_every=0), 1.0, per_ex, theta, g, data, mask_n, chunk=4)
+    np.testing.assert_allclose(np.sort(np.asarray(sh)), np.sort(np.asarray(w)), rtol=1e-6)
+
+
+def test_recipe_validation():
+    S.REFERENCE_RECIPE.validate()
+    for bad, key in [(dict(weighting="soft"), "weighting"), (dict(sign=0), "sign"), (dict(value="grad"), "value"),
+                     (dict(refresh_every=-1), "refresh_every"), (dict(max_weight=0.5), "max_weight"),
+                     (dict(fd_dtype="int8"), "fd_dtype"), (dict(averaging="tokens"), "averaging")]:
+        with pytest.raises(ValueError, match=f"r.{key}="):
+            S.Recipe(**bad).validate("r")
