@@ -168,17 +168,21 @@ class Attention(nnx.Module):
         q_btnh = rotary(self._project(x_btd, "wq_dnh", "bq_nh", "btd,dnh->btnh"), positions_bt, inv_freq_h)
         k_btkh = rotary(self._project(x_btd, "wk_dkh", "bk_kh", "btd,dkh->btkh"), positions_bt, inv_freq_h)
         v_btkh = self._project(x_btd, "wv_dkh", "bv_kh", "btd,dkh->btkh")
-        if cache is not None:  # write this chunk at slot `cache_index`, attend over the whole cache
-            k_btkh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkh.astype(cache["k"].dtype), cache_index, 1)
-            v_btkh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkh.astype(cache["v"].dtype), cache_index, 1)
-            cache = {"k": k_btkh, "v": v_btkh}
         b, t, n, h = q_btnh.shape
         kv = cfg.n_kv_heads
-        q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh.astype(dt)).astype(jnp.float32) * h**-0.5
+        # Keys/values live head-major ([B, K, S, H], the cache's layout): the score and value matmuls
+        # then batch over (b, k) with their operands in place, and a decode step reads the cache
+        # without transposing all of it.
+        k_bksh, v_bksh = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
+        if cache is not None:  # write this chunk at slot `cache_index`, attend over the whole cache
+            k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), cache_index, 2)
+            v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), cache_index, 2)
+            cache = {"k": k_bksh, "v": v_bksh}
+        q_bkgth = q_btnh.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh.astype(dt)).astype(jnp.float32) * h**-0.5
         scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh.astype(dt)).reshape(b, t, n, h)
+        out_btnh = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh.astype(dt)).reshape(b, t, n, h)
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), cache
 
 
@@ -291,7 +295,8 @@ def forward(graphdef, params: Params, tokens_bt, positions_bt=None, mask_bts=Non
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    """Per layer {"k", "v"} of shape [B, K, S, H] (head-major: see Attention)."""
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dt = jnp.dtype(cfg.compute_dtype)
     return {f"block_{i}": {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for i in range(cfg.n_layers)}
 
