@@ -1,7 +1,7 @@
 """`distgame`: the command-line entry point.
 
     distgame train --role teacher --config default [key=value ...] [--json]
-    distgame bench --config default [--json]
+    distgame bench --config default [--compare-hf] [--json]
     distgame protocol --config default [--seeds N] [--json]
     distgame equilibrium --config default [--json]
     distgame run --config default                        # what `make run` does
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) one role's model")
     train.add_argument("--role", required=True, choices=ROLES)
     _common(train)
-    bench = sub.add_parser("bench", help="train-step and decode throughput, FLOPs and utilisation")
+    bench = sub.add_parser("bench", help="train-step, decode, PoE and distillation throughput, FLOPs and utilisation")
+    bench.add_argument("--compare-hf", action="store_true",
+                       help="also time the same shapes in PyTorch + transformers (the test extra), alternating, and report the ratios")
     _common(bench)
     protocol = sub.add_parser("protocol", help="defended traces, passive/adaptive students, results table")
     protocol.add_argument("--seeds", type=int, default=None, help="override protocol.seeds")
@@ -79,7 +82,7 @@ def _train(args, cfg) -> dict:
 def _bench(args, cfg) -> dict:
     from experiments.bench import format_report, run_bench
 
-    report = run_bench(cfg)
+    report = run_bench(cfg, compare_hf=args.compare_hf)
     print(format_report(report))
     return report
 
@@ -123,6 +126,20 @@ def _compile_check(args, cfg) -> dict:
     return report
 
 
+def enable_compilation_cache() -> str | None:
+    """Keep compiled XLA programs on disk so a repeated command skips recompiling its steps and samplers:
+    $DISTGAME_COMPILATION_CACHE, default ~/.cache/distgame/jax; set it to '' to turn this off. A cache
+    directory the user already gave jax (JAX_COMPILATION_CACHE_DIR) wins."""
+    import jax
+
+    path = os.environ.get("DISTGAME_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "distgame" / "jax"))
+    if not path or jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir or None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # only what is worth a disk read
+    return path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options and key=value overrides in any order (argparse alone stops collecting the
     overrides at the first option after them)."""
@@ -151,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Before anything touches a jax backend: pick the platform, join the other processes (if any).
         keep_off_absent_tpu()
+        enable_compilation_cache()
         initialize_distributed(cfg.distributed)
         command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run,
                    "compile-check": _compile_check}[args.command]

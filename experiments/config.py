@@ -125,7 +125,9 @@ class BenchConfig:
     batch_size: int = _help("sequences per train step and per decode batch", 64)
     prompt_len: int = _help("prompt tokens before decoding", 32)
     gen_len: int = _help("generated tokens per sequence", 32)
-    iters: int = _help("timed repetitions (after one warm-up)", 5)
+    iters: int = _help("timed repetitions per round (after one warm-up)", 5)
+    rounds: int = _help("rounds of timings, ours and PyTorch's alternating (--compare-hf); medians over rounds are reported", 2)
+    distill_steps: int = _help("distillation steps per timed call of the protocol's distil (all protocol.seeds at once)", 10)
 
 
 DEFENSES = ("standard", "poe", "ads", "ads_fd", "strategic_poe", "strategic_ads")
@@ -384,6 +386,9 @@ class Config:
             raise ConfigError(f"run.protocol_seeds={self.run.protocol_seeds} must be >= 1")
         if self.bench.role not in ROLES:
             raise ConfigError(f"bench.role={self.bench.role!r} must be one of {', '.join(ROLES)}")
+        for name in ("batch_size", "prompt_len", "gen_len", "iters", "rounds", "distill_steps"):
+            if getattr(self.bench, name) < 1:
+                raise ConfigError(f"bench.{name}={getattr(self.bench, name)} must be >= 1")
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,10 @@ state over a mesh of those devices and compiled by the TPU compiler. XLA's
 memory analysis then says how many bytes each device needs, and its cost
 analysis how many FLOPs one step takes. `--topology local` compiles for this
 machine's own devices instead (what CI can run).
+
+No step time is measured here, so no utilisation is claimed: for a device whose peak is known
+(`experiments/device_peaks.py`) the report gives FLOPs and HBM bytes per step and the roofline
+bound max(FLOPs / bf16 peak, bytes / bandwidth), the least time the step can take there.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from experiments import device_peaks
 from experiments.config import ROLES, Config
 from experiments.tasks.arithmetic import encode_problems, make_split
 from experiments.tasks.tokenizer import build_tokenizer
@@ -86,14 +91,19 @@ def compile_train_step(cfg: Config, role: str, mesh):
     return step.lower(state, batch).compile(), tfm.param_count(params), tokenizer.vocab_size
 
 
-def _flops(compiled) -> float | None:
+def _cost(compiled, key: str) -> float | None:
+    """One figure of XLA's cost analysis ("flops", "bytes accessed") per device, if the backend has it."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # not every backend implements it
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return float(cost[key]) if cost and key in cost else None
+
+
+def _flops(compiled) -> float | None:
+    return _cost(compiled, "flops")
 
 
 def role_report(cfg: Config, role: str, mesh) -> dict:
@@ -102,6 +112,11 @@ def role_report(cfg: Config, role: str, mesh) -> dict:
     args, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     rc, seq = cfg.role(role), cfg.task.max_len
     model_flops = 3 * tfm.flops_per_token(rc.model, vocab, seq // 2) * rc.train.batch_size * seq / mesh.devices.size
+    xla_flops, xla_bytes = _flops(compiled), _cost(compiled, "bytes accessed")
+    peak = device_peaks.lookup(mesh.devices.flat[0].device_kind)
+    roof = device_peaks.roofline(xla_flops or model_flops, xla_bytes, peak) if peak else None
+    if roof:  # the model's own FLOPs at that bound, over the peak: the most MFU this step can show there
+        roof["max_mfu"] = model_flops / roof["roofline_bound_s"] / peak.bf16_flops_per_s
     return {
         "role": role,
         "params": n_params,
@@ -112,8 +127,10 @@ def role_report(cfg: Config, role: str, mesh) -> dict:
         "alias_bytes": alias,  # donated state: outputs reuse the argument buffers
         "temp_bytes": temp,
         "peak_bytes_estimate": args + out - alias + temp,
-        "xla_flops_per_device": _flops(compiled),
+        "xla_flops_per_device": xla_flops,
+        "xla_bytes_accessed_per_device": xla_bytes,
         "model_flops_per_device": model_flops,
+        "roofline": roof,
     }
 
 
@@ -154,4 +171,14 @@ def format_report(r: dict) -> str:
             f"peak ~{x['peak_bytes_estimate'] / GIB:.3f} GiB{fit}; "
             f"GFLOPs/step/device XLA {flops}, model {x['model_flops_per_device'] / 1e9:,.1f}"
         )
+        roof = x.get("roofline")
+        if roof:
+            traffic = x["xla_bytes_accessed_per_device"]
+            hbm_part = "n/a" if traffic is None else f"{traffic / GIB:.2f} GiB = {roof['memory_bound_s'] * 1e3:,.2f} ms"
+            lines.append(
+                f"           roofline on {roof['device']} ({roof['peak_bf16_flops_per_s'] / 1e12:g} TFLOP/s bf16, "
+                f"{roof['hbm_bytes_per_s'] / 1e12:g} TB/s): step >= {roof['roofline_bound_s'] * 1e3:,.2f} ms "
+                f"({roof['bound_by']}-bound; compute {roof['compute_bound_s'] * 1e3:,.2f} ms, HBM {hbm_part}); "
+                f"MFU <= {roof['max_mfu']:.0%}"
+            )
     return "\n".join(lines)

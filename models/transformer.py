@@ -104,6 +104,16 @@ class ModelConfig:
         return self.vocab_rows or vocab_size
 
 
+def rows_matmul(x: jax.Array, w_in_out: jax.Array) -> jax.Array:
+    """x[..., in] @ w[in, ...]: one 2-D matmul over the flattened rows of x and the flattened output dims of w.
+
+    Same values as the einsum; on XLA:CPU the weight gradient of the 2-D form needs no transposed copies
+    of the activations (a SwiGLU forward + backward at the default teacher's size: 1.35x faster)."""
+    out_shape = w_in_out.shape[1:]
+    y = x.reshape(-1, x.shape[-1]) @ w_in_out.reshape(w_in_out.shape[0], -1)
+    return y.reshape(*x.shape[:-1], *out_shape)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int) -> nnx.Param:
     init = jax.nn.initializers.normal(stddev=fan_in**-0.5)
     return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
@@ -157,29 +167,33 @@ class Attention(nnx.Module):
             self.bk_kh = nnx.Param(jnp.zeros((k, h), jnp.float32), logical_axes=("kv_heads", "head_dim"))
             self.bv_kh = nnx.Param(jnp.zeros((k, h), jnp.float32), logical_axes=("kv_heads", "head_dim"))
 
-    def _project(self, x_btd, weight: str, bias: str, spec: str):
+    def _project(self, x_btd, weight: str, bias: str):
         dt = x_btd.dtype
-        out = jnp.einsum(spec, x_btd, getattr(self, weight)[...].astype(dt))
+        out = rows_matmul(x_btd, getattr(self, weight)[...].astype(dt))
         return out + getattr(self, bias)[...].astype(dt) if self.cfg.qkv_bias else out
 
     def __call__(self, x_btd, positions_bt, mask_bts, cache, cache_index):
         cfg, dt = self.cfg, x_btd.dtype
         inv_freq_h = rope_inv_freq(cfg)
-        q_btnh = rotary(self._project(x_btd, "wq_dnh", "bq_nh", "btd,dnh->btnh"), positions_bt, inv_freq_h)
-        k_btkh = rotary(self._project(x_btd, "wk_dkh", "bk_kh", "btd,dkh->btkh"), positions_bt, inv_freq_h)
-        v_btkh = self._project(x_btd, "wv_dkh", "bv_kh", "btd,dkh->btkh")
-        if cache is not None:  # write this chunk at slot `cache_index`, attend over the whole cache
-            k_btkh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_btkh.astype(cache["k"].dtype), cache_index, 1)
-            v_btkh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_btkh.astype(cache["v"].dtype), cache_index, 1)
-            cache = {"k": k_btkh, "v": v_btkh}
+        q_btnh = rotary(self._project(x_btd, "wq_dnh", "bq_nh"), positions_bt, inv_freq_h)
+        k_btkh = rotary(self._project(x_btd, "wk_dkh", "bk_kh"), positions_bt, inv_freq_h)
+        v_btkh = self._project(x_btd, "wv_dkh", "bv_kh")
         b, t, n, h = q_btnh.shape
         kv = cfg.n_kv_heads
-        q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh.astype(dt)).astype(jnp.float32) * h**-0.5
+        # Keys/values live head-major ([B, K, S, H], the cache's layout): the score and value matmuls
+        # then batch over (b, k) with their operands in place, and a decode step reads the cache
+        # without transposing all of it.
+        k_bksh, v_bksh = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
+        if cache is not None:  # write this chunk at slot `cache_index`, attend over the whole cache
+            k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), cache_index, 2)
+            v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), cache_index, 2)
+            cache = {"k": k_bksh, "v": v_bksh}
+        q_bkgth = q_btnh.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh.astype(dt)).astype(jnp.float32) * h**-0.5
         scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh.astype(dt)).reshape(b, t, n, h)
-        return jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(dt)), cache
+        out_btnh = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh.astype(dt)).reshape(b, t, n, h)
+        return rows_matmul(out_btnh.reshape(b, t, n * h), self.wo_nhd[...].astype(dt).reshape(n * h, -1)), cache
 
 
 class SwiGLU(nnx.Module):
@@ -191,8 +205,8 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_btd):
         dt = x_btd.dtype
-        gate = jax.nn.silu(x_btd @ self.w_gate_df[...].astype(dt))
-        return (gate * (x_btd @ self.w_up_df[...].astype(dt))) @ self.w_down_fd[...].astype(dt)
+        gate = jax.nn.silu(rows_matmul(x_btd, self.w_gate_df[...].astype(dt)))
+        return rows_matmul(gate * rows_matmul(x_btd, self.w_up_df[...].astype(dt)), self.w_down_fd[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -234,12 +248,12 @@ class Transformer(nnx.Module):
                 new_cache[name] = layer_cache
         x_btd = self.final_norm(x_btd)
         if self.cfg.tied_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed_vd[...].astype(dt))
+            logits = rows_matmul(x_btd, self.embed_vd[...].astype(dt).T)
             if self.cfg.scale_tied_logits:
                 # Scale so tied logits start O(1) like the untied projection (embedding has unit variance).
                 logits = logits * self.cfg.d_model**-0.5
         else:
-            logits = x_btd @ self.unembed_dv[...].astype(dt)
+            logits = rows_matmul(x_btd, self.unembed_dv[...].astype(dt))
         logits = logits.astype(jnp.float32)
         rows = logits.shape[-1]
         if rows > self.vocab_size:  # padded rows are never sampled
@@ -291,7 +305,8 @@ def forward(graphdef, params: Params, tokens_bt, positions_bt=None, mask_bts=Non
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    """Per layer {"k", "v"} of shape [B, K, S, H] (head-major: see Attention)."""
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dt = jnp.dtype(cfg.compute_dtype)
     return {f"block_{i}": {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for i in range(cfg.n_layers)}
 

@@ -106,3 +106,35 @@ def test_cli_keeps_off_an_absent_tpu_so_libtpu_stays_quiet():
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "cpu"]  # the user's choice wins
+
+
+def test_roofline_bound_is_the_slower_of_compute_and_memory():
+    from experiments.device_peaks import DevicePeak, roofline
+
+    peak = DevicePeak("x", 100e12, 1e12)  # ridge at 100 FLOPs/byte
+    compute = roofline(2e12, 1e9, peak)  # 20 ms of FLOPs, 1 ms of traffic
+    assert compute["bound_by"] == "compute" and compute["roofline_bound_s"] == pytest.approx(0.02)
+    assert compute["max_utilisation"] == pytest.approx(1.0) and compute["arithmetic_intensity"] == pytest.approx(2000)
+    memory = roofline(1e12, 5e10, peak)  # 10 ms of FLOPs, 50 ms of traffic
+    assert memory["bound_by"] == "memory" and memory["roofline_bound_s"] == pytest.approx(0.05)
+    assert memory["max_utilisation"] == pytest.approx(0.2)
+
+
+def test_local_devices_have_no_peak_so_no_roofline():
+    report = run_compile_check(load_config("ci"), "local", ("student",))
+    assert report["roles"][0]["roofline"] is None
+
+
+@needs_libtpu
+def test_tpu_compile_reports_flops_and_roofline_not_a_measured_mfu(capsys):
+    assert distgame(["compile-check", "--config", "ci", "mesh.data=-1", "teacher.train.batch_size=32", "--topology", "v5e:2x4",
+                     "--role", "teacher", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    (teacher,) = json.loads(out[-1])["roles"]
+    roof = teacher["roofline"]
+    assert roof["device"] == "TPU v5e" and roof["peak_bf16_flops_per_s"] == 197e12
+    assert roof["compute_bound_s"] == pytest.approx(teacher["xla_flops_per_device"] / 197e12)
+    assert roof["memory_bound_s"] == pytest.approx(teacher["xla_bytes_accessed_per_device"] / 0.819e12)
+    assert roof["roofline_bound_s"] == max(roof["compute_bound_s"], roof["memory_bound_s"])
+    assert 0 < roof["max_mfu"] <= 1.5  # model FLOPs may differ from XLA's count, not by much
+    assert any("roofline on TPU v5e" in line and "MFU <=" in line for line in out)
