@@ -250,7 +250,12 @@ class EquilibriumConfig:
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
     empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distil real students (protocol.distill)", True)
     check_seeds: int = _help("seeds of the empirical check", 1)
-    solver: SolverConfig = _help("the min-max solver (game/solver.py documents every field)", factory=SolverConfig)
+    horizon: int = _help("student steps in the teacher's objective with solver.unroll_from='base' (0 = protocol.distill.steps, with the protocol's optimizer)", 0)
+    horizon_batch: int = _help("prefixes per unrolled step, drawn from the pool in a fixed order (0 = protocol.distill.batch_size)", 0)
+    estimator: str = _help("gamma's effect on which prefixes are sampled: 'score' (score-function estimator, game/sampling.py) or 'soft' (stopped)", "score")
+    capability: str = _help("what J scores on reference solutions of test prompts: 'solution' (every solution token) or 'answer' (final answer + EOS)", "solution")
+    multi_start: bool = _help("solve every budget from gamma0 in {0, gamma_max/2, gamma_max} and keep the best feasible objective", True)
+    solver: SolverConfig = _help("the min-max solver (game/solver.py documents every field)", factory=lambda: SolverConfig(unroll_from="base"))
 
     def validate(self) -> None:
         b = self.budgets
@@ -265,6 +270,13 @@ class EquilibriumConfig:
         for name in ("prefixes", "resample_every", "heldout_batch", "n_eval", "n_utility", "check_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"equilibrium.{name}={getattr(self, name)} must be >= 1")
+        for name in ("horizon", "horizon_batch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"equilibrium.{name}={getattr(self, name)} must be >= 0")
+        if self.estimator not in ("score", "soft"):
+            raise ConfigError(f"equilibrium.estimator={self.estimator!r} must be 'score' or 'soft'")
+        if self.capability not in ("solution", "answer"):
+            raise ConfigError(f"equilibrium.capability={self.capability!r} must be 'solution' or 'answer'")
         try:
             self.solver.validate()
         except ValueError as e:
