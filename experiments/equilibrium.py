@@ -308,6 +308,10 @@ def setting_for(gamma: float) -> DefenseSetting:
     return DefenseSetting("poe", gamma) if gamma > 0 else DefenseSetting("standard")
 
 
+SUMMARY_KEYS = ("interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive", "starts_agree",
+                "check_delta_passive", "check_delta_passive_se", "check_delta_teacher")
+
+
 def summary_metrics(eq: dict) -> dict:
     """The numbers the equilibrium is judged by (last-line JSON of `distgame equilibrium`):
     interior budgets per student kind (0.01 < γ* < γ_max − 0.01), whether the passive γ* is
