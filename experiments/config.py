@@ -258,7 +258,7 @@ class EquilibriumConfig:
     calibration_gammas: tuple[float, ...] = _help("distgame calibrate: the PoE weights (>= 5, increasing, in [0, 1)) where the game's J is compared with the protocol's", (0.0, 0.15, 0.3, 0.45, 0.6))
     calibration_seeds: int = _help("distgame calibrate: protocol seeds per gamma (paired)", 3)
     calibration_game_seeds: int = _help("distgame calibrate: the game's own prefix pools per gamma", 3)
-    solver: SolverConfig = _help("the min-max solver (game/solver.py documents every field)", factory=lambda: SolverConfig(unroll_from="base"))
+    solver: SolverConfig = _help("the min-max solver (game/solver.py documents every field)", factory=SolverConfig)
 
     def validate(self) -> None:
         b = self.budgets

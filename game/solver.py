@@ -149,7 +149,7 @@ class SolverConfig:
         "'base': Stackelberg, θ_T(γ) = unroll_steps steps of the unroll optimizer from the "
         "student's base (the state's θ, never updated); 'current': myopic, unroll_steps plain "
         "GD steps from the student's current θ, which descends L_D every iteration",
-        "current",
+        "base",
     )
     unroll_optimizer: str = _help(
         "optimizer of the unrolled steps with unroll_from='base': 'sgd' or 'adam' (adam with "

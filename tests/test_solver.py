@@ -17,6 +17,7 @@ SB, EB, UB = BATCHES
 
 # The tuned toy configuration (see the module docstring of game/solver.py).
 CFG = solver.SolverConfig(
+    unroll_from="current",  # the myopic solver: the student trains, K=1 lookahead
     gamma_max=SPEC.gamma_max,
     student_steps=3,
     student_lr=0.1,

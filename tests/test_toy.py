@@ -56,7 +56,7 @@ def test_toy_assumptions_hold():
     sb, eb, _ = toy.toy_batches(SPEC)
     zt, zp = jnp.asarray(SPEC.teacher_logits), jnp.asarray(SPEC.proxy_logits)
     for unroll_lr in (0.1, 1.0):
-        cfg = solver.SolverConfig(gamma_max=SPEC.gamma_max, unroll_lr=unroll_lr)
+        cfg = solver.SolverConfig(gamma_max=SPEC.gamma_max, unroll_lr=unroll_lr, unroll_from="current")
 
         def hyper_at_best_response(g, cfg=cfg):
             theta_br = jax.nn.log_softmax((1 - g) * zt + g * zp, axis=-1)
@@ -117,7 +117,7 @@ def test_myopic_trap_signs():
     game = toy.toy_game(TRAP)
     sb, eb, _ = toy.toy_batches(TRAP)
     zt, zp = jnp.asarray(TRAP.teacher_logits), jnp.asarray(TRAP.proxy_logits)
-    myopic = solver.SolverConfig(gamma_max=TRAP.gamma_max, unroll_lr=1.0, unroll_steps=1)
+    myopic = solver.SolverConfig(gamma_max=TRAP.gamma_max, unroll_lr=1.0, unroll_steps=1, unroll_from="current")
     horizon = solver.SolverConfig(gamma_max=TRAP.gamma_max, unroll_from="base", unroll_optimizer="adam",
                                   unroll_lr=0.1, unroll_steps=200)
 
