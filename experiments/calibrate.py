@@ -98,8 +98,8 @@ class Calibration:
         J = np.zeros((self.ec.calibration_game_seeds, len(gammas)))
         dJ = np.zeros_like(J)
         for s in tqdm(range(self.ec.calibration_game_seeds), desc="game prediction", leave=False, disable=not self.progress):
-            # rounds 10_000 + s: pools of problems the equilibrium solve (rounds 0, 1, ...) does not use
-            pool = self.sweep.prefixes(models, gammas, 10_000 + s, heldout, steps)
+            # pools of problems generated from their own seeds (not the protocol's traces' or the solve's)
+            pool = self.sweep.prefixes(models, gammas, 10_000 + s, heldout, steps, pool_seed=s)
             for k in range(len(gammas)):
                 b = jax.tree.map(lambda x: x[k], pool)
                 j, d = hyper(jnp.float32(gammas[k]), b)

@@ -69,11 +69,11 @@ def make_game(student, beta: float, dc, tau: float, estimator: str = "score") ->
                          max_weight=dc.max_weight, standardize=dc.standardize_values)
 
 
-def horizon_optimizer(dc) -> optax.GradientTransformation:
+def horizon_optimizer(dc, steps: int) -> optax.GradientTransformation:
     """The protocol's distillation optimizer (experiments.protocol.distill_optimizer: AdamW,
-    warmup + cosine) with eps_root > 0, so forward mode through it stays finite."""
-    warmup = min(dc.warmup_steps, dc.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
+    warmup + cosine, here over `steps`) with eps_root > 0, so forward mode through it stays finite."""
+    warmup = min(dc.warmup_steps, steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, steps, dc.lr * 0.1)
     return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0, eps_root=sv.UNROLL_ADAM_EPS_ROOT)
 
 
@@ -83,8 +83,9 @@ def solver_setup(cfg: Config) -> tuple[sv.SolverConfig, sv.Optimizers]:
     ec, dc = cfg.equilibrium, cfg.protocol.distill
     scfg = ec.solver
     if scfg.unroll_from == "base":
-        scfg = dataclasses.replace(scfg, unroll_steps=ec.horizon or dc.steps, unroll_lr=dc.lr)
-        return scfg, sv.make_optimizers(scfg, unroll=horizon_optimizer(dc) if not ec.horizon else None)
+        steps = ec.horizon or dc.steps
+        scfg = dataclasses.replace(scfg, unroll_steps=steps, unroll_lr=dc.lr)
+        return scfg, sv.make_optimizers(scfg, unroll=horizon_optimizer(dc, steps))
     return scfg, sv.make_optimizers(scfg)
 
 
@@ -118,11 +119,15 @@ class EquilibriumSweep:
         batch["z_proxy"] = _logits(models["proxy"], batch["tokens_bt"])
         return batch
 
-    def prefixes(self, models, gammas: np.ndarray, round_: int, heldout, steps: int) -> dict:
-        """A pool of PoE(γ_j) prefixes for every state j, fresh problems per round, with cached
-        teacher/proxy logits, the sampling γ and the horizon's minibatch order: leaves [n_states, ...]."""
+    def prefixes(self, models, gammas: np.ndarray, round_: int, heldout, steps: int, pool_seed: int | None = None) -> dict:
+        """A pool of PoE(γ_j) prefixes for every state j, fresh problems per round (or, with
+        `pool_seed`, problems generated from their own seed), with cached teacher/proxy logits,
+        the sampling γ and the horizon's minibatch order: leaves [n_states, ...]."""
         n = self.ec.prefixes or self.cfg.protocol.n_traces
-        problems = self.protocol.task.problems("train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
+        if pool_seed is None:
+            problems = self.protocol.task.problems("train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
+        else:
+            problems = self.protocol.task.problems("train", self.cfg.seed + 1000 + pool_seed, n)
         nb = len(gammas)
         t, p = models["teacher"], models["proxy"]
         setup = (dfn.PoEPerRow(self.cfg.protocol.temperature), (t.spec, p.spec), (t.params, p.params), None)
