@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments.calibration_plot import plot_calibration
-from experiments.config import Config, DefenseSetting, to_dict
+from experiments.config import Config, to_dict
 from experiments.distributed import is_main_process
 from experiments.equilibrium import EquilibriumSweep, make_game, setting_for, solver_setup
 from experiments.evaluate import correct_mask, decode_problems
@@ -189,4 +189,4 @@ def calibration_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Calibration", "calibration_markdown", "spearman", "sign_agreement", "rank", "DefenseSetting"]
+__all__ = ["Calibration", "calibration_markdown", "spearman", "sign_agreement", "rank"]
