@@ -4,6 +4,7 @@
     distgame bench --config default [--compare-hf] [--json]
     distgame protocol --config default [--seeds N] [--json]
     distgame equilibrium --config default [--json]
+    distgame calibrate --config default [--json]          # the game's J(γ) vs the protocol's students
     distgame run --config default                        # what `make run` does
     distgame config --config default [key=value ...]     # the resolved, documented config
     distgame compile-check --config tpu_v5e8 --topology v5e:2x4   # compile for a TPU slice, no TPU needed
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(protocol)
     equilibrium = sub.add_parser("equilibrium", help="solve the PoE game for budgets x student tilts, with empirical checks")
     _common(equilibrium)
+    calibrate = sub.add_parser("calibrate", help="the game's predicted J(gamma) vs the protocol's measured passive students")
+    _common(calibrate)
     run = sub.add_parser("run", help="the main job: train what is missing, protocol, equilibrium sweep, one run directory")
     _common(run)
     show = sub.add_parser("config", help="print the resolved config with the documentation of every field")
@@ -108,8 +111,22 @@ def _equilibrium(args, cfg) -> dict:
     eq = EquilibriumSweep(cfg, progress=not args.no_progress).run()
     if is_main_process():
         print((pathlib.Path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md").read_text())
+    from experiments.equilibrium import SUMMARY_KEYS
+
     return {"equilibrium": str(pathlib.Path(cfg.run_dir) / "equilibrium" / "equilibrium.json"), "seconds": eq["seconds"],
-            "plots": eq["plots"], "converged": all(p["converged"] for p in eq["points"])}
+            "plots": eq["plots"], "converged": all(p["converged"] for p in eq["points"]),
+            **{k: eq[k] for k in SUMMARY_KEYS if k in eq}}
+
+
+def _calibrate(args, cfg) -> dict:
+    from experiments.calibrate import Calibration, calibration_markdown
+
+    result = Calibration(cfg, progress=not args.no_progress).run()
+    if is_main_process():
+        print(calibration_markdown(result))
+    return {"calibration": str(pathlib.Path(cfg.run_dir) / "calibration" / "calibration.json"),
+            "spearman": result["spearman"], "sign_agreement": result["sign_agreement"],
+            "spearman_accuracy": result["spearman_accuracy"], "seconds": result["seconds"], "plots": result.get("plots", [])}
 
 
 def _run(args, cfg) -> dict:
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_off_absent_tpu()
         enable_compilation_cache()
         initialize_distributed(cfg.distributed)
-        command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "run": _run,
+        command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "calibrate": _calibrate, "run": _run,
                    "compile-check": _compile_check}[args.command]
         with preemption.watch_sigterm():
             summary = command(args, cfg)

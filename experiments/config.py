@@ -292,6 +292,14 @@ class EquilibriumConfig:
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
     empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distil real students (protocol.distill)", True)
     check_seeds: int = _help("seeds of the empirical check", 1)
+    horizon: int = _help("student steps in the teacher's objective with solver.unroll_from='base' (0 = protocol.distill.steps, with the protocol's optimizer)", 0)
+    horizon_batch: int = _help("prefixes per unrolled step, drawn from the pool in a fixed order (0 = protocol.distill.batch_size)", 0)
+    estimator: str = _help("gamma's effect on which prefixes are sampled: 'score' (score-function estimator, game/sampling.py) or 'soft' (stopped)", "score")
+    capability: str = _help("what J scores on reference solutions of test prompts: 'solution' (every solution token) or 'answer' (final answer + EOS)", "solution")
+    multi_start: bool = _help("solve every budget from gamma0 in {0, gamma_max/2, gamma_max} and keep the best feasible objective", True)
+    calibration_gammas: tuple[float, ...] = _help("distgame calibrate: the PoE weights (>= 5, increasing, in [0, 1)) where the game's J is compared with the protocol's", (0.0, 0.15, 0.3, 0.45, 0.6))
+    calibration_seeds: int = _help("distgame calibrate: protocol seeds per gamma (paired)", 3)
+    calibration_game_seeds: int = _help("distgame calibrate: the game's own prefix pools per gamma", 3)
     solver: SolverConfig = _help("the min-max solver (game/solver.py documents every field)", factory=SolverConfig)
 
     def validate(self) -> None:
@@ -307,6 +315,18 @@ class EquilibriumConfig:
         for name in ("prefixes", "resample_every", "heldout_batch", "n_eval", "n_utility", "check_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"equilibrium.{name}={getattr(self, name)} must be >= 1")
+        for name in ("horizon", "horizon_batch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"equilibrium.{name}={getattr(self, name)} must be >= 0")
+        g = self.calibration_gammas
+        if len(g) < 2 or any(y <= x for x, y in zip(g, g[1:])) or g[0] < 0 or g[-1] >= 1:
+            raise ConfigError(f"equilibrium.calibration_gammas={list(g)} must be >= 2 increasing values in [0, 1)")
+        if self.calibration_seeds < 1 or self.calibration_game_seeds < 1:
+            raise ConfigError("equilibrium.calibration_seeds and equilibrium.calibration_game_seeds must be >= 1")
+        if self.estimator not in ("score", "soft"):
+            raise ConfigError(f"equilibrium.estimator={self.estimator!r} must be 'score' or 'soft'")
+        if self.capability not in ("solution", "answer"):
+            raise ConfigError(f"equilibrium.capability={self.capability!r} must be 'solution' or 'answer'")
         try:
             self.solver.validate()
         except ValueError as e:

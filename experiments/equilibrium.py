@@ -2,18 +2,27 @@
 utility budgets δ (vectorised with vmap) and student tilts β_s, then check each
 equilibrium γ* empirically (PoE traces, distilled students, real accuracies).
 
-The game (DESIGN.md, "The differentiable game"), wired to real models:
-- student batch: prefixes sampled from PoE(γ) of the current γ of each budget,
-  resampled every `resample_every` iterations (stop-gradient), with the teacher's
-  and proxy's logits on them cached, so `L_D(θ; γ)` is cheap and exact in γ;
-- J(θ): the student's NLL of reference solutions of test prompts;
+The game (DESIGN.md, "The differentiable game", assembled in game/poe_game.py from the
+student's forward function), wired to real models:
+- student batch: a pool of prefixes sampled from PoE(γ) at the current γ of each state
+  (budget × start), fresh problems every `resample_every` iterations, with the teacher's
+  and proxy's logits on them cached; L_D carries the sampling channel (score function,
+  game/sampling.py) unless equilibrium.estimator='soft';
+- the student's response: `horizon` steps (default: the protocol's distillation steps)
+  of the protocol's optimizer from the student's base, minibatches drawn from the pool
+  in a fixed order (solver.unroll_from='base');
+- J(θ): the student's NLL of reference solutions of test prompts (whole solution, or
+  the final answer only: equilibrium.capability);
 - U(γ): the teacher's mean log-likelihood per token of reference solutions of
   held-out prompts under PoE(γ) (cached logits, τ=1).
+- multi-start: every budget is solved from γ_0 ∈ {0, γ_max/2, γ_max} at once; the best
+  feasible objective is reported, with whether the starts agree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -23,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from experiments import preemption
@@ -32,10 +42,9 @@ from experiments.plots import plot_equilibrium
 from experiments.protocol import Protocol, ensure_models, mean_stderr, pm, save_json
 from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.tasks.arithmetic import encode_problems
-from experiments.train import masked_nll
 from game import defenses as dfn
 from game import solver as sv
-from game import students as stu
+from game.poe_game import make_poe_game
 from models import transformer as tfm
 
 
@@ -49,38 +58,46 @@ def _logits(model, tokens_bt):
     return _next_token_logits(model.graphdef, model.params, tokens_bt)
 
 
-def make_game(student, beta: float, dc, tau: float) -> sv.Game:
-    """The PoE game for one student tilt β_s (0 = passive)."""
-    gd = student.graphdef
+def student_forward(graphdef):
+    """The student's network as the game sees it: (theta, tokens_bt) -> logits_btv."""
+    return lambda theta, tokens_bt: tfm.forward(graphdef, theta, tokens_bt)[0]
 
-    def per_example_ce(theta, gamma, batch):
-        logq_btv = jax.nn.log_softmax(tfm.forward(gd, theta, batch["tokens_bt"][:, :-1])[0], axis=-1)
-        logp_btv = dfn.poe_logprobs(batch["z_teacher"], batch["z_proxy"], gamma, tau)
-        ce_bt = -jnp.sum(jnp.exp(logp_btv) * logq_btv, axis=-1)
-        mask_bt = batch["loss_mask_bt"][:, :-1]
-        return jnp.sum(ce_bt * mask_bt, -1) / jnp.maximum(jnp.sum(mask_bt, -1), 1.0)
 
-    def student_loss(theta, gamma, batch):
-        ce_b = per_example_ce(theta, gamma, batch)
-        if beta == 0.0:
-            return jnp.mean(ce_b)
-        held = batch["heldout"]
-        g_S = jax.grad(lambda th: masked_nll(gd, th, held["tokens_bt"], held["loss_mask_bt"]))(theta)
-        sg_gamma = jax.lax.stop_gradient(gamma)
-        v_b = stu.example_values(lambda th: per_example_ce(th, sg_gamma, batch), theta, g_S)
-        w_b = stu.adaptive_weights(v_b, beta, max_weight=dc.max_weight, standardize=dc.standardize_values)
-        return jnp.mean(jax.lax.stop_gradient(w_b) * ce_b)
+def make_game(student, beta: float, dc, tau: float, estimator: str = "score") -> sv.Game:
+    """The PoE game for one student tilt β_s (0 = passive), on the student's network."""
+    return make_poe_game(student_forward(student.graphdef), beta, tau=tau, estimator=estimator,
+                         max_weight=dc.max_weight, standardize=dc.standardize_values)
 
-    def capability_loss(theta, batch):
-        return masked_nll(gd, theta, batch["tokens_bt"], batch["loss_mask_bt"])
 
-    def utility(gamma, batch):
-        logp_btv = dfn.poe_logprobs(batch["z_teacher"], batch["z_proxy"], gamma, 1.0)
-        logp_bt = jnp.take_along_axis(logp_btv, batch["tokens_bt"][:, 1:, None], axis=-1)[..., 0]
-        mask_bt = batch["loss_mask_bt"][:, :-1]
-        return jnp.sum(logp_bt * mask_bt) / jnp.sum(mask_bt)
+def horizon_optimizer(dc, steps: int) -> optax.GradientTransformation:
+    """The protocol's distillation optimizer (experiments.protocol.distill_optimizer: AdamW,
+    warmup + cosine, here over `steps`) with eps_root > 0, so forward mode through it stays finite."""
+    warmup = min(dc.warmup_steps, steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, steps, dc.lr * 0.1)
+    return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0, eps_root=sv.UNROLL_ADAM_EPS_ROOT)
 
-    return sv.Game(student_loss, capability_loss, utility)
+
+def solver_setup(cfg: Config) -> tuple[sv.SolverConfig, sv.Optimizers]:
+    """The equilibrium's solver config and optimizers: with unroll_from='base' the horizon
+    is the protocol's (steps, optimizer) unless equilibrium.horizon overrides the steps."""
+    ec, dc = cfg.equilibrium, cfg.protocol.distill
+    scfg = ec.solver
+    if scfg.unroll_from == "base":
+        steps = ec.horizon or dc.steps
+        scfg = dataclasses.replace(scfg, unroll_steps=steps, unroll_lr=dc.lr)
+        return scfg, sv.make_optimizers(scfg, unroll=horizon_optimizer(dc, steps))
+    return scfg, sv.make_optimizers(scfg)
+
+
+def answer_mask(problems, tokenizer, data) -> np.ndarray:
+    """loss_mask_bt restricted to the final answer's tokens and the EOS (the last
+    len(encode(str(answer))) + 1 targets of each row)."""
+    mask = np.zeros_like(data["loss_mask_bt"])
+    for i, p in enumerate(problems):
+        targets = np.nonzero(data["loss_mask_bt"][i])[0]
+        k = min(len(tokenizer.encode(str(p.answer))) + 1, len(targets))
+        mask[i, targets[-k:]] = 1.0
+    return mask
 
 
 class EquilibriumSweep:
@@ -90,17 +107,27 @@ class EquilibriumSweep:
         self.protocol = Protocol(cfg, progress=progress, seeds=self.ec.check_seeds)
         self.tokenizer = self.protocol.tokenizer
 
-    def _reference(self, split: str, n: int, models) -> dict:
-        data = encode_problems(self.protocol.task.problems(split, self.cfg.seed, n), self.tokenizer, self.cfg.task.max_len)
+    def reference(self, split: str, n: int, models, seed_offset: int = 0, capability: str = "solution") -> dict:
+        """Reference solutions of `split` problems with cached teacher/proxy logits; the mask
+        scores the whole solution or (capability='answer') the final answer."""
+        problems = self.protocol.task.problems(split, self.cfg.seed + seed_offset, n)
+        data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
+        if capability == "answer":
+            data["loss_mask_bt"] = answer_mask(problems, self.tokenizer, data)
         batch = {"tokens_bt": jnp.asarray(data["tokens_bt"]), "loss_mask_bt": jnp.asarray(data["loss_mask_bt"])}
         batch["z_teacher"] = _logits(models["teacher"], batch["tokens_bt"])
         batch["z_proxy"] = _logits(models["proxy"], batch["tokens_bt"])
         return batch
 
-    def _prefixes(self, models, gammas: np.ndarray, round_: int, heldout) -> dict:
-        """PoE(γ_j) prefixes for every budget j, with cached teacher/proxy logits: leaves [n_budgets, B, ...]."""
-        n = self.ec.prefixes
-        problems = self.protocol.task.problems("train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
+    def prefixes(self, models, gammas: np.ndarray, round_: int, heldout, steps: int, pool_seed: int | None = None) -> dict:
+        """A pool of PoE(γ_j) prefixes for every state j, fresh problems per round (or, with
+        `pool_seed`, problems generated from their own seed), with cached teacher/proxy logits,
+        the sampling γ and the horizon's minibatch order: leaves [n_states, ...]."""
+        n = self.ec.prefixes or self.cfg.protocol.n_traces
+        if pool_seed is None:
+            problems = self.protocol.task.problems("train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
+        else:
+            problems = self.protocol.task.problems("train", self.cfg.seed + 1000 + pool_seed, n)
         nb = len(gammas)
         t, p = models["teacher"], models["proxy"]
         setup = (dfn.PoEPerRow(self.cfg.protocol.temperature), (t.spec, p.spec), (t.params, p.params), None)
@@ -115,7 +142,12 @@ class EquilibriumSweep:
             "z_proxy": _logits(p, tokens),
         }
         batch = jax.tree.map(lambda x: x.reshape((nb, n) + x.shape[1:]), batch)
-        idx = np.random.default_rng(round_).integers(0, len(heldout["tokens_bt"]), self.ec.heldout_batch)
+        batch["gamma_sample"] = jnp.asarray(gammas, jnp.float32)
+        rng = np.random.default_rng([round_, 17])
+        b = min(self.ec.horizon_batch or self.cfg.protocol.distill.batch_size, n)
+        idx = rng.integers(0, n, (steps, b)).astype(np.int32)
+        batch["minibatch_idx"] = jnp.asarray(np.broadcast_to(idx, (nb,) + idx.shape))
+        idx = rng.integers(0, len(heldout["tokens_bt"]), self.ec.heldout_batch)
         batch["heldout"] = {k: jnp.asarray(np.broadcast_to(v[idx], (nb,) + v[idx].shape)) for k, v in heldout.items()}
         return batch
 
@@ -123,28 +155,31 @@ class EquilibriumSweep:
         """One solver checkpoint per tilt, keyed by everything the solve depends on, so a
         changed config never resumes a stale solve."""
         key = json.dumps([beta, to_dict(self.ec), self.cfg.protocol.temperature, to_dict(self.cfg.protocol.distill),
-                          self.cfg.seed], sort_keys=True, default=str)
+                          self.cfg.seed, self.cfg.protocol.n_traces], sort_keys=True, default=str)
         return self.dir / "checkpoints" / f"beta{beta:g}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
     def solve_beta(self, beta: float, models, eval_batch, util_batch, heldout, log) -> dict:
-        scfg = self.ec.solver
-        game = make_game(models["student"], beta, self.cfg.protocol.distill, self.cfg.protocol.temperature)
-        budgets = jnp.asarray(self.ec.budgets, jnp.float32)
-        state = sv.init_state(game, scfg, models["student"].params, util_batch, delta=budgets)
-        # vmap over budgets: each budget has its own state and its own PoE(γ) prefixes.
-        step = jax.jit(jax.vmap(sv.make_step(game, scfg), in_axes=(0, 0, None, None)))
+        scfg, optimizers = solver_setup(self.cfg)
+        game = make_game(models["student"], beta, self.cfg.protocol.distill, self.cfg.protocol.temperature,
+                         self.ec.estimator)
+        starts = sv.start_gammas(scfg) if self.ec.multi_start else (scfg.gamma_init,)
+        deltas, gamma0 = sv.multi_start(scfg, self.ec.budgets, starts)
+        ns = len(starts)
+        state = sv.init_state(game, scfg, models["student"].params, util_batch, delta=jnp.asarray(deltas, jnp.float32),
+                              optimizers=optimizers, gamma_init=jnp.asarray(gamma0, jnp.float32))
         bar = tqdm(total=scfg.max_iters, desc=f"solve β={beta:g}", leave=False, disable=not (self.progress and is_main_process()))
         last = [time.perf_counter()]
+        steps = scfg.unroll_steps if scfg.unroll_from == "base" else 1
 
         def batch_for(i, state, meta, previous):
             round_, fresh = divmod(i, self.ec.resample_every)
-            if fresh == 0:  # resample: PoE(γ) prefixes at the current γ of each budget
+            if fresh == 0:  # resample: PoE(γ) prefixes at the current γ of each state
                 meta["round_gammas"] = np.asarray(sv.state_gamma(state, scfg)).tolist()
             elif previous is not None:
                 return previous
             # (after a resume mid-round the round's prefixes are rebuilt from the saved γ)
             gammas = np.asarray(meta["round_gammas"], np.float32)
-            return self._prefixes(models, gammas, round_, heldout), eval_batch, util_batch
+            return self.prefixes(models, gammas, round_, heldout, steps), eval_batch, util_batch
 
         def on_iteration(i, diag, meta):
             meta.setdefault("trajectory", {"gamma": [], "mu": []})
@@ -153,15 +188,16 @@ class EquilibriumSweep:
             now = time.perf_counter()  # solving time summed over every (resumed) run
             meta["seconds"], last[0] = meta.get("seconds", 0.0) + now - last[0], now
             if log is not None:
-                for j, delta in enumerate(self.ec.budgets):
-                    log.write(json.dumps({"beta": beta, "delta": delta, **{k: float(v[j]) for k, v in diag.items()}}) + "\n")
+                for j, (delta, g0) in enumerate(zip(deltas, gamma0)):
+                    log.write(json.dumps({"beta": beta, "delta": float(delta), "gamma0": float(g0),
+                                          **{k: float(v[j]) for k, v in diag.items()}}) + "\n")
                 log.flush()
             bar.n = i + 1
             bar.set_postfix(gamma=np.array2string(diag["gamma"], precision=3), viol=f"{diag['violation'].max():.1e}")
 
         ckpt = SolverCheckpoint(self.checkpoint_dir(beta))
         try:
-            state, meta = resumable_solve(step, state, scfg.max_iters, batch_for, on_iteration, ckpt)
+            res = resumable_solve(game, scfg, state, batch_for, on_iteration, ckpt, optimizers, per_state_student_batch=True)
         except sv.SolverDivergedError as e:
             if log is not None:
                 log.write(json.dumps({"beta": beta, "iteration": e.iteration, "error": f"non-finite {e.quantity}"}) + "\n")
@@ -169,14 +205,20 @@ class EquilibriumSweep:
         finally:
             bar.close()
             ckpt.close()
+        meta = res.meta
+        diag = {k: np.asarray(v) for k, v in meta["diag"].items()}
         iters = int(meta["iteration"])
         return {
-            "state": state,
-            "diag": {k: np.asarray(v) for k, v in meta["diag"].items()},
+            "diag": diag,
+            "best": sv.best_of_starts(diag, ns, scfg),
+            "n_starts": ns,
+            "starts": list(starts),
             "iterations": iters,
             "seconds_per_iteration": meta.get("seconds", 0.0) / max(iters, 1),
             "converged": bool(meta["converged"]),
             "trajectory": meta.get("trajectory", {"gamma": [], "mu": []}),
+            "gamma_max": scfg.gamma_max,
+            "horizon": steps,
         }
 
     def run(self) -> dict:
@@ -184,39 +226,48 @@ class EquilibriumSweep:
         models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
         clean = self.protocol.heldout_traces(models)
         heldout = self.protocol.attacker_heldout(clean)
-        eval_batch = self._reference("test", self.ec.n_eval, models)
+        eval_batch = self.reference("test", self.ec.n_eval, models, capability=self.ec.capability)
         eval_batch = {k: eval_batch[k] for k in ("tokens_bt", "loss_mask_bt")}
-        util_batch = self._reference("heldout", self.ec.n_utility, models)
+        util_batch = self.reference("heldout", self.ec.n_utility, models)
         main = is_main_process()  # only process 0 writes the log, results and plots
         if main:
             self.dir.mkdir(parents=True, exist_ok=True)
         points, trajectories = [], []
         resuming = any(self.checkpoint_dir(beta).exists() for beta in self.ec.betas)
         log_file = (self.dir / "solver_log.jsonl").open("a" if resuming else "w") if main else contextlib.nullcontext()
+        gamma_max = horizon = None
         with log_file as log, preemption.checkpointed():  # SIGTERM from here on: checkpoint after the iteration
             for beta in self.ec.betas:
                 res = self.solve_beta(beta, models, eval_batch, util_batch, heldout, log)
-                d = res["diag"]
+                d, best, ns = res["diag"], res["best"], res["n_starts"]
+                gamma_max, horizon = res["gamma_max"], res["horizon"]
                 for j, delta in enumerate(self.ec.budgets):
+                    k = j * ns + int(best["best_start"][j])  # the state of the best start
                     points.append({
-                        "beta": beta, "delta": delta, "gamma_star": float(d["gamma"][j]),
-                        "converged": bool(d["converged"][j]), "iterations": res["iterations"],
+                        "beta": beta, "delta": delta, "gamma_star": float(best["gamma"][j]),
+                        "converged": bool(best["converged"][j]), "iterations": res["iterations"],
                         "seconds_per_iteration": res["seconds_per_iteration"],
-                        "J": float(d["J"][j]), "U": float(d["U"][j]), "violation": float(d["violation"][j]),
-                        "mu": float(d["mu"][j]), "solver_converged_all": res["converged"],
+                        "J": float(d["J"][k]), "U": float(d["U"][k]), "violation": float(d["violation"][k]),
+                        "mu": float(d["mu"][k]), "solver_converged_all": res["converged"],
+                        "starts": res["starts"], "gamma_by_start": best["gamma_by_start"][j].tolist(),
+                        "starts_agree": bool(best["starts_agree"][j]), "best_start": int(best["best_start"][j]),
                     })
                     trajectories.append({
                         "beta": beta, "delta": delta,
-                        "gamma": [g[j] for g in res["trajectory"]["gamma"]],
-                        "mu": [m[j] for m in res["trajectory"]["mu"]],
+                        "gamma": [g[k] for g in res["trajectory"]["gamma"]],
+                        "mu": [m[k] for m in res["trajectory"]["mu"]],
                     })
-        if self.ec.empirical_check:
-            self.check(points, models, heldout, clean)
         eq = {
             "config": self.cfg.name, "budgets": list(self.ec.budgets), "betas": list(self.ec.betas),
             "utility_ref": float(make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0).utility(0.0, util_batch)),
-            "points": points, "trajectories": trajectories, "seconds": round(time.perf_counter() - start, 1),
+            "gamma_max": gamma_max, "horizon": horizon, "estimator": self.ec.estimator, "capability": self.ec.capability,
+            "points": points, "trajectories": trajectories,
         }
+        if self.ec.empirical_check:
+            self.check(points, models, heldout, clean)
+            eq["check"] = self.check_largest_budget(points, models, heldout)
+        eq.update(summary_metrics(eq))
+        eq["seconds"] = round(time.perf_counter() - start, 1)
         eq["plots"] = []
         if main:
             save_json(self.dir / "equilibrium.json", eq)
@@ -228,30 +279,92 @@ class EquilibriumSweep:
     def check(self, points, models, heldout, clean) -> None:
         """Sample PoE(γ*) traces and distil the matching student at every equilibrium."""
         for pt in tqdm(points, desc="empirical check", leave=False, disable=not self.progress):
-            gamma = round(pt["gamma_star"], 2)
-            # PoE at γ=0 is standard decoding (pinned by a test): share the protocol's stage files.
-            d = DefenseSetting("poe", gamma) if gamma > 0 else DefenseSetting("standard")
+            d = setting_for(pt["gamma_star"])
             traces = self.protocol.traces(d, models, None)
             kind = "passive" if pt["beta"] == 0 else "adaptive"
             accs = self.protocol.student(d, kind, pt["beta"], models, traces, heldout)
             pt["teacher_accuracy"] = mean_stderr(traces["teacher_correct"].mean(-1))
             pt["student_accuracy"] = mean_stderr(accs)
+            pt["student_accuracy_values"] = list(accs)
+            pt["teacher_accuracy_values"] = traces["teacher_correct"].mean(-1).tolist()
+
+    def check_largest_budget(self, points, models, heldout) -> dict:
+        """The passive student at γ* of the largest budget vs γ = 0, paired by seed (same base,
+        same data order, same sampling keys), and the teacher's measured utility change."""
+        passive = [p for p in points if p["beta"] == 0]
+        if not passive:
+            return {}
+        top = max(passive, key=lambda p: p["delta"])
+        d0 = DefenseSetting("standard")
+        tr0 = self.protocol.traces(d0, models, None)
+        acc0 = np.asarray(self.protocol.student(d0, "passive", 0.0, models, tr0, heldout))
+        tr = self.protocol.traces(setting_for(top["gamma_star"]), models, None)
+        acc = np.asarray(top.get("student_accuracy_values") or self.protocol.student(
+            setting_for(top["gamma_star"]), "passive", 0.0, models, tr, heldout))
+        teacher = tr["teacher_correct"].mean(-1) - tr0["teacher_correct"].mean(-1)
+        return {"delta": top["delta"], "gamma_star": top["gamma_star"],
+                "passive_change": mean_stderr(acc - acc0), "teacher_change": mean_stderr(teacher)}
+
+
+def setting_for(gamma: float) -> DefenseSetting:
+    """The protocol's defense setting at an equilibrium γ (rounded to share stage files;
+    PoE at γ=0 is standard decoding, pinned by a test)."""
+    gamma = round(gamma, 2)
+    return DefenseSetting("poe", gamma) if gamma > 0 else DefenseSetting("standard")
+
+
+SUMMARY_KEYS = ("interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive", "starts_agree",
+                "check_delta_passive", "check_delta_passive_se", "check_delta_teacher")
+
+
+def summary_metrics(eq: dict) -> dict:
+    """The numbers the equilibrium is judged by (last-line JSON of `distgame equilibrium`):
+    interior budgets per student kind (0.01 < γ* < γ_max − 0.01), whether the passive γ* is
+    non-decreasing in δ, and the empirical check at the largest budget."""
+    gmax = eq.get("gamma_max") or 1.0
+
+    def of(betas):
+        return [p for p in eq["points"] if p["beta"] in betas]
+
+    adaptive_betas = [b for b in eq["betas"] if b != 0]
+    passive = sorted(of([0.0]), key=lambda p: p["delta"])
+    gs = [p["gamma_star"] for p in passive]
+    interior = lambda pts: sum(0.01 < p["gamma_star"] < gmax - 0.01 for p in pts)  # noqa: E731
+    out = {
+        "interior_budgets_passive": interior(passive),
+        "interior_budgets_adaptive": interior(of(adaptive_betas[-1:])) if adaptive_betas else 0,
+        "monotone_passive": int(all(b >= a - 1e-3 for a, b in zip(gs, gs[1:]))),
+        "starts_agree": int(all(p.get("starts_agree", True) for p in eq["points"])),
+    }
+    check = eq.get("check") or {}
+    if check:
+        out["check_delta_passive"] = check["passive_change"]["mean"]
+        out["check_delta_passive_se"] = check["passive_change"]["stderr"]
+        out["check_delta_teacher"] = check["teacher_change"]["mean"]
+    return out
 
 
 def equilibrium_markdown(eq: dict) -> str:
     lines = [
         "# Equilibrium of the PoE game",
         "",
-        f"U(0) = {eq['utility_ref']:.4f} nats/token. γ* solves max J(θ⁺(γ)) s.t. U(0) − U(γ) ≤ δ "
-        "against a student that best-responds (β=0 passive, β>0 adaptive).",
+        f"U(0) = {eq['utility_ref']:.4f} nats/token. γ* solves max J(θ_T(γ)) s.t. U(0) − U(γ) ≤ δ, "
+        f"θ_T the student after {eq.get('horizon')} distillation steps from its base (β=0 passive, β>0 adaptive); "
+        f"sampling channel: {eq.get('estimator')}; J scores the {eq.get('capability')}. "
+        "γ*(starts): the equilibrium from each start γ_0.",
         "",
-        "| β | δ (nats/token) | γ* | converged | iterations | s/iter | J | U | teacher acc (%) | student acc (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| β | δ (nats/token) | γ* | γ*(starts) | starts agree | converged | iterations | s/iter | J | U | teacher acc (%) | student acc (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in eq["points"]:
+        by_start = ", ".join(f"{g:.3f}" for g in p.get("gamma_by_start", []))
         lines.append(
-            f"| {p['beta']:g} | {p['delta']:g} | {p['gamma_star']:.4f} | {'yes' if p['converged'] else 'NO'} | "
+            f"| {p['beta']:g} | {p['delta']:g} | {p['gamma_star']:.4f} | {by_start} | {'yes' if p.get('starts_agree', True) else 'NO'} | "
+            f"{'yes' if p['converged'] else 'NO'} | "
             f"{p['iterations']} | {p['seconds_per_iteration']:.3f} | {p['J']:.4f} | {p['U']:.4f} | {pm(p.get('teacher_accuracy'))} | {pm(p.get('student_accuracy'))} |"
         )
+    summary = {k: eq[k] for k in ("interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive",
+                                   "check_delta_passive", "check_delta_passive_se", "check_delta_teacher") if k in eq}
+    lines += ["", "Summary: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items())]
     lines += ["", "Plots: `gamma_star.png`, `frontier.png`, `gap.png`, `trajectories.png` (data in the matching CSVs)."]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,9 @@ collapses to one dimension: maximise J(p_γ) over γ ∈ [0, γ_max] s.t. U(0) �
 `exact_gamma_star` solves that in float64 numpy (grid + bisection + golden section),
 independently of the solver. The default numbers make J increasing in γ and the K-step
 hypergradient positive, so γ*(δ) is the point where the budget binds (interior and
-distinct for δ ∈ {0.1, 0.3, 0.6}) or γ_max when it does not (δ = 2).
+distinct for δ ∈ {0.1, 0.3, 0.6}) or γ_max when it does not (δ = 2). `myopic_trap_spec`
+is a second toy, where the one-step hypergradient has the wrong sign and only a
+long-horizon (Stackelberg) teacher finds γ*.
 
 Bilinear game: min_x max_y x·y, equilibrium (0, 0); `run_bilinear` plays it with the
 solver's own optax player optimizers to show simultaneous GDA spiralling out,
@@ -82,6 +84,32 @@ def default_toy_spec() -> ToySpec:
 
 
 TOY_BUDGETS = (0.1, 0.3, 0.6, 2.0)  # three binding budgets and one slack (γ* = γ_max)
+
+
+def myopic_trap_spec() -> ToySpec:
+    """A toy that fails the myopic solver: 2 contexts × 3 outcomes, correct outcome 0.
+
+    Context 0 is rare in the student's data (w_S = 0.05) and the defense hurts the student
+    there a lot; context 1 is common (w_S = 0.95) and the defense mildly sharpens the
+    student towards the right answer there. At the best response (q = p_γ) the true
+    dJ(p_γ)/dγ is positive on all of [0, γ_max] (>= 0.73), so γ* is where the budget
+    binds, or γ_max. The one-step lookahead from the best response weights each context
+    by its share of the student's data (its gradient is w_S·(q − p_γ)), so context 1
+    dominates it and its sign is wrong on all of [0, γ_max] (<= −0.022 at unroll_lr 1):
+    a K=1 solver stays at γ = 0. The horizon from the uniform base (Adam, 200 steps,
+    lr 0.1) has the right sign everywhere (tests/test_toy.py checks all three)."""
+    return ToySpec(
+        teacher_logits=((0.5, -3.5, 0.0), (-1.5, -0.5, 1.0)),
+        proxy_logits=((-3.0, 0.0, 2.5), (0.5, 1.0, 2.0)),
+        correct=(0, 0),
+        student_weights=(0.05, 0.95),
+        eval_weights=(0.5, 0.5),
+        util_weights=(0.5, 0.5),
+        gamma_max=0.8,
+    )
+
+
+MYOPIC_TRAP_BUDGETS = (0.3, 2.0)  # one binding budget (γ* ≈ 0.237) and one slack (γ* = γ_max)
 
 
 def _poe_logprobs(zt, zp, gamma):

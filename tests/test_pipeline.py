@@ -127,7 +127,9 @@ def test_equilibrium_end_to_end(trained):
     names = sorted(pathlib.Path(p).name for p in summary["plots"])
     assert names == ["frontier.png", "gamma_star.png", "gap.png", "trajectories.png"]
     log = (trained / "equilibrium" / "solver_log.jsonl").read_text().splitlines()
-    assert len(log) == 3 * 2 * 2 and {"gamma", "mu", "violation", "J", "U"} <= set(json.loads(log[0]))
+    # one line per iteration, budget, start (multi-start: 3) and tilt
+    assert len(log) == 3 * 2 * 3 * 2 and {"gamma", "gamma0", "mu", "violation", "J", "U"} <= set(json.loads(log[0]))
+    assert {"interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive", "check_delta_passive"} <= set(summary)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +153,8 @@ def test_equilibrium_nan_names_iteration_and_quantity(trained, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium"))
-    result = distgame("equilibrium", "--config", "ci", f"run_dir={run}", "equilibrium.solver.student_lr=1e30",
+    result = distgame("equilibrium", "--config", "ci", f"run_dir={run}", "equilibrium.solver.unroll_from=current",
+                      "equilibrium.solver.student_lr=1e30",
                       "equilibrium.solver.student_optimizer=sgd", "equilibrium.betas=[0.0]")
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip().splitlines()
@@ -203,4 +206,4 @@ def test_equilibrium_sigterm_resumes_to_the_same_equilibrium(trained, tmp_path):
         for key in ("gamma_star", "mu", "J", "U", "violation", "iterations"):
             assert pa[key] == pytest.approx(pb[key], abs=1e-6), key
         assert ta["gamma"] == pytest.approx(tb["gamma"], abs=1e-6) and ta["mu"] == pytest.approx(tb["mu"], abs=1e-6)
-    assert len(log.read_text().splitlines()) == 3 * 2  # every iteration logged once across the two runs
+    assert len(log.read_text().splitlines()) == 3 * 2 * 3  # every iteration (× budget × start) logged once across the two runs

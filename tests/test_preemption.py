@@ -101,8 +101,7 @@ def test_resumable_solve_on_the_toy_game(tmp_path):
 
     spec = toy.default_toy_spec()
     game, batches = toy.toy_game(spec), toy.toy_batches(spec)
-    cfg = sv.SolverConfig(gamma_max=spec.gamma_max, patience=100)
-    step = jax.jit(sv.make_step(game, cfg, batched=True))
+    cfg = sv.SolverConfig(gamma_max=spec.gamma_max, patience=100, max_iters=8)
     fresh = lambda: sv.init_state(game, cfg, toy.toy_theta_init(spec), batches[2], delta=np.array([0.1, 0.3]))
     batch_for = lambda i, state, meta, previous: batches
 
@@ -116,16 +115,18 @@ def test_resumable_solve_on_the_toy_game(tmp_path):
                 preemption.request_stop()
         return on_iteration
 
-    ref_state, ref_meta = resumable_solve(step, fresh(), 8, batch_for, record())
+    ref = resumable_solve(game, cfg, fresh(), batch_for, record())
+    ref_state, ref_meta = ref.state, ref.meta
     with preemption.watch_sigterm():
         ckpt = SolverCheckpoint(tmp_path / "solve")
         with pytest.raises(preemption.Preempted, match="after iteration 3"):
-            resumable_solve(step, fresh(), 8, batch_for, record(stop_after=3), ckpt)
+            resumable_solve(game, cfg, fresh(), batch_for, record(stop_after=3), ckpt)
         ckpt.close()
     assert [p.name for p in (tmp_path / "solve").iterdir() if p.name.isdigit()] == ["3"]
     ckpt = SolverCheckpoint(tmp_path / "solve")
     ran.clear()
-    state, meta = resumable_solve(step, fresh(), 8, batch_for, record(), ckpt)
+    res = resumable_solve(game, cfg, fresh(), batch_for, record(), ckpt)
+    state, meta = res.state, res.meta
     ckpt.close()
     assert ran == [3, 4, 5, 6, 7]  # it resumed instead of starting over
     assert meta["iteration"] == ref_meta["iteration"] == 8 and meta["done"]

@@ -56,7 +56,7 @@ def test_toy_assumptions_hold():
     sb, eb, _ = toy.toy_batches(SPEC)
     zt, zp = jnp.asarray(SPEC.teacher_logits), jnp.asarray(SPEC.proxy_logits)
     for unroll_lr in (0.1, 1.0):
-        cfg = solver.SolverConfig(gamma_max=SPEC.gamma_max, unroll_lr=unroll_lr)
+        cfg = solver.SolverConfig(gamma_max=SPEC.gamma_max, unroll_lr=unroll_lr, unroll_from="current")
 
         def hyper_at_best_response(g, cfg=cfg):
             theta_br = jax.nn.log_softmax((1 - g) * zt + g * zp, axis=-1)
@@ -101,3 +101,44 @@ def test_bilinear_game():
     assert game.equilibrium == (0.0, 0.0)
     with pytest.raises(ValueError, match="algorithm"):
         toy.run_bilinear("extragradient")
+
+
+# --- the toy that fails the myopic solver ----------------------------------------------
+
+TRAP = toy.myopic_trap_spec()
+
+
+def test_myopic_trap_signs():
+    """True dJ(p_γ)/dγ > 0 on [0, γ_max]; the one-step hypergradient at the best response < 0
+    there (wrong sign); the 200-step Adam horizon from the uniform base > 0 there."""
+    gs = np.linspace(0.0, TRAP.gamma_max, 33)
+    curves = toy.toy_curves(TRAP, gs)
+    assert np.all(np.diff(curves["J"]) > 0) and np.all(np.diff(curves["utility_drop"]) > 0)
+    game = toy.toy_game(TRAP)
+    sb, eb, _ = toy.toy_batches(TRAP)
+    zt, zp = jnp.asarray(TRAP.teacher_logits), jnp.asarray(TRAP.proxy_logits)
+    myopic = solver.SolverConfig(gamma_max=TRAP.gamma_max, unroll_lr=1.0, unroll_steps=1, unroll_from="current")
+    horizon = solver.SolverConfig(gamma_max=TRAP.gamma_max, unroll_from="base", unroll_optimizer="adam",
+                                  unroll_lr=0.1, unroll_steps=200)
+
+    def one_step_at_best_response(g):
+        theta_br = jax.nn.log_softmax((1 - g) * zt + g * zp, axis=-1)
+        return solver.capability_hypergradient(game, myopic, theta_br, g, sb, eb)[1]
+
+    def long_horizon(g):
+        return solver.capability_hypergradient(game, horizon, toy.toy_theta_init(TRAP), g, sb, eb)[1]
+
+    one = np.asarray(jax.jit(jax.vmap(one_step_at_best_response))(jnp.asarray(gs)))
+    far = np.asarray(jax.jit(jax.vmap(long_horizon))(jnp.asarray(gs)))
+    assert np.all(one < -0.01), one
+    assert np.all(far > 0.5), far
+    # the true derivative of the best-response curve, by central differences in float64
+    h = 1e-6
+    true = (toy.toy_curves(TRAP, gs + h)["J"] - toy.toy_curves(TRAP, gs - h)["J"]) / (2 * h)
+    assert np.all(true > 0.5), true
+
+
+def test_myopic_trap_exact_gamma_star():
+    binding, slack = (toy.exact_gamma_star(TRAP, d) for d in toy.MYOPIC_TRAP_BUDGETS)
+    assert 0.2 < binding < 0.6 and slack == TRAP.gamma_max
+    assert toy.toy_curves(TRAP, binding)["utility_drop"][0] == pytest.approx(toy.MYOPIC_TRAP_BUDGETS[0], abs=1e-8)
