@@ -124,9 +124,11 @@ def _calibrate(args, cfg) -> dict:
     result = Calibration(cfg, progress=not args.no_progress).run()
     if is_main_process():
         print(calibration_markdown(result))
+    finite = lambda x: x if x == x else None  # noqa: E731  (NaN -> null: the last line stays strict JSON)
     return {"calibration": str(pathlib.Path(cfg.run_dir) / "calibration" / "calibration.json"),
-            "spearman": result["spearman"], "sign_agreement": result["sign_agreement"],
-            "spearman_accuracy": result["spearman_accuracy"], "seconds": result["seconds"], "plots": result.get("plots", [])}
+            "spearman": finite(result["spearman"]), "sign_agreement": finite(result["sign_agreement"]),
+            "spearman_accuracy": finite(result["spearman_accuracy"]), "seconds": result["seconds"],
+            "plots": result.get("plots", [])}
 
 
 def _run(args, cfg) -> dict:
