@@ -725,7 +725,7 @@ def results_markdown(results: dict) -> str:
             str(c["forward_passes_per_token"]),
             f"{c['flops_ratio']:.2f}×",
             f"{c['wallclock_ratio']:.2f}×",
-            f"{100 * r['trace_accuracy']:.1f}",
+            "–" if "trace_accuracy" not in r else f"{100 * r['trace_accuracy']:.1f}",
             f"{r['mean_trace_length']:.1f}",
             f"{100 * r['degeneracy_rate']:.1f}",
         ] + ([f"{100 * r['trace_valid']:.1f}", f"{r['trace_checks']:.2f}", f"{r['trace_fused']:.2f}"] if texts else [])

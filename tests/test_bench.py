@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from experiments.tasks.tokenizer import build_tokenizer
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
@@ -69,11 +71,12 @@ def test_cli_compare_hf_json(capsys):
     assert r["decode_speedup_vs_hf"] == pytest.approx(r["decode_cached_tokens_per_s"] / r["hf_decode_tokens_per_s"])
     assert r["poe_cost_ratio"] == pytest.approx(r["decode_cached_tokens_per_s"] / r["poe_decode_tokens_per_s"])
     cfg = load_config("ci")
+    vocab = build_tokenizer().vocab_size
     context = cfg.bench.prompt_len + cfg.bench.gen_len // 2
 
     def flops(m):  # 2 FLOPs per multiply-add: projections, SwiGLU, attention at `context`, tied head
         d, n, k, h, f = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff
-        return m.n_layers * 2 * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * n * h * context) + 2 * d * 50
+        return m.n_layers * 2 * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * n * h * context) + 2 * d * vocab
 
     assert r["poe_flop_bound"] == pytest.approx(1 + flops(cfg.proxy.model) / flops(cfg.teacher.model))
     assert r["train_mfu"] is None  # a CPU has no bf16 peak in the table
