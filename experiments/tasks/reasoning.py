@@ -87,7 +87,7 @@ def write_solution(steps, rng: random.Random, style: Style) -> str:
         if len(ops) == 1 and rng.random() < style.check:
             check = _inverse_check(first, op0, b0, result)
             if check:
-                words += [CHECK_WORDS[int(rng.random() * 2)]] + check + ["."]
+                words += [CHECK_WORDS[int(rng.random() * len(CHECK_WORDS))]] + check + ["."]
     words += [ar.ANSWER_MARKER, str(steps[-1][3])]
     return " ".join(words)
 
@@ -120,7 +120,7 @@ def max_solution_tokens(cfg: ar.ArithmeticTaskConfig, max_steps: int | None = No
 
 
 def max_sequence_tokens(cfg: ar.ArithmeticTaskConfig, max_steps: int | None = None) -> int:
-    """Upper bound on ``len(BOS + prompt + solution + EOS)`` in any style (89 for the default config)."""
+    """Upper bound on ``len(BOS + prompt + solution + EOS)`` in any style (86 for the default config)."""
     return ar.max_prompt_tokens(cfg, max_steps) + max_solution_tokens(cfg, max_steps)
 
 

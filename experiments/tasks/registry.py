@@ -68,7 +68,7 @@ class TaskConfig(ar.ArithmeticTaskConfig):
         if self.name in BUILTIN_TASKS:
             if self.tokenizer != "word":
                 raise ValueError(f"task.tokenizer={self.tokenizer!r}: the {self.name} task uses the 'word' tokenizer")
-            arithmetic = ar.ArithmeticTaskConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ar.ArithmeticTaskConfig)})
+            arithmetic = self.arithmetic_fields()
             if self.name == "reasoning":  # longer texts than the canonical ones: check its own bound first
                 need = rs.max_sequence_tokens(arithmetic)
                 if self.max_len < need:
@@ -89,11 +89,13 @@ class TaskConfig(ar.ArithmeticTaskConfig):
             raise ValueError(f"task.checker={self.checker!r} must be one of {', '.join(CHECKERS)}")
         return self
 
+    def arithmetic_fields(self) -> ar.ArithmeticTaskConfig:
+        """The built-in tasks' fields (step and value ranges, sizes, max_len) on their own."""
+        return ar.ArithmeticTaskConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ar.ArithmeticTaskConfig)})
+
     def identity(self) -> Any:
         """What results depend on; for arithmetic exactly the arithmetic fields (so cached stages keep their keys)."""
-        if self.name == "arithmetic":
-            return ar.ArithmeticTaskConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ar.ArithmeticTaskConfig)})
-        return self
+        return self.arithmetic_fields() if self.name == "arithmetic" else self
 
 
 class Task(Protocol):
