@@ -50,9 +50,9 @@ class TrainConfig:
         "solutions",
     )
     style: str = _help(
-        "reasoning task only: the mix of solution texts the role learns: 'mixed' (every variant), 'careful' (checks "
-        "every line: the default proxy's habit), 'terse' (fuses add/subtract chains) or 'canonical' (one text); see "
-        "experiments/tasks/reasoning.py",
+        "reasoning task only: the mix of solution texts the role learns: 'mixed' (every variant), 'schoolbook' "
+        "(spells out every multiplication: the default proxy's habit), 'careful' (checks every line), 'terse' (fuses "
+        "add/subtract chains) or 'canonical' (one text); see experiments/tasks/reasoning.py",
         "mixed",
     )
     n_examples: int = _help("size of the role's training set (0 = task.n_train)", 0)

@@ -454,7 +454,7 @@ class Protocol:
         train_correct = correct_mask(train_problems * self.seeds, texts, self.task.is_correct).reshape(self.seeds, -1)
         out = {k: v.reshape((self.seeds, -1) + v.shape[1:]) for k, v in arrays.items()}
         out.update(teacher_correct=correct, trace_lengths=lens, keep=keep, trace_correct=train_correct)
-        if self.cfg.task.name == "reasoning":  # what the texts are made of (valid reasoning, checks, fused lines)
+        if self.cfg.task.name == "reasoning":  # what the texts are made of (valid reasoning, checks, fused and × lines)
             feats = [text_features(t) for t in texts]
             for name in feats[0]:
                 out[f"trace_{name}"] = np.array([f[name] for f in feats], np.float32).reshape(self.seeds, -1)
@@ -597,7 +597,7 @@ class Protocol:
             row["mean_trace_length"] = float(tr["trace_lengths"].mean())
             row["degeneracy_rate"] = float(1 - tr["keep"].mean())
             row["trace_accuracy"] = float(tr["trace_correct"].mean())
-            for name in ("valid", "checks", "fused"):  # reasoning task: share of valid texts, checks and fused lines per trace
+            for name in TEXT_COLUMNS:  # reasoning task only
                 if f"trace_{name}" in tr:
                     row[f"trace_{name}"] = float(tr[f"trace_{name}"].mean())
             if d.name == "standard":
@@ -691,6 +691,10 @@ def pm(stat: dict | None, signed: bool = False) -> str:
     return mean + ("" if not np.isfinite(se) else f" ± {100 * se:.1f}")
 
 
+TEXT_COLUMNS = {"valid": "valid reasoning (%)", "checks": "checks/trace", "fused": "fused lines/trace", "times": "× lines/trace"}
+"""Per-trace text features of the reasoning task (:func:`experiments.tasks.reasoning.text_features`) and their column."""
+
+
 def results_markdown(results: dict) -> str:
     rows = results["rows"]
     kinds = []
@@ -698,10 +702,10 @@ def results_markdown(results: dict) -> str:
         kinds += [k for k in r["students"] if k not in kinds]
     paired = any("paired_delta" in r for r in rows)
     paired_kinds = [k for k in ("teacher", "passive", "correct_only") if any(k in r.get("paired_delta", {}) for r in rows)]
-    texts = [k for k in ("valid", "checks", "fused") if any(f"trace_{k}" in r for r in rows)]
+    texts = [k for k in TEXT_COLUMNS if all(f"trace_{k}" in r for r in rows)]
     head = ["defense", "teacher acc (%)"] + [f"{k} (%)" for k in kinds] + [f"Δ {k}, paired (pts)" for k in paired_kinds] + [
         "rel. gain", "fwd passes/token", "FLOPs ratio", "wall-clock ratio", "trace acc (%)", "trace len", "degenerate (%)"] + (
-        ["valid reasoning (%)", "checks/trace", "fused lines/trace"] if texts else [])
+        [TEXT_COLUMNS[k] for k in texts])
     lines = [
         "# Results: passive vs adaptive students under antidistillation defenses",
         "",
@@ -728,7 +732,7 @@ def results_markdown(results: dict) -> str:
             "–" if "trace_accuracy" not in r else f"{100 * r['trace_accuracy']:.1f}",
             f"{r['mean_trace_length']:.1f}",
             f"{100 * r['degeneracy_rate']:.1f}",
-        ] + ([f"{100 * r['trace_valid']:.1f}", f"{r['trace_checks']:.2f}", f"{r['trace_fused']:.2f}"] if texts else [])
+        ] + [f"{100 * r['trace_valid']:.1f}" if k == "valid" else f"{r[f'trace_{k}']:.2f}" for k in texts]
         lines.append("| " + " | ".join(cells) + " |")
     poe = [r for r in rows if r["defense"] == "poe"]
     if poe:

@@ -20,11 +20,12 @@ def task():
 
 def test_every_style_and_choice_gives_the_same_checked_answer(task):
     problems = task.problems("train", 0, 400, style="canonical")
-    always = rs.Style(connective=1.0, commute=1.0, fuse=1.0, check=1.0)
+    always = rs.Style(connective=1.0, commute=1.0, fuse=1.0, check=1.0, spell=1.0)
+    half = rs.Style(connective=0.5, commute=0.5, fuse=0.5, check=0.5, spell=0.5)
     for p in problems:
         steps = _steps_of(p.solution)
         texts = {rs.write_solution(steps, random.Random(i), style) for i in range(8)
-                 for style in (*rs.STYLES.values(), always)}
+                 for style in (*rs.STYLES.values(), always, half)}
         for text in texts:
             assert ar.extract_answer(text) == p.answer, text
             assert rs.reasoning_is_valid(text), text
@@ -50,7 +51,19 @@ def test_variants_spelled_out():
     for check in ("12 - 7 = 5", "9 + 3 = 12", "9 + 9 = 18", "22 - 18 = 4"):
         assert check in text
     assert rs.text_features("7 + 5 - 3 = 9 . check 9 + 3 = 12 . so 9 * 2 = 18 . #### 18") == {
-        "valid": 1.0, "checks": 1.0, "fused": 1.0}
+        "valid": 1.0, "checks": 1.0, "fused": 1.0, "times": 1.0}
+
+
+def test_multiplication_spelled_out_as_repeated_addition():
+    spelled = rs.Style(connective=0.0, commute=0.0, fuse=0.0, check=0.0, spell=1.0)
+    assert rs.write_solution(STEPS, random.Random(0), spelled) == "7 + 5 = 12 . 12 - 3 = 9 . 9 + 9 = 18 . 18 + 4 = 22 . #### 22"
+    assert rs.write_solution([(4, "*", 3, 12), (12, "-", 5, 7)], random.Random(0), spelled) == (
+        "4 + 4 = 8 . 8 + 4 = 12 . 12 - 5 = 7 . #### 7")
+    # a spelled line takes no check and no fused step; the plain line after it does
+    everything = rs.Style(connective=0.0, commute=0.0, fuse=1.0, check=1.0, spell=1.0)
+    text = rs.write_solution(STEPS, random.Random(0), everything)
+    assert text == "7 + 5 - 3 = 9 . 9 + 9 = 18 . 18 + 4 = 22 . verify 22 - 4 = 18 . #### 22"
+    assert rs.text_features(text) == {"valid": 1.0, "checks": 1.0, "fused": 1.0, "times": 0.0}
 
 
 @pytest.mark.parametrize("text", [
@@ -75,9 +88,10 @@ def test_splits_disjoint_and_texts_reproducible(task):
 
 
 def test_roles_learn_their_style(task):
-    rows = {s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "careful", "terse")}
+    rows = {s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "careful", "terse", "schoolbook")}
     texts = {s: [task.tokenizer.decode(r).split("? ", 1)[1] for r in rows[s].rows(np.arange(300))["tokens_bt"]] for s in rows}
-    feats = {s: {k: sum(rs.text_features(t)[k] for t in texts[s]) / 300 for k in ("fused", "checks")} for s in texts}
+    feats = {s: {k: sum(rs.text_features(t)[k] for t in texts[s]) / 300 for k in ("fused", "checks", "times")} for s in texts}
+    assert feats["mixed"]["times"] > 0 == feats["schoolbook"]["times"]  # the proxy spells out every multiplication
     assert feats["terse"]["fused"] > 2 * feats["mixed"]["fused"] > 0
     assert feats["careful"]["checks"] > 2 * feats["mixed"]["checks"] > 0
     assert not any(w in t.split() for t in texts["terse"] for w in rs.CONNECTIVES)

@@ -14,19 +14,25 @@ choices, drawn per line from a generator seeded by ``(style, seed, prompt)``:
   ``MAX_FUSED`` operations per line, evaluated left to right);
 - ``check``: a one-operation line is followed by its inverse check, ``check 12 - 5 = 7 .``
   (``verify`` instead of ``check`` half the time; ``a * 2 = c`` is checked as ``a + a = c``,
-  ``a * 3`` is not checked).
+  ``a * 3`` is not checked);
+- ``spell``: a multiplication is spelled out as repeated addition (``9 * 2 = 18 .`` becomes
+  ``9 + 9 = 18 .``; ``4 * 3 = 12 .`` becomes ``4 + 4 = 8 . 8 + 4 = 12 .``); spelled lines take no
+  check and no fused step.
 
 Every text ends with ``#### <answer>``; the answer is unique and checked as in the arithmetic task.
 Styles (:data:`STYLES`, a role picks one with ``train.style``):
 
-- ``mixed``: the teacher's and the student base's data, every choice open (few fused lines, few checks);
-- ``careful``: the proxy's: the same, but it checks every line it can. The proxy is the provider's
-  smaller model with habits of its own (as the paper's Qwen2.5-3B beside an R1-distilled teacher);
-  PoE mixes its habit into the teacher's texts. A check never changes the answer, so the teacher stays
-  right, but texts with more checks teach a small student less (measured with students trained on
-  reference texts: 2 seeds, 600 steps, checks on half the lines 26% test accuracy, on none 33%);
-- ``terse`` (fuses most add/subtract chains; fused lines are hard even for the teacher) and
-  ``canonical`` (the arithmetic task's one text), for experiments.
+- ``mixed``: the teacher's and the student base's data, every choice open;
+- ``schoolbook``: the proxy's: the same, but it spells out every multiplication. The proxy is the
+  provider's smaller model with habits of its own (as the paper's Qwen2.5-3B beside an R1-distilled
+  teacher); PoE mixes its habit into the teacher's texts. Spelling out never changes the answer and
+  the teacher adds two-digit numbers reliably, so it stays right; but a small student learns a
+  ×2/×3 table from direct lines far more easily than two-digit addition from spelled ones
+  (students trained on reference texts, 2 seeds, 800 steps: 57% test accuracy with direct lines,
+  41% with every multiplication spelled out);
+- ``careful`` (checks every line it can), ``terse`` (fuses most add/subtract chains; fused lines
+  are hard even for the teacher: 34 of 40 wrong at τ=0.8) and ``canonical`` (the arithmetic task's
+  one text), for experiments.
 """
 
 from __future__ import annotations
@@ -52,11 +58,13 @@ class Style:
     commute: float  # P(operands of + or * are swapped)
     fuse: float  # P(an add/subtract step joins the previous add/subtract line)
     check: float  # P(a one-operation line is followed by its inverse check)
+    spell: float = 0.0  # P(a multiplication is spelled out as repeated addition)
 
 
 STYLES: dict[str, Style] = {
-    "mixed": Style(connective=0.75, commute=0.5, fuse=0.15, check=0.2),
-    "careful": Style(connective=0.75, commute=0.5, fuse=0.15, check=1.0),
+    "mixed": Style(connective=0.75, commute=0.5, fuse=0.15, check=0.25, spell=0.3),
+    "schoolbook": Style(connective=0.75, commute=0.5, fuse=0.15, check=0.25, spell=1.0),
+    "careful": Style(connective=0.75, commute=0.5, fuse=0.15, check=1.0, spell=0.3),
     "terse": Style(connective=0.0, commute=0.5, fuse=0.85, check=0.0),
     "canonical": Style(connective=0.0, commute=0.0, fuse=0.0, check=0.0),
 }
@@ -64,17 +72,21 @@ STYLES: dict[str, Style] = {
 
 def write_solution(steps, rng: random.Random, style: Style) -> str:
     """One solution text for ``steps = [(a, op, b, c), ...]`` (op in ``+ - *``)."""
-    lines: list[list] = []  # [first operand, [(op, operand), ...], result]
+    # [first operand, [(op, operand), ...], result, plain]; a spelled-out line is not plain: it takes no
+    # fused step and no check (so a spelled a * 3 is two lines, as long as a line and its check)
+    lines: list[list] = []
     for a, op, b, c in steps:
         last = lines[-1] if lines else None
-        if (last is not None and op in "+-" and all(o in "+-" for o, _ in last[1])
+        if op == "*" and rng.random() < style.spell:  # a * 3 = c  ->  a + a = 2a . 2a + a = c
+            lines += [[a, [("+", a)], 2 * a, False]] + ([[2 * a, [("+", a)], c, False]] if b == 3 else [])
+        elif (last is not None and last[3] and op in "+-" and all(o in "+-" for o, _ in last[1])
                 and len(last[1]) < MAX_FUSED and rng.random() < style.fuse):
             last[1].append((op, b))
             last[2] = c
         else:
-            lines.append([a, [(op, b)], c])
+            lines.append([a, [(op, b)], c, True])
     words: list[str] = []
-    for i, (first, ops, result) in enumerate(lines):
+    for i, (first, ops, result, plain) in enumerate(lines):
         if rng.random() < style.connective:
             words.append("first" if i == 0 else CONNECTIVES[int(rng.random() * len(CONNECTIVES))])
         (op0, b0), rest = ops[0], ops[1:]
@@ -84,7 +96,7 @@ def write_solution(steps, rng: random.Random, style: Style) -> str:
         for op, b in rest:
             words += [op, str(b)]
         words += ["=", str(result), "."]
-        if len(ops) == 1 and rng.random() < style.check:
+        if plain and len(ops) == 1 and rng.random() < style.check:
             check = _inverse_check(first, op0, b0, result)
             if check:
                 words += [CHECK_WORDS[int(rng.random() * len(CHECK_WORDS))]] + check + ["."]
@@ -131,11 +143,13 @@ _LINE_RE = re.compile(r"^(?:(?:first|so|then|now|check|verify) )?(\d+(?: [-+*] \
 
 def text_features(text: str) -> dict[str, float]:
     """What a solution text is made of: ``valid`` (every line true, :func:`reasoning_is_valid`),
-    ``checks`` (check lines) and ``fused`` (lines with more than one operation)."""
+    ``checks`` (check lines), ``fused`` (lines with more than one operation) and ``times`` (lines
+    that multiply: a multiplication spelled out as repeated addition has none)."""
     lines = [s.strip() for s in text.rpartition(ar.ANSWER_MARKER)[0].split(" .") if s.strip()]
-    checks = sum(line.startswith(CHECK_WORDS) for line in lines)
-    fused = sum(len(re.findall(r" [-+*] ", " " + line)) > 1 for line in lines if not line.startswith(CHECK_WORDS))
-    return {"valid": float(reasoning_is_valid(text)), "checks": float(checks), "fused": float(fused)}
+    work = [line for line in lines if not line.startswith(CHECK_WORDS)]
+    return {"valid": float(reasoning_is_valid(text)), "checks": float(len(lines) - len(work)),
+            "fused": float(sum(len(re.findall(r" [-+*] ", " " + line)) > 1 for line in work)),
+            "times": float(sum(" * " in line for line in work))}
 
 
 def reasoning_is_valid(text: str) -> bool:
