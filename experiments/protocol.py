@@ -22,11 +22,8 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import pathlib
-import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from experiments import attacker
+from experiments import io as rio
+from experiments.io import atomic_write, save_json, save_npz  # noqa: F401  (re-exported: calibrate, equilibrium, run)
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
 from experiments.plots import plot_learning_curve, plot_protocol
@@ -51,37 +50,13 @@ from models import transformer as tfm
 from models.sampling import ExpertSpec, generate
 
 # ---------------------------------------------------------------------------
-# Atomic stage outputs
+# Stage outputs (written atomically through experiments.io: local or gs://)
 # ---------------------------------------------------------------------------
 
 
 def fingerprint(**parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_npz(path: pathlib.Path, **arrays) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-
-
-def save_json(path: pathlib.Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def mean_stderr(values) -> dict:
@@ -105,7 +80,7 @@ def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -
             models[role], hf_tokenizers[role] = load_hf_role(cfg, role, mesh)
             check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
             continue
-        ckpt_dir = pathlib.Path(cfg.run_dir) / role / "checkpoints"
+        ckpt_dir = rio.path(cfg.run_dir) / role / "checkpoints"
         if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             summary = Trainer(cfg, role, mesh, task=task).fit(progress=progress)
             if is_main_process():
@@ -390,7 +365,7 @@ class Protocol:
     def __init__(self, cfg: Config, progress: bool = True, seeds: int | None = None):
         self.cfg, self.pc, self.progress = cfg, cfg.protocol, progress and is_main_process()
         self.seeds = seeds or self.pc.seeds
-        self.dir = pathlib.Path(cfg.run_dir) / "protocol"
+        self.dir = rio.path(cfg.run_dir) / "protocol"
         self.task = build_task(cfg.task)
         self.tokenizer = self.task.tokenizer
         self.mesh = make_mesh(cfg)
@@ -414,7 +389,7 @@ class Protocol:
     def heldout_traces(self, models) -> dict[str, np.ndarray]:
         path = self.dir / f"heldout_traces-{fingerprint(t=self.task_fp, tau=self.pc.temperature)}.npz"
         if path.exists():
-            return dict(np.load(path))
+            return rio.load_npz(path)
         problems = self.task.problems("heldout", self.cfg.seed)
         setup = defense_setup(DefenseSetting("standard"), models, None, self.pc.temperature)
         decoded = self._decode(problems, setup, jax.random.key(1234))
@@ -439,7 +414,7 @@ class Protocol:
         """Training traces for every seed and the defended teacher's test accuracy per seed."""
         path = self.dir / f"traces-{d.key}-{fingerprint(t=self.task_fp, d=d, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.npz"
         if path.exists():
-            return dict(np.load(path))
+            return rio.load_npz(path)
         setup = defense_setup(d, models, g_P, self.pc.temperature)
         train_problems = self.task.problems("train", self.cfg.seed + 1, self.pc.n_traces)
         test_problems = self.task.problems("test", self.cfg.seed)
@@ -493,7 +468,7 @@ class Protocol:
                                      curve=dc.curve if with_curve else (), correct_pool=dc.correct_pool if kind == "correct_only" else 0)
         path = self.dir / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return rio.load_json(path)
         train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
         if dc.degeneracy_filter:
             train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
@@ -758,8 +733,10 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n" + attacker.ablation_markdown(results)
 
 
-def write_results(run_dir: pathlib.Path, results: dict) -> list[pathlib.Path]:
+def write_results(run_dir, results: dict) -> list:
+    """results.json, RESULTS.md and the plots into `run_dir` (local or gs://); their paths."""
+    run_dir = rio.path(run_dir)
     save_json(run_dir / "results.json", results)
-    atomic_write(run_dir / "RESULTS.md", lambda tmp: pathlib.Path(tmp).write_text(results_markdown(results)))
+    rio.write_text(run_dir / "RESULTS.md", results_markdown(results))
     paths = [run_dir / "results.json", run_dir / "RESULTS.md"]
     return paths + plot_protocol(results, run_dir) + plot_learning_curve(results, run_dir)

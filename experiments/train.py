@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 import time
 from typing import Any
 
@@ -16,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from experiments import io as rio
 from experiments import preemption
 from experiments.config import Config, ConfigError, RoleConfig, TrainConfig
 from experiments.distributed import is_main_process
@@ -146,7 +145,7 @@ class Trainer:
             "step": jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"]),
         }
         self.step_fn = make_train_step(self.model.graphdef, self.tx, self.state_shardings, mesh)
-        self.role_dir = pathlib.Path(cfg.run_dir) / role
+        self.role_dir = rio.path(cfg.run_dir) / role  # local or gs://
         self.ckpt_dir = self.role_dir / "checkpoints"
 
     # -- data ---------------------------------------------------------------
@@ -188,10 +187,8 @@ class Trainer:
             self.state, _ = ckpt.restore(abstract_like(self.state))
             step = int(self.state["step"])
         data = self.training_data()
-        if main:
-            self.role_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.role_dir / "metrics.jsonl").open("a") if main else None
-        write = (lambda record: log.write(json.dumps(record) + "\n")) if main else (lambda record: None)
+        log = rio.JsonlLog(self.role_dir / "metrics.jsonl") if main else None
+        write = log.write if main else (lambda record: None)
         bar = tqdm(total=self.tc.steps, initial=step, desc=f"train {self.role}", disable=not (progress and main), leave=False)
         tokens_since, t_last = 0, time.perf_counter()
         try:
@@ -240,10 +237,10 @@ class Trainer:
             "seconds": round(time.perf_counter() - start, 2),
             "train_seconds": round(train_seconds, 2),
             "params": tfm.param_count(self.state["params"]),
-            "checkpoint": str(self.ckpt_dir.absolute()),
+            "checkpoint": str(self.ckpt_dir if rio.is_remote(self.ckpt_dir) else self.ckpt_dir.absolute()),
         }
         if main:
-            (self.role_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            rio.save_json(self.role_dir / "summary.json", summary)
         return summary
 
 
@@ -260,7 +257,7 @@ def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> Rol
         "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
     }
-    ckpt = Checkpointer(pathlib.Path(cfg.run_dir) / role / "checkpoints", create=False)
+    ckpt = Checkpointer(rio.path(cfg.run_dir) / role / "checkpoints", create=False)
     try:
         state, _ = ckpt.restore(target)
     finally:
@@ -275,7 +272,7 @@ def load_hf_role(cfg: Config, role: str, mesh: Mesh) -> tuple[RoleModel, Any]:
     overrides: dict[str, Any] = {"compute_dtype": rc.model.compute_dtype}
     if rc.model.vocab_rows:
         overrides["vocab_rows"] = rc.model.vocab_rows
-    cache = pathlib.Path(cfg.run_dir) / role / "hf_converted" if rc.hf_cache else None
+    cache = rio.path(cfg.run_dir) / role / "hf_converted" if rc.hf_cache else None
     try:
         loaded = hf_loader.load_or_convert(rc.hf_dir, cache, mesh, cfg.rules, **overrides)
     except hf_loader.HFLoadError as e:
