@@ -42,7 +42,7 @@ from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
 from experiments.tasks.reasoning import text_features
 from experiments.tasks.registry import Task, build_task
-from experiments.train import RoleModel, Trainer, load_hf_role, load_role_params, make_mesh, masked_nll
+from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
 from game import students as stu
 from models import hf_loader, lora
@@ -241,7 +241,7 @@ def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
         schedule = optax.join_schedules([optax.linear_schedule(0.0, dc.lr, warmup), optax.constant_schedule(dc.lr)], [warmup])
     else:
         schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
-    return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
+    return float32_moments(optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0))  # bf16 params: moments stay f32
 
 
 @functools.lru_cache(maxsize=16)

@@ -28,6 +28,20 @@ from models.checkpoint import Checkpointer, abstract_like
 from models.sampling import ExpertSpec
 
 
+def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` run in float32 whatever the parameters' dtype: its state (AdamW's moments) is created from float32
+    copies of the params, gradients and params are cast to float32 before the update and the updates back to
+    the gradients' dtype. For float32 params every cast is a no-op, so the state tree and the checkpoints are
+    those of `tx` itself. Why: a bfloat16 second moment loses the small (1 - b2) increments it averages."""
+    to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32) if hasattr(x, "astype") else x, tree)
+
+    def update(grads, state, params=None):
+        updates, state = tx.update(to32(grads), state, None if params is None else to32(params))
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+    return optax.GradientTransformation(lambda params: tx.init(to32(params)), update)
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -37,7 +51,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
         end_value=tc.lr * tc.end_lr_fraction,
     )
     parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-    return optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=tc.weight_decay))
+    return float32_moments(optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=tc.weight_decay)))
 
 
 def masked_nll(graphdef, params, tokens_bt, loss_mask_bt) -> jax.Array:
@@ -269,7 +283,7 @@ def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> Rol
 def load_hf_role(cfg: Config, role: str, mesh: Mesh) -> tuple[RoleModel, Any]:
     """A role whose `hf_dir` is set: its converted model on the mesh, and its `tokenizers.Tokenizer`."""
     rc = cfg.role(role)
-    overrides: dict[str, Any] = {"compute_dtype": rc.model.compute_dtype}
+    overrides: dict[str, Any] = {"compute_dtype": rc.model.compute_dtype, "param_dtype": rc.model.param_dtype}
     if rc.model.vocab_rows:
         overrides["vocab_rows"] = rc.model.vocab_rows
     cache = rio.path(cfg.run_dir) / role / "hf_converted" if rc.hf_cache else None
