@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import io as rio
+from experiments import retokenize as retok
 from experiments.calibration_plot import plot_calibration
 from experiments.config import Config, to_dict
 from experiments.distributed import is_main_process
@@ -146,6 +147,7 @@ class Calibration:
     def run(self) -> dict:
         start = time.perf_counter()
         models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
+        retok.require_shared_vocabulary(models, self.protocol.tokenizer, "distgame calibrate (the game's soft targets)")
         clean = self.protocol.heldout_traces(models)
         heldout = self.protocol.attacker_heldout(clean)
         ref = self.sweep.reference("test", self.ec.n_eval, models, capability=self.ec.capability)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from experiments import io as rio
 from experiments import preemption
+from experiments import retokenize as retok
 from experiments.config import Config, DefenseSetting, to_dict
 from experiments.distributed import is_main_process
 from experiments.plots import plot_equilibrium
@@ -224,6 +225,7 @@ class EquilibriumSweep:
     def run(self) -> dict:
         start = time.perf_counter()
         models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
+        retok.require_shared_vocabulary(models, self.protocol.tokenizer, "distgame equilibrium (soft targets on teacher prefixes)")
         clean = self.protocol.heldout_traces(models)
         heldout = self.protocol.attacker_heldout(clean)
         eval_batch = self.reference("test", self.ec.n_eval, models, capability=self.ec.capability)

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from experiments import attacker
+from experiments import retokenize as retok
 from experiments import io as rio
 from experiments.io import atomic_write, save_json, save_npz  # noqa: F401  (re-exported: calibrate, equilibrium, run)
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
@@ -41,7 +42,7 @@ from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
 from experiments.tasks.reasoning import text_features
-from experiments.tasks.registry import Task, build_task
+from experiments.tasks.registry import Task, build_task, encode_truncated
 from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
 from game import students as stu
@@ -75,10 +76,14 @@ def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -
     task = task or build_task(cfg.task)
     tokenizer = task.tokenizer
     models, hf_tokenizers = {}, {}
+    student_tok = cross_tokenizer_student(cfg, tokenizer)  # before any model loads: a refusal costs nothing
     for role in ("teacher", "proxy", "student"):
         if cfg.role(role).hf_dir:
             models[role], hf_tokenizers[role] = load_hf_role(cfg, role, mesh)
-            check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
+            if role == "student" and student_tok is not None:  # its own vocabulary: traces reach it as text
+                models[role].tokenizer = student_tok
+            else:
+                check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
             continue
         ckpt_dir = rio.path(cfg.run_dir) / role / "checkpoints"
         if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -99,6 +104,25 @@ def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -
     return models
 
 
+def cross_tokenizer_student(cfg: Config, task_tokenizer):
+    """The HF student's own tokenizer when it is not the task's (= the teacher's), else None; refuses, in one
+    line naming the keys, token-level attacks that cannot cross vocabularies (experiments/retokenize.py)."""
+    if not cfg.student.hf_dir:
+        return None
+    try:
+        hf_tok = hf_loader.load_tokenizer(cfg.student.hf_dir)
+    except hf_loader.HFLoadError:
+        return None  # the loader reports the directory, naming the role
+    try:
+        check_task_vocabulary(task_tokenizer, hf_tok, "student")
+        return None
+    except ConfigError:
+        pass
+    student_tok = retok.wrap_hf_tokenizer(hf_tok, f"{cfg.student.hf_dir}/tokenizer.json")
+    retok.refuse_token_level(cfg, student_tok.vocab_size, task_tokenizer.vocab_size)
+    return student_tok
+
+
 def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
     """The task's token ids must mean the same tokens to an HF role (its tokenizer.json)."""
     if hasattr(task_tokenizer, "tokens"):
@@ -113,6 +137,8 @@ def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
         raise ConfigError(
             f"{role}.hf_dir: its tokenizer.json ({len(hf_vocab)} tokens) is not the task's tokenizer "
             f"({len(task_vocab)} tokens; e.g. {diff} differ); the task must be tokenized with the model's tokenizer"
+            + ("; PoE and ADS mix the teacher's and the proxy's logits id by id, so the proxy needs the teacher's (= the "
+               "task's) vocabulary" if role == "proxy" else "")
         )
 
 
@@ -371,6 +397,7 @@ class Protocol:
         self.mesh = make_mesh(cfg)
         self.task_fp = fingerprint(task=cfg.task.identity(), seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
         self.validation_problems, self.heldout_tag = None, ""  # set by attacker_heldout when the attacker tunes β
+        self.student_tokenizer = None  # set by run() for an HF student with its own tokenizer (retokenize.py)
 
     # -- helpers --------------------------------------------------------------
     def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0, carry_b=None) -> Decoded:
@@ -378,8 +405,17 @@ class Protocol:
         return decode_problems(
             problems, self.tokenizer, specs, params, self.mesh, combiner=combiner,
             max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size,
-            greedy=greedy, rng=rng, expose_k=expose_k, tangents=tangents, carry_b=carry_b,
+            greedy=greedy, top_p=self.cfg.sample.top_p, rng=rng, expose_k=expose_k, tangents=tangents, carry_b=carry_b,
         )
+
+    def _student_arrays(self, models, problems, decoded: Decoded) -> dict[str, np.ndarray]:
+        """For a student with its own tokenizer: the same traces as text, re-encoded with it (`student_*` keys)."""
+        tok = models["student"].tokenizer
+        if tok is None:
+            return {}
+        ended = retok.ended_with_eos(decoded.tokens_bn, decoded.lengths_b, self.tokenizer.eos_id)
+        rows = retok.encode_traces(problems, decoded.texts(self.tokenizer), ended, tok, self.cfg.task.max_len)
+        return {retok.PREFIX + k: v for k, v in rows.items()}
 
     def _train_arrays(self, problems, decoded: Decoded) -> dict[str, np.ndarray]:
         prompts, lens = encode_prompts(problems, self.tokenizer, None)
@@ -394,6 +430,7 @@ class Protocol:
         setup = defense_setup(DefenseSetting("standard"), models, None, self.pc.temperature)
         decoded = self._decode(problems, setup, jax.random.key(1234))
         arrays = self._train_arrays(problems, decoded)
+        arrays.update(self._student_arrays(models, problems, decoded))
         save_npz(path, **arrays)
         return arrays
 
@@ -427,6 +464,7 @@ class Protocol:
         keep = np.asarray(stu.degenerate_mask(dec.tokens_bn, dec.lengths_b)).reshape(self.seeds, -1)
         texts = dec.texts(self.tokenizer)
         train_correct = correct_mask(train_problems * self.seeds, texts, self.task.is_correct).reshape(self.seeds, -1)
+        arrays.update(self._student_arrays(models, train_problems * self.seeds, dec))
         out = {k: v.reshape((self.seeds, -1) + v.shape[1:]) for k, v in arrays.items()}
         out.update(teacher_correct=correct, trace_lengths=lens, keep=keep, trace_correct=train_correct)
         if self.cfg.task.name == "reasoning":  # what the texts are made of (valid reasoning, checks, fused lines)
@@ -469,7 +507,7 @@ class Protocol:
         path = self.dir / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
         if path.exists():
             return rio.load_json(path)
-        train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
+        train = retok.student_rows(traces)  # the teacher's rows, or their re-encoding for a student with its own tokenizer
         if dc.degeneracy_filter:
             train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
         gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
@@ -498,24 +536,26 @@ class Protocol:
 
     def _accuracies(self, models, params, problems) -> list[float]:
         """Greedy accuracy of each seed's student (params with a leading seed axis) on `problems`."""
-        spec = models["student"].spec
+        spec, tok = models["student"].spec, models["student"].tokenizer or self.tokenizer
         accs = []
         for s in range(self.seeds):
             p_s = jax.tree.map(lambda x: x[s], params)
-            dec = decode_problems(problems, self.tokenizer, (spec,), (p_s,), self.mesh,
+            dec = decode_problems(problems, tok, (spec,), (p_s,), self.mesh,
                                   max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
-            accs.append(float(correct_mask(problems, dec.texts(self.tokenizer), self.task.is_correct).mean()))
+            accs.append(float(correct_mask(problems, dec.texts(tok), self.task.is_correct).mean()))
         return accs
 
     def attacker_heldout(self, clean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The attacker's held-out set for g_S; while it tunes β (attacker.py) a validation split of
         its prompts is kept out of it (`self.validation_problems`)."""
         problems = self.task.problems("heldout", self.cfg.seed)
-        if self.pc.distill.heldout == "ground_truth":
+        if self.pc.distill.heldout == "ground_truth" and self.student_tokenizer is not None:  # its own tokens, cut at max_len
+            held = encode_truncated(problems, self.student_tokenizer, self.cfg.task.max_len)
+        elif self.pc.distill.heldout == "ground_truth":
             data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
             held = {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}
         else:
-            held = {"tokens_bt": clean["tokens_bt"], "loss_mask_bt": clean["loss_mask_bt"]}
+            held = {k: v for k, v in retok.student_rows(clean).items() if k in ("tokens_bt", "loss_mask_bt")}
         ac = self.pc.distill.attacker
         if ac.tunes and self.pc.distill.heldout != "none":
             fit, val = attacker.validation_split(len(problems), ac.validation_fraction, self.cfg.seed)
@@ -540,6 +580,7 @@ class Protocol:
     def run(self) -> dict:
         start = time.perf_counter()
         models = ensure_models(self.cfg, self.mesh, self.progress, self.task)
+        self.student_tokenizer = models["student"].tokenizer
         clean = self.heldout_traces(models)
         g_P = self.proxy_gradient(models, clean)
         heldout = self.attacker_heldout(clean)

@@ -77,6 +77,7 @@ class RoleModel:
     graphdef: Any
     params: Any
     param_shardings: Any
+    tokenizer: Any = None  # only when the role's tokenizer is not the task's (an HF student: experiments/retokenize.py)
 
     @property
     def spec(self) -> ExpertSpec:
