@@ -169,7 +169,7 @@ def test_what_cannot_cross_vocabularies_is_one_line(trio, tmp_path, case):
                       "protocol.distill.attacks=['soft_topk'] need the teacher's per-token log-probs: the student's "
                       "tokenizer (student.hf_dir, 262 tokens) is not the teacher's (261 tokens)"),
         "proxy_vocabulary": ("protocol", ["proxy.hf_dir=" + str(tmp_path / "proxy_llama_vocab")],
-                             "proxy.hf_dir: its tokenizer.json (261 tokens) is not the task's tokenizer"),
+                             "proxy.hf_dir: its tokenizer.json (262 tokens) is not the task's tokenizer"),
         "equilibrium": ("equilibrium", [], "distgame equilibrium (soft targets on teacher prefixes) needs the student to "
                                            "share the teacher's vocabulary"),
     }[case]
