@@ -47,6 +47,7 @@ from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role,
 from game import defenses as dfn
 from game import students as stu
 from models import hf_loader, lora
+from models import sharding as shd
 from models import transformer as tfm
 from models.sampling import ExpertSpec, generate
 
@@ -370,6 +371,7 @@ def distil(
         batch.update(feeder.extras(i, trained, frozen, idx, beta))
         h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
         held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
+        batch, held = seed_rows_sharded(batch, mesh), seed_rows_sharded(held, mesh)
         trained, opt_state, loss, aux = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
         ess = ess + aux["ess_fraction"]
         if i + 1 in snapshots:  # a copy: the next step donates `trained`
@@ -380,6 +382,54 @@ def distil(
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
     return [kept[n] for n in snapshots] if snapshots else merged(trained)
+
+
+def seed_rows_sharded(arrays: dict[str, np.ndarray], mesh) -> dict:
+    """[seeds, rows, ...] host arrays with their rows split over the mesh's batch axes (as a train step's batch),
+    when the rows divide; otherwise as they are (replicated). At paper scale a replicated distillation batch would
+    put every seed's full-vocabulary logits on every device."""
+    if mesh is None:
+        return arrays
+    div = shd.batch_divisor(mesh)
+    if div == 1 or any(v.shape[1] % div for v in arrays.values()):
+        return arrays
+    spec = lambda v: NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (v.ndim - 2))))
+    return {k: shd.put_global(v, spec(v)) for k, v in arrays.items()}
+
+
+def row_chunks(n: int, chunk: int, mesh):
+    """Slices of `n` rows, `chunk` at a time rounded to a multiple of the mesh's batch divisor (>= it), and the
+    chunk size: memory-bounded passes over many sequences (g_P, the teacher's entropy)."""
+    div = shd.batch_divisor(mesh)
+    size = max(div, chunk // div * div)
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)], size
+
+
+def _padded(rows: np.ndarray, size: int, fill=None) -> np.ndarray:
+    """`rows` padded to `size` rows with copies of the first (or `fill`), so every chunk has one shape."""
+    if len(rows) == size:
+        return rows
+    extra = np.repeat(rows[:1] if fill is None else np.full_like(rows[:1], fill), size - len(rows), 0)
+    return np.concatenate([rows, extra])
+
+
+def mean_nll_grad(graphdef, params, tokens_bt: np.ndarray, mask_bt: np.ndarray, mesh, chunk: int):
+    """∇ of the mean next-token NLL over every masked token of `tokens_bt`, accumulated over row chunks sharded
+    over the batch axes, so memory is that of one chunk: with m_c the masked tokens of chunk c and M their total,
+    Σ_c (m_c / M) ∇ mean_c = ∇ mean exactly. Accumulated in float32, returned in the params' dtypes."""
+    grad_fn = jax.jit(jax.grad(lambda p, t, m: masked_nll(graphdef, p, t, m)))
+    slices, size = row_chunks(len(tokens_bt), chunk, mesh)
+    counts = [float(mask_bt[s, :-1].sum()) for s in slices]
+    total = max(sum(counts), 1.0)
+    acc = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    add = jax.jit(lambda acc, g, w: jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), acc, g))
+    for s, m in zip(slices, counts):
+        if m == 0:
+            continue
+        t, k = _padded(tokens_bt[s], size), _padded(mask_bt[s], size, fill=0)
+        g = grad_fn(params, shd.put_global(t, shd.batch_sharding(mesh)), shd.put_global(k, shd.batch_sharding(mesh)))
+        acc = add(acc, g, jnp.float32(m / total))
+    return jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
 
 
 # ---------------------------------------------------------------------------
@@ -440,12 +490,25 @@ class Protocol:
         is below 0.9."""
         t = models["teacher"]
         tokens, mask = traces["tokens_bt"][0, :n], traces["loss_mask_bt"][0, :n, :-1]
-        logits_btv, _ = jax.jit(lambda p, x: tfm.forward(t.graphdef, p, x))(t.params, tokens[:, :-1])
-        return token_entropy_stats(np.asarray(logits_btv, np.float32), mask)
+        fwd = jax.jit(lambda p, x: tfm.forward(t.graphdef, p, x)[0])
+        parts = []  # in chunks of rows: the whole [n, T, V] logits would not fit at paper scale
+        slices, size = row_chunks(len(tokens), self.pc.distill.heldout_batch, self.mesh)
+        for s in slices:
+            logits_btv = fwd(t.params, shd.put_global(_padded(tokens[s, :-1], size), shd.batch_sharding(self.mesh)))
+            part = token_entropy_stats(np.asarray(logits_btv, np.float32)[: len(tokens[s])], mask[s])
+            if part["positions"]:
+                parts.append(part)
+        total = sum(p["positions"] for p in parts)
+        if not total:
+            return {"entropy_nats": float("nan"), "share_top_below_0.9": float("nan"), "positions": 0}
+        return {k: (sum(p[k] * p["positions"] for p in parts) / total if k != "positions" else total) for k in parts[0]}
 
     def proxy_gradient(self, models, heldout):
+        """g_P: the gradient of the proxy's mean NLL on the clean held-out traces (in chunks of
+        protocol.distill.heldout_batch rows, so a 3B proxy's full-vocabulary logits never exist for all at once)."""
         proxy = models["proxy"]
-        return jax.jit(jax.grad(lambda p: masked_nll(proxy.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"])))(proxy.params)
+        return mean_nll_grad(proxy.graphdef, proxy.params, heldout["tokens_bt"], heldout["loss_mask_bt"], self.mesh,
+                             self.pc.distill.heldout_batch)
 
     def traces(self, d: DefenseSetting, models, g_P) -> dict:
         """Training traces for every seed and the defended teacher's test accuracy per seed."""
