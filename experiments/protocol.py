@@ -217,16 +217,21 @@ def assemble(prompts_bp, lens_b, decoded: Decoded, max_len: int, pad_id: int) ->
     return {"tokens_bt": tokens, "loss_mask_bt": mask, "topk_ids_btk": top_ids, "topk_logprob_btk": top_lp}
 
 
-def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: float = 0.9) -> dict:
-    """Mean entropy (nats) of softmax(logits) over the masked positions, and the share of them whose top
-    probability is below `top_below`."""
+def entropy_sums(logits_btv, mask_bt, top_below: float = 0.9):
+    """(Σ entropy, Σ [top probability < top_below], Σ mask) over the masked positions; jittable, so a chunk's
+    full-vocabulary logits never leave the device."""
     logp = jax.nn.log_softmax(jnp.asarray(logits_btv, jnp.float32), axis=-1)
     ent_bt = -(jnp.exp(logp) * logp).sum(-1)
     top_bt = jnp.exp(logp.max(-1))
     m = jnp.asarray(mask_bt, jnp.float32)
-    return {"entropy_nats": float((ent_bt * m).sum() / m.sum()),
-            f"share_top_below_{top_below:g}": float(((top_bt < top_below) * m).sum() / m.sum()),
-            "positions": int(m.sum())}
+    return (ent_bt * m).sum(), ((top_bt < top_below) * m).sum(), m.sum()
+
+
+def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: float = 0.9) -> dict:
+    """Mean entropy (nats) of softmax(logits) over the masked positions, and the share of them whose top
+    probability is below `top_below`."""
+    ent, below, n = (float(x) for x in entropy_sums(logits_btv, mask_bt, top_below))
+    return {"entropy_nats": ent / n, f"share_top_below_{top_below:g}": below / n, "positions": int(n)}
 
 
 def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
@@ -377,8 +382,8 @@ def distil(
         if i + 1 in snapshots:  # a copy: the next step donates `trained`
             kept[i + 1] = jax.tree.map(jnp.copy, merged(trained))
     if stats is not None:
-        stats["ess_fraction"] = (np.asarray(ess) / total).tolist()
-    loss = np.asarray(loss)
+        stats["ess_fraction"] = (np.asarray(shd.to_host(ess) if isinstance(ess, jax.Array) else ess) / total).tolist()
+    loss = shd.to_host(loss)
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
     return [kept[n] for n in snapshots] if snapshots else merged(trained)
@@ -421,7 +426,8 @@ def mean_nll_grad(graphdef, params, tokens_bt: np.ndarray, mask_bt: np.ndarray, 
     slices, size = row_chunks(len(tokens_bt), chunk, mesh)
     counts = [float(mask_bt[s, :-1].sum()) for s in slices]
     total = max(sum(counts), 1.0)
-    acc = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    zeros = lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p)
+    acc = jax.jit(zeros, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)  # on the params' shards
     add = jax.jit(lambda acc, g, w: jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), acc, g))
     for s, m in zip(slices, counts):
         if m == 0:
@@ -490,18 +496,16 @@ class Protocol:
         is below 0.9."""
         t = models["teacher"]
         tokens, mask = traces["tokens_bt"][0, :n], traces["loss_mask_bt"][0, :n, :-1]
-        fwd = jax.jit(lambda p, x: tfm.forward(t.graphdef, p, x)[0])
-        parts = []  # in chunks of rows: the whole [n, T, V] logits would not fit at paper scale
+        sums = jax.jit(lambda p, x, m: entropy_sums(tfm.forward(t.graphdef, p, x)[0], m))
+        total = np.zeros(3)  # in chunks of rows, reduced on device: [n, T, V] logits would not fit at paper scale
         slices, size = row_chunks(len(tokens), self.pc.distill.heldout_batch, self.mesh)
         for s in slices:
-            logits_btv = fwd(t.params, shd.put_global(_padded(tokens[s, :-1], size), shd.batch_sharding(self.mesh)))
-            part = token_entropy_stats(np.asarray(logits_btv, np.float32)[: len(tokens[s])], mask[s])
-            if part["positions"]:
-                parts.append(part)
-        total = sum(p["positions"] for p in parts)
-        if not total:
-            return {"entropy_nats": float("nan"), "share_top_below_0.9": float("nan"), "positions": 0}
-        return {k: (sum(p[k] * p["positions"] for p in parts) / total if k != "positions" else total) for k in parts[0]}
+            x, m = _padded(tokens[s, :-1], size), _padded(mask[s], size, fill=0)
+            out = sums(t.params, shd.put_global(x, shd.batch_sharding(self.mesh)), shd.put_global(m, shd.batch_sharding(self.mesh)))
+            total += np.array([float(shd.to_host(v)) for v in out])
+        ent, below, n = total
+        return {"entropy_nats": ent / n if n else float("nan"), "share_top_below_0.9": below / n if n else float("nan"),
+                "positions": int(n)}
 
     def proxy_gradient(self, models, heldout):
         """g_P: the gradient of the proxy's mean NLL on the clean held-out traces (in chunks of

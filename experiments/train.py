@@ -281,12 +281,18 @@ def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> Rol
     return model
 
 
-def load_hf_role(cfg: Config, role: str, mesh: Mesh) -> tuple[RoleModel, Any]:
-    """A role whose `hf_dir` is set: its converted model on the mesh, and its `tokenizers.Tokenizer`."""
-    rc = cfg.role(role)
+def hf_overrides(rc: RoleConfig) -> dict[str, Any]:
+    """The ModelConfig fields a config sets on top of an HF role's config.json."""
     overrides: dict[str, Any] = {"compute_dtype": rc.model.compute_dtype, "param_dtype": rc.model.param_dtype}
     if rc.model.vocab_rows:
         overrides["vocab_rows"] = rc.model.vocab_rows
+    return overrides
+
+
+def load_hf_role(cfg: Config, role: str, mesh: Mesh) -> tuple[RoleModel, Any]:
+    """A role whose `hf_dir` is set: its converted model on the mesh, and its `tokenizers.Tokenizer`."""
+    rc = cfg.role(role)
+    overrides = hf_overrides(rc)
     cache = rio.path(cfg.run_dir) / role / "hf_converted" if rc.hf_cache else None
     try:
         loaded = hf_loader.load_or_convert(rc.hf_dir, cache, mesh, cfg.rules, **overrides)

@@ -13,7 +13,7 @@ the protocol runs with it instead: the teacher's defended decoding (teacher + pr
 `protocol.defenses`, `sample.batch_size` prompts, `sample.max_new_tokens` new tokens), the proxy's held-out
 gradient g_P (`task.n_heldout` rows), and the student's distillation step (`protocol.distill`, LoRA or full,
 all seeds under vmap). Its architecture comes from `hf_dir/config.json`, or, when that cannot be read (a
-placeholder bucket, no credentials), from the copy of the published config in `launch/hf_configs/` named
+placeholder bucket, no credentials), from the copy of the published config in `models/hf_configs/` named
 like the directory, so the paper configs compile anywhere; `model.param_dtype` and friends apply on top.
 
 No step time is measured here, so no utilisation is claimed: for a device whose peak is known
@@ -25,26 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import device_peaks
 from experiments.config import ROLES, Config
 from experiments.tasks.tokenizer import build_tokenizer
-from experiments.train import (RoleModel, abstract_role_model, make_mesh, make_optimizer, make_train_step, masked_nll,
-                               train_state_shardings)
+from experiments.train import (RoleModel, abstract_role_model, hf_overrides, make_mesh, make_optimizer, make_train_step,
+                               masked_nll, train_state_shardings)
 from launch.accelerators import LaunchError, Slice, by_topology, check_mesh_fits
 from models import hf_loader, lora
 from models import sharding as shd
 from models import transformer as tfm
-
-HF_CONFIGS = pathlib.Path(__file__).parent / "hf_configs"
 
 GIB = 2**30
 
@@ -95,25 +90,11 @@ def task_vocab_size(cfg: Config) -> int:
 
 def hf_architecture(cfg: Config, role: str) -> tuple[tfm.ModelConfig, int, str]:
     """(ModelConfig, vocabulary rows, where it came from) of an HF role, without its weights."""
-    rc = cfg.role(role)
-    overrides = {"compute_dtype": rc.model.compute_dtype, "param_dtype": rc.model.param_dtype}
-    if rc.model.vocab_rows:
-        overrides["vocab_rows"] = rc.model.vocab_rows
-    source = epath.Path(rc.hf_dir) / "config.json"
     try:
-        hf = json.loads(source.read_text())
-    except Exception:  # unreachable bucket, no gcsfs, no credentials: the published config of a known model
-        source = HF_CONFIGS / f"{rc.hf_dir.rstrip('/').rsplit('/', 1)[-1]}.json"
-        if not source.exists():
-            known = ", ".join(sorted(p.stem for p in HF_CONFIGS.glob("*.json")))
-            raise LaunchError(f"{role}.hf_dir={rc.hf_dir!r}: cannot read its config.json, and launch/hf_configs/ has no "
-                              f"{source.name} (known: {known})") from None
-        hf = json.loads(source.read_text())
-    try:
-        model_cfg = hf_loader.model_config_from_hf(hf, str(source), **overrides)
+        model_cfg, source = hf_loader.architecture(cfg.role(role).hf_dir, **hf_overrides(cfg.role(role)))
     except hf_loader.HFLoadError as e:
         raise LaunchError(f"{role}.hf_dir: {e}") from None
-    return model_cfg, model_cfg.vocab_rows, str(source)
+    return model_cfg, model_cfg.vocab_rows, source
 
 
 def _abstract_model(cfg: Config, role: str, mesh) -> tuple[RoleModel, int]:

@@ -112,6 +112,26 @@ def model_config_from_hf(hf: dict, where: str = "config.json", **overrides: Any)
     return cfg
 
 
+PUBLISHED_CONFIGS = epath.Path(__file__).parent / "hf_configs"
+
+
+def architecture(hf_dir: str, **overrides: Any) -> tuple[tfm.ModelConfig, str]:
+    """(ModelConfig, where its config.json came from) of a checkpoint directory without its weights: its own
+    config.json when readable, else the published one bundled in models/hf_configs/ under the directory's last
+    name (so a placeholder or unreachable gs:// path still has an architecture for compile-check and bench)."""
+    source = epath.Path(hf_dir) / "config.json"
+    try:
+        hf = json.loads(source.read_text())
+    except Exception:  # unreachable bucket, no gcsfs or credentials, placeholder path
+        source = PUBLISHED_CONFIGS / f"{str(hf_dir).rstrip('/').rsplit('/', 1)[-1]}.json"
+        if not source.exists():
+            known = ", ".join(sorted(p.stem for p in PUBLISHED_CONFIGS.glob("*.json")))
+            raise HFLoadError(f"{hf_dir}: cannot read its config.json, and models/hf_configs/ has no {source.name} "
+                              f"(known: {known})") from None
+        hf = json.loads(source.read_text())
+    return model_config_from_hf(hf, str(source), **overrides), str(source)
+
+
 # ---------------------------------------------------------------------------
 # safetensors, one tensor at a time
 # ---------------------------------------------------------------------------

@@ -90,3 +90,26 @@ def test_each_process_encodes_only_its_rows_of_every_decode_batch(batch, process
             taken += list(rows)
         real = list(range(start, min(start + batch, n_problems)))
         assert taken[: len(real)] == real and all(r == start for r in taken[len(real):])
+
+
+def test_bench_benchmarks_an_hf_role_at_its_checkpoints_architecture(tmp_path, capsys, tokenizer):
+    import json
+
+    from experiments.bench import with_hf_architectures
+    from experiments.cli import main as distgame
+    from models import hf_export
+    from models import transformer as tfm
+
+    paper = with_hf_architectures(load_config("gsm8k_paper_tpu"))  # placeholder bucket: the published configs
+    assert (paper.teacher.model.d_model, paper.teacher.model.n_layers, paper.teacher.model.d_ff) == (3584, 28, 18944)
+    assert paper.student.model.rope_scaling_factor == 32.0 and paper.proxy.model.vocab_rows == 152064
+    assert paper.teacher.model.param_dtype == "bfloat16"
+
+    arch = tfm.ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, scale_tied_logits=False, vocab_rows=64)
+    _, params = tfm.split_params(tfm.build(arch, tokenizer.vocab_size, 0))
+    hf_dir = hf_export.export_hf(jax.device_get(params), arch, tmp_path / "llama", "llama")
+    over = ["bench.iters=1", "bench.rounds=1", "bench.distill_steps=1", f"teacher.hf_dir={hf_dir}", f"run_dir={tmp_path}"]
+    assert distgame(["bench", "--config", "ci", "--json", "--no-progress", *over]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["params"] == tfm.param_count(params) != tfm.param_count(
+        tfm.split_params(tfm.build(load_config("ci").teacher.model, tokenizer.vocab_size, 0))[1])
