@@ -108,7 +108,8 @@ def test_bench_benchmarks_an_hf_role_at_its_checkpoints_architecture(tmp_path, c
     arch = tfm.ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, scale_tied_logits=False, vocab_rows=64)
     _, params = tfm.split_params(tfm.build(arch, tokenizer.vocab_size, 0))
     hf_dir = hf_export.export_hf(jax.device_get(params), arch, tmp_path / "llama", "llama")
-    over = ["bench.iters=1", "bench.rounds=1", "bench.distill_steps=1", f"teacher.hf_dir={hf_dir}", f"run_dir={tmp_path}"]
+    over = ["bench.iters=1", "bench.rounds=1", "bench.distill_steps=1", f"teacher.hf_dir={hf_dir}", f"run_dir={tmp_path}",
+            "proxy.model.vocab_rows=64"]  # PoE decoding: one vocabulary
     assert distgame(["bench", "--config", "ci", "--json", "--no-progress", *over]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["params"] == tfm.param_count(params) != tfm.param_count(
