@@ -33,8 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from experiments import attacker
-from experiments import retokenize as retok
 from experiments import io as rio
+from experiments import retokenize as retok
+from experiments.chunked import padded, mean_nll_grad, row_chunks, seed_rows_sharded
 from experiments.io import atomic_write, save_json, save_npz  # noqa: F401  (re-exported: calibrate, equilibrium, run)
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
@@ -389,55 +390,6 @@ def distil(
     return [kept[n] for n in snapshots] if snapshots else merged(trained)
 
 
-def seed_rows_sharded(arrays: dict[str, np.ndarray], mesh) -> dict:
-    """[seeds, rows, ...] host arrays with their rows split over the mesh's batch axes (as a train step's batch),
-    when the rows divide; otherwise as they are (replicated). At paper scale a replicated distillation batch would
-    put every seed's full-vocabulary logits on every device."""
-    if mesh is None:
-        return arrays
-    div = shd.batch_divisor(mesh)
-    if div == 1 or any(v.shape[1] % div for v in arrays.values()):
-        return arrays
-    spec = lambda v: NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (v.ndim - 2))))
-    return {k: shd.put_global(v, spec(v)) for k, v in arrays.items()}
-
-
-def row_chunks(n: int, chunk: int, mesh):
-    """Slices of `n` rows, `chunk` at a time rounded to a multiple of the mesh's batch divisor (>= it), and the
-    chunk size: memory-bounded passes over many sequences (g_P, the teacher's entropy)."""
-    div = shd.batch_divisor(mesh)
-    size = max(div, chunk // div * div)
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)], size
-
-
-def _padded(rows: np.ndarray, size: int, fill=None) -> np.ndarray:
-    """`rows` padded to `size` rows with copies of the first (or `fill`), so every chunk has one shape."""
-    if len(rows) == size:
-        return rows
-    extra = np.repeat(rows[:1] if fill is None else np.full_like(rows[:1], fill), size - len(rows), 0)
-    return np.concatenate([rows, extra])
-
-
-def mean_nll_grad(graphdef, params, tokens_bt: np.ndarray, mask_bt: np.ndarray, mesh, chunk: int):
-    """∇ of the mean next-token NLL over every masked token of `tokens_bt`, accumulated over row chunks sharded
-    over the batch axes, so memory is that of one chunk: with m_c the masked tokens of chunk c and M their total,
-    Σ_c (m_c / M) ∇ mean_c = ∇ mean exactly. Accumulated in float32, returned in the params' dtypes."""
-    grad_fn = jax.jit(jax.grad(lambda p, t, m: masked_nll(graphdef, p, t, m)))
-    slices, size = row_chunks(len(tokens_bt), chunk, mesh)
-    counts = [float(mask_bt[s, :-1].sum()) for s in slices]
-    total = max(sum(counts), 1.0)
-    zeros = lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p)
-    acc = jax.jit(zeros, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)  # on the params' shards
-    add = jax.jit(lambda acc, g, w: jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), acc, g))
-    for s, m in zip(slices, counts):
-        if m == 0:
-            continue
-        t, k = _padded(tokens_bt[s], size), _padded(mask_bt[s], size, fill=0)
-        g = grad_fn(params, shd.put_global(t, shd.batch_sharding(mesh)), shd.put_global(k, shd.batch_sharding(mesh)))
-        acc = add(acc, g, jnp.float32(m / total))
-    return jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
-
-
 # ---------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------
@@ -500,7 +452,7 @@ class Protocol:
         total = np.zeros(3)  # in chunks of rows, reduced on device: [n, T, V] logits would not fit at paper scale
         slices, size = row_chunks(len(tokens), self.pc.distill.heldout_batch, self.mesh)
         for s in slices:
-            x, m = _padded(tokens[s, :-1], size), _padded(mask[s], size, fill=0)
+            x, m = padded(tokens[s, :-1], size), padded(mask[s], size, fill=0)
             out = sums(t.params, shd.put_global(x, shd.batch_sharding(self.mesh)), shd.put_global(m, shd.batch_sharding(self.mesh)))
             total += np.array([float(shd.to_host(v)) for v in out])
         ent, below, n = total

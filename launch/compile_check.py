@@ -161,7 +161,7 @@ def compile_decode(cfg: Config, mesh):
 def compile_proxy_gradient(cfg: Config, mesh):
     """One chunk of the proxy's held-out gradient g_P, as `protocol.mean_nll_grad` computes it (rows sharded over
     the batch axes, protocol.distill.heldout_batch at a time)."""
-    from experiments.protocol import row_chunks
+    from experiments.chunked import row_chunks
 
     proxy, _ = _abstract_model(cfg, "proxy", mesh)
     _, n = row_chunks(cfg.task.n_heldout, cfg.protocol.distill.heldout_batch, mesh)

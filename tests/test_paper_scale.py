@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 
 from experiments.config import CONFIG_DIR, load_config
 from experiments.evaluate import local_rows
-from experiments.protocol import mean_nll_grad, row_chunks, seed_rows_sharded
+from experiments.chunked import mean_nll_grad, row_chunks, seed_rows_sharded
 from experiments.train import init_role_model, make_mesh, masked_nll
 from launch.accelerators import ACCELERATORS, check_mesh_fits
 
