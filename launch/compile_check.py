@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -225,19 +226,37 @@ def _flops(compiled) -> float | None:
     return _cost(compiled, "flops")
 
 
+def _out_of_memory(role: str, error: Exception) -> dict | None:
+    """The TPU compiler refuses a program that cannot fit; that is a finding for the report, not a crash."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    need = re.search(r"\(([\d.]+)([KMGT])\)", text)
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    first = next((line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), text.splitlines()[0])
+    return {"role": role, "fits": False, "error": first.strip()[:300],
+            "temp_bytes_needed": None if need is None else int(float(need.group(1)) * scale[need.group(2)])}
+
+
 def role_report(cfg: Config, role: str, mesh) -> dict:
     rc = cfg.role(role)
     model_flops = None
-    if rc.hf_dir and role == "teacher":
-        compiled, n_params, what, (batch, seq) = compile_decode(cfg, mesh)
-    elif rc.hf_dir and role == "proxy":
-        compiled, n_params, what, (batch, seq) = compile_proxy_gradient(cfg, mesh)
-    elif rc.hf_dir:
-        compiled, n_params, what, (batch, seq) = compile_distill_step(cfg, mesh)
-    else:
-        compiled, n_params, vocab = compile_train_step(cfg, role, mesh)
-        batch, seq, what = rc.train.batch_size, cfg.task.max_len, "train step (AdamW)"
-        model_flops = 3 * tfm.flops_per_token(rc.model, vocab, seq // 2) * batch * seq / mesh.devices.size
+    try:
+        if rc.hf_dir and role == "teacher":
+            compiled, n_params, what, (batch, seq) = compile_decode(cfg, mesh)
+        elif rc.hf_dir and role == "proxy":
+            compiled, n_params, what, (batch, seq) = compile_proxy_gradient(cfg, mesh)
+        elif rc.hf_dir:
+            compiled, n_params, what, (batch, seq) = compile_distill_step(cfg, mesh)
+        else:
+            compiled, n_params, vocab = compile_train_step(cfg, role, mesh)
+            batch, seq, what = rc.train.batch_size, cfg.task.max_len, "train step (AdamW)"
+            model_flops = 3 * tfm.flops_per_token(rc.model, vocab, seq // 2) * batch * seq / mesh.devices.size
+    except jax.errors.JaxRuntimeError as e:
+        report = _out_of_memory(role, e)
+        if report is None:
+            raise
+        return report
     mem = compiled.memory_analysis()
     args, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     xla_flops, xla_bytes = _flops(compiled), _cost(compiled, "bytes accessed")
@@ -247,6 +266,7 @@ def role_report(cfg: Config, role: str, mesh) -> dict:
         roof["max_mfu"] = model_flops / roof["roofline_bound_s"] / peak.bf16_flops_per_s
     return {
         "role": role,
+        "fits": None,  # set by run_compile_check against the slice's HBM
         "step": what,
         "params": n_params,
         "batch_size": batch,
@@ -280,8 +300,14 @@ def run_compile_check(cfg: Config, topology: str, roles: tuple[str, ...] = ROLES
         "hosts": 1 if slice_ is None else slice_.hosts,
         "mesh": dict(mesh.shape),
         "hbm_bytes_per_device": None if slice_ is None else int(slice_.hbm_gib * GIB),
-        "roles": [role_report(cfg, role, mesh) for role in roles],
+        "roles": [_fits(role_report(cfg, role, mesh), None if slice_ is None else slice_.hbm_gib * GIB) for role in roles],
     }
+
+
+def _fits(report: dict, hbm: float | None) -> dict:
+    if report.get("fits") is None:
+        report["fits"] = None if hbm is None else report["peak_bytes_estimate"] <= hbm
+    return report
 
 
 def format_report(r: dict) -> str:
@@ -290,6 +316,10 @@ def format_report(r: dict) -> str:
              f"{r['hosts']} host(s), mesh {r['mesh']}"]
     hbm = r["hbm_bytes_per_device"]
     for x in r["roles"]:
+        if "error" in x:
+            need = "" if x["temp_bytes_needed"] is None else f": needs {x['temp_bytes_needed'] / GIB:,.1f} GiB of temporaries"
+            lines.append(f"  {x['role']:<8} DOES NOT FIT{need} ({x['error']})")
+            continue
         fit = ""
         if hbm:
             fit = f" = {x['peak_bytes_estimate'] / hbm:.0%} of {hbm / GIB:g} GiB HBM" + (" (DOES NOT FIT)" if x["peak_bytes_estimate"] > hbm else "")

@@ -114,3 +114,17 @@ def test_bench_benchmarks_an_hf_role_at_its_checkpoints_architecture(tmp_path, c
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["params"] == tfm.param_count(params) != tfm.param_count(
         tfm.split_params(tfm.build(load_config("ci").teacher.model, tokenizer.vocab_size, 0))[1])
+
+
+def test_compile_check_reports_a_step_that_does_not_fit_instead_of_crashing():
+    from launch.compile_check import _out_of_memory, format_report
+
+    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                         "(105.11G) exceeds available HBM (30.75G).")
+    row = _out_of_memory("proxy", error)
+    assert row["fits"] is False and row["temp_bytes_needed"] == int(105.11 * 2**30)
+    assert _out_of_memory("proxy", RuntimeError("INVALID_ARGUMENT: something else")) is None  # other errors propagate
+    report = {"config": "x", "accelerator": "v4-32", "topology": "v4:2x2x4", "devices": 16, "device_kind": "TPU v4",
+              "hosts": 4, "mesh": {"data": 8}, "hbm_bytes_per_device": 32 * 2**30, "roles": [row]}
+    line = format_report(report).splitlines()[1]
+    assert line.startswith("  proxy    DOES NOT FIT: needs 105.1 GiB of temporaries (RESOURCE_EXHAUSTED")
