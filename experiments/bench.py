@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import device_peaks
-from experiments.config import Config, DefenseSetting
-from experiments.train import Trainer, init_role_model, make_mesh
+from experiments.config import ROLES, Config, ConfigError, DefenseSetting
+from experiments.train import Trainer, hf_overrides, init_role_model, make_mesh
 from game import defenses as dfn
+from models import hf_loader
 from models import sharding as shd
 from models import transformer as tfm
 from models.sampling import Single, generate, greedy_uncached
@@ -75,7 +76,19 @@ def _distill_runner(cfg: Config, models, vocab: int, kind: str, steps: int):
     return lambda: distil(models["student"], traces, heldout, dc, kind, 1.0, seeds, models["proxy"], 0.5, pc.temperature, progress=False)
 
 
+def with_hf_architectures(cfg: Config) -> Config:
+    """Roles with `hf_dir` benchmarked at their checkpoint's architecture (its config.json, or the published
+    copy in models/hf_configs/) and dtypes, with random weights: throughput does not depend on the values."""
+    try:
+        roles = {r: dataclasses.replace(cfg.role(r), model=hf_loader.architecture(cfg.role(r).hf_dir, **hf_overrides(cfg.role(r)))[0])
+                 for r in ROLES if cfg.role(r).hf_dir}
+    except hf_loader.HFLoadError as e:
+        raise ConfigError(f"bench: {e}") from None
+    return dataclasses.replace(cfg, **roles)
+
+
 def run_bench(cfg: Config, compare_hf: bool = False) -> dict:
+    cfg = with_hf_architectures(cfg)
     bc = cfg.bench
     mesh = make_mesh(cfg)
     trainer = Trainer(cfg, bc.role, mesh)  # random weights: throughput does not depend on training

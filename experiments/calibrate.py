@@ -23,8 +23,6 @@ no pair does).
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 import time
 
 import jax
@@ -32,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from experiments import io as rio
+from experiments import retokenize as retok
 from experiments.calibration_plot import plot_calibration
 from experiments.config import Config, to_dict
 from experiments.distributed import is_main_process
@@ -81,7 +81,7 @@ def sign_agreement(pred_j, measured_bs) -> tuple[float, list[dict]]:
 class Calibration:
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg, self.ec, self.progress = cfg, cfg.equilibrium, progress and is_main_process()
-        self.dir = pathlib.Path(cfg.run_dir) / "calibration"
+        self.dir = rio.path(cfg.run_dir) / "calibration"
         self.sweep = EquilibriumSweep(dataclasses.replace(cfg, equilibrium=dataclasses.replace(
             self.ec, check_seeds=self.ec.calibration_seeds)), progress=progress)
         self.protocol = self.sweep.protocol  # seeds = calibration_seeds
@@ -116,7 +116,7 @@ class Calibration:
                           g=list(self.ec.calibration_gammas), s=seeds, n=self.ec.n_eval, c=self.ec.capability)
         path = self.dir / f"measured-{key}.json"
         if path.exists():
-            return {k: np.asarray(v) for k, v in json.loads(path.read_text()).items()}
+            return {k: np.asarray(v) for k, v in rio.load_json(path).items()}
         test_problems = self.protocol.task.problems("test", self.cfg.seed)
         spec, gd = models["student"].spec, models["student"].graphdef
         nll_of = jax.jit(jax.vmap(lambda p: masked_nll(lambda th, t: tfm.forward(gd, th, t)[0], p,
@@ -147,6 +147,7 @@ class Calibration:
     def run(self) -> dict:
         start = time.perf_counter()
         models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
+        retok.require_shared_vocabulary(models, self.protocol.tokenizer, "distgame calibrate (the game's soft targets)")
         clean = self.protocol.heldout_traces(models)
         heldout = self.protocol.attacker_heldout(clean)
         ref = self.sweep.reference("test", self.ec.n_eval, models, capability=self.ec.capability)

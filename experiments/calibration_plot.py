@@ -5,11 +5,14 @@ Drawn like experiments/plots.py (Agg canvas, object API, no pyplot)."""
 from __future__ import annotations
 
 import csv
+import io
 import math
-import pathlib
 
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from experiments import io as rio
 
 DPI = 130
 CSV_HEADER = ("gamma", "J_pred", "J_pred_se", "dJ_pred", "dJ_pred_se", "nll_measured", "nll_measured_se",
@@ -20,17 +23,17 @@ def _cell(x) -> str:
     return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else repr(float(x))
 
 
-def plot_calibration(result: dict, out_dir) -> list[pathlib.Path]:
-    """Writes calibration.png and calibration.csv into out_dir; returns both paths."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def plot_calibration(result: dict, out_dir) -> list[epath.Path]:
+    """Writes calibration.png and calibration.csv into out_dir (local or gs://); returns both paths."""
+    out = rio.makedirs(out_dir)
     pts = result["points"]
     csv_path, png_path = out / "calibration.csv", out / "calibration.png"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_HEADER)
-        for p in pts:
-            w.writerow([_cell(p["gamma"])] + [_cell(p[k][s]) for k in ("J", "dJ", "nll", "accuracy") for s in ("mean", "stderr")])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CSV_HEADER)
+    for p in pts:
+        w.writerow([_cell(p["gamma"])] + [_cell(p[k][s]) for k in ("J", "dJ", "nll", "accuracy") for s in ("mean", "stderr")])
+    rio.write_text(csv_path, buf.getvalue())
     fig = Figure(figsize=(11.0, 4.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
@@ -50,5 +53,5 @@ def plot_calibration(result: dict, out_dir) -> list[pathlib.Path]:
     fig.suptitle(f"Calibration ({result.get('config', '')}): spearman(J, NLL) = {result['spearman']:.2f}, "
                  f"sign agreement = {'n/a' if sa is None or not math.isfinite(sa) else f'{sa:.2f}'}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=DPI)
+    rio.save_figure(fig, png_path, dpi=DPI)
     return [png_path, csv_path]

@@ -20,6 +20,7 @@ import os
 import pathlib
 import sys
 
+from experiments import io as rio
 from experiments import preemption
 from experiments.config import ROLES, ConfigError, describe, load_config
 from experiments.distributed import CoordinatorError, initialize_distributed, is_main_process, keep_off_absent_tpu
@@ -95,8 +96,8 @@ def _protocol(args, cfg) -> dict:
 
     results = Protocol(cfg, progress=not args.no_progress, seeds=args.seeds).run()
     if is_main_process():
-        print((pathlib.Path(cfg.run_dir) / "RESULTS.md").read_text())
-    summary = {"results": str(pathlib.Path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"]),
+        print(rio.read_text(rio.path(cfg.run_dir) / "RESULTS.md"))
+    summary = {"results": str(rio.path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"]),
                **results["headline"]}
     if "ablation" in results:  # attacker ablation (experiments/attacker.py): per defense, paired points vs passive
         from experiments.attacker import compact
@@ -110,10 +111,10 @@ def _equilibrium(args, cfg) -> dict:
 
     eq = EquilibriumSweep(cfg, progress=not args.no_progress).run()
     if is_main_process():
-        print((pathlib.Path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md").read_text())
+        print(rio.read_text(rio.path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md"))
     from experiments.equilibrium import SUMMARY_KEYS
 
-    return {"equilibrium": str(pathlib.Path(cfg.run_dir) / "equilibrium" / "equilibrium.json"), "seconds": eq["seconds"],
+    return {"equilibrium": str(rio.path(cfg.run_dir) / "equilibrium" / "equilibrium.json"), "seconds": eq["seconds"],
             "plots": eq["plots"], "converged": all(p["converged"] for p in eq["points"]),
             **{k: eq[k] for k in SUMMARY_KEYS if k in eq}}
 
@@ -125,7 +126,7 @@ def _calibrate(args, cfg) -> dict:
     if is_main_process():
         print(calibration_markdown(result))
     finite = lambda x: x if x == x else None  # noqa: E731  (NaN -> null: the last line stays strict JSON)
-    return {"calibration": str(pathlib.Path(cfg.run_dir) / "calibration" / "calibration.json"),
+    return {"calibration": str(rio.path(cfg.run_dir) / "calibration" / "calibration.json"),
             "spearman": finite(result["spearman"]), "sign_agreement": finite(result["sign_agreement"]),
             "spearman_accuracy": finite(result["spearman_accuracy"]), "seconds": result["seconds"],
             "plots": result.get("plots", [])}

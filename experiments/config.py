@@ -91,7 +91,7 @@ class RoleConfig:
     hf_dir: str = _help(
         "load this role from a Hugging Face checkpoint directory (local or gs://; config.json, *.safetensors, "
         "tokenizer.json; Llama-3 or Qwen2/2.5) instead of training it: the architecture then comes from config.json "
-        "and only model.compute_dtype and model.vocab_rows (if > 0) apply; '' = train from scratch",
+        "and only model.compute_dtype, model.param_dtype and model.vocab_rows (if > 0) apply; '' = train from scratch",
         "",
     )
     hf_cache: bool = _help("save the converted HF model once as an orbax checkpoint under run_dir/ROLE/hf_converted and reuse it", True)

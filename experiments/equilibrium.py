@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import pathlib
 import time
 
 import jax
@@ -35,7 +34,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from experiments import io as rio
 from experiments import preemption
+from experiments import retokenize as retok
 from experiments.config import Config, DefenseSetting, to_dict
 from experiments.distributed import is_main_process
 from experiments.plots import plot_equilibrium
@@ -103,7 +104,7 @@ def answer_mask(problems, tokenizer, data) -> np.ndarray:
 class EquilibriumSweep:
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg, self.ec, self.progress = cfg, cfg.equilibrium, progress
-        self.dir = pathlib.Path(cfg.run_dir) / "equilibrium"
+        self.dir = rio.path(cfg.run_dir) / "equilibrium"
         self.protocol = Protocol(cfg, progress=progress, seeds=self.ec.check_seeds)
         self.tokenizer = self.protocol.tokenizer
 
@@ -151,7 +152,7 @@ class EquilibriumSweep:
         batch["heldout"] = {k: jnp.asarray(np.broadcast_to(v[idx], (nb,) + v[idx].shape)) for k, v in heldout.items()}
         return batch
 
-    def checkpoint_dir(self, beta: float) -> pathlib.Path:
+    def checkpoint_dir(self, beta: float):
         """One solver checkpoint per tilt, keyed by everything the solve depends on, so a
         changed config never resumes a stale solve."""
         key = json.dumps([beta, to_dict(self.ec), self.cfg.protocol.temperature, to_dict(self.cfg.protocol.distill),
@@ -189,8 +190,8 @@ class EquilibriumSweep:
             meta["seconds"], last[0] = meta.get("seconds", 0.0) + now - last[0], now
             if log is not None:
                 for j, (delta, g0) in enumerate(zip(deltas, gamma0)):
-                    log.write(json.dumps({"beta": beta, "delta": float(delta), "gamma0": float(g0),
-                                          **{k: float(v[j]) for k, v in diag.items()}}) + "\n")
+                    log.write({"beta": beta, "delta": float(delta), "gamma0": float(g0),
+                               **{k: float(v[j]) for k, v in diag.items()}})
                 log.flush()
             bar.n = i + 1
             bar.set_postfix(gamma=np.array2string(diag["gamma"], precision=3), viol=f"{diag['violation'].max():.1e}")
@@ -200,7 +201,7 @@ class EquilibriumSweep:
             res = resumable_solve(game, scfg, state, batch_for, on_iteration, ckpt, optimizers, per_state_student_batch=True)
         except sv.SolverDivergedError as e:
             if log is not None:
-                log.write(json.dumps({"beta": beta, "iteration": e.iteration, "error": f"non-finite {e.quantity}"}) + "\n")
+                log.write({"beta": beta, "iteration": e.iteration, "error": f"non-finite {e.quantity}"})
             raise
         finally:
             bar.close()
@@ -224,6 +225,7 @@ class EquilibriumSweep:
     def run(self) -> dict:
         start = time.perf_counter()
         models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
+        retok.require_shared_vocabulary(models, self.protocol.tokenizer, "distgame equilibrium (soft targets on teacher prefixes)")
         clean = self.protocol.heldout_traces(models)
         heldout = self.protocol.attacker_heldout(clean)
         eval_batch = self.reference("test", self.ec.n_eval, models, capability=self.ec.capability)
@@ -234,7 +236,7 @@ class EquilibriumSweep:
             self.dir.mkdir(parents=True, exist_ok=True)
         points, trajectories = [], []
         resuming = any(self.checkpoint_dir(beta).exists() for beta in self.ec.betas)
-        log_file = (self.dir / "solver_log.jsonl").open("a" if resuming else "w") if main else contextlib.nullcontext()
+        log_file = rio.JsonlLog(self.dir / "solver_log.jsonl", append=resuming) if main else contextlib.nullcontext()
         gamma_max = horizon = None
         with log_file as log, preemption.checkpointed():  # SIGTERM from here on: checkpoint after the iteration
             for beta in self.ec.betas:
@@ -272,7 +274,7 @@ class EquilibriumSweep:
         if main:
             save_json(self.dir / "equilibrium.json", eq)
             plots = plot_equilibrium(eq, self.cfg.run_dir)
-            (self.dir / "EQUILIBRIUM.md").write_text(equilibrium_markdown(eq))
+            rio.write_text(self.dir / "EQUILIBRIUM.md", equilibrium_markdown(eq))
             eq["plots"] = [str(p) for p in plots if p.suffix == ".png"]
         return eq
 

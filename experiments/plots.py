@@ -22,14 +22,17 @@ further adaptive tilts / other attacks take the next entries of ``_PALETTE``.
 from __future__ import annotations
 
 import csv
+import io
 import math
-import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from experiments import io as rio
 
 __all__ = ["plot_protocol", "plot_equilibrium", "DPI"]
 
@@ -83,12 +86,13 @@ def _cell(x: Any) -> str:
     return repr(v)
 
 
-def _write_csv(path: pathlib.Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for row in rows:
-            w.writerow([_cell(v) for v in row])
+def _write_csv(path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    for row in rows:
+        w.writerow([_cell(v) for v in row])
+    rio.write_text(path, buf.getvalue())
 
 
 def _new_figure(figsize=(7.0, 5.0), nrows=1, sharex=False):
@@ -101,10 +105,10 @@ def _new_figure(figsize=(7.0, 5.0), nrows=1, sharex=False):
     return fig, axes
 
 
-def _save(fig: Figure, path: pathlib.Path) -> None:
+def _save(fig: Figure, path) -> None:
     fig.tight_layout()
     # bbox_inches="tight" keeps legends placed outside the axes from being clipped.
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
+    rio.save_figure(fig, path, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
 
 
 def _empty_note(ax, text: str) -> None:
@@ -234,9 +238,9 @@ def _place_labels(fig: Figure, ax, items: Sequence[tuple[str, tuple[float, float
     return anns
 
 
-def _paths(out_dir, stem: str) -> tuple[pathlib.Path, pathlib.Path]:
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _paths(out_dir, stem: str) -> tuple[epath.Path, epath.Path]:
+    """The .png and .csv of `stem` in `out_dir` (local or gs://; epath paths)."""
+    out = rio.makedirs(out_dir)
     return out / f"{stem}.png", out / f"{stem}.csv"
 
 
@@ -266,7 +270,7 @@ def _adaptive_key(row: Mapping) -> str | None:
     return None
 
 
-def plot_protocol(results: Mapping, out_dir) -> list[pathlib.Path]:
+def plot_protocol(results: Mapping, out_dir) -> list[epath.Path]:
     """Teacher accuracy (x, %) vs student accuracy (y, %) per defense setting.
 
     ``results["rows"]``: dicts with ``label``, ``teacher_accuracy`` ({mean, stderr}),
@@ -372,7 +376,7 @@ def _all_betas(eq: Mapping, pts: list[dict]) -> list[float]:
     return sorted(b for b in betas if math.isfinite(b))
 
 
-def _plot_gamma_star(pts, styles, out_dir) -> list[pathlib.Path]:
+def _plot_gamma_star(pts, styles, out_dir) -> list[epath.Path]:
     png, csv_path = _paths(out_dir, "gamma_star")
     _write_csv(csv_path, ["beta", "delta", "gamma_star", "converged", "iterations", "J", "U"],
                [[p["beta"], p["delta"], p["gamma_star"], p["converged"], p["iterations"],
@@ -409,7 +413,7 @@ def _plot_gamma_star(pts, styles, out_dir) -> list[pathlib.Path]:
     return [png, csv_path]
 
 
-def _plot_frontier(pts, styles, out_dir) -> list[pathlib.Path]:
+def _plot_frontier(pts, styles, out_dir) -> list[epath.Path]:
     png, csv_path = _paths(out_dir, "frontier")
     _write_csv(csv_path, ["beta", "delta", "teacher_mean", "teacher_stderr",
                           "student_mean", "student_stderr"],
@@ -446,7 +450,7 @@ def _plot_frontier(pts, styles, out_dir) -> list[pathlib.Path]:
     return [png, csv_path]
 
 
-def _plot_gap(pts, betas, styles, out_dir) -> list[pathlib.Path]:
+def _plot_gap(pts, betas, styles, out_dir) -> list[epath.Path]:
     png, csv_path = _paths(out_dir, "gap")
     passive = {p["delta"]: p for p in pts if p["beta"] == 0}
     adaptive_betas = [b for b in betas if b != 0]
@@ -505,7 +509,7 @@ def _plot_gap(pts, betas, styles, out_dir) -> list[pathlib.Path]:
     return [png, csv_path]
 
 
-def _plot_trajectories(eq, styles, out_dir) -> list[pathlib.Path]:
+def _plot_trajectories(eq, styles, out_dir) -> list[epath.Path]:
     png, csv_path = _paths(out_dir, "trajectories")
     runs = []
     for t in eq.get("trajectories") or []:
@@ -551,7 +555,7 @@ def _plot_trajectories(eq, styles, out_dir) -> list[pathlib.Path]:
     return [png, csv_path]
 
 
-def plot_equilibrium(eq: Mapping, out_dir) -> list[pathlib.Path]:
+def plot_equilibrium(eq: Mapping, out_dir) -> list[epath.Path]:
     """Equilibrium sweep figures (each PNG followed by its CSV in the returned list).
 
     ``eq``: ``budgets`` (δ values, nats/token), ``betas`` (student tilts β_s; 0 = passive),
@@ -566,7 +570,7 @@ def plot_equilibrium(eq: Mapping, out_dir) -> list[pathlib.Path]:
     pts = [p for p in _eq_points(eq) if math.isfinite(p["beta"])]
     betas = _all_betas(eq, pts)
     styles = _beta_styles(betas)
-    paths: list[pathlib.Path] = []
+    paths: list[epath.Path] = []
     paths += _plot_gamma_star(pts, styles, out_dir)
     paths += _plot_frontier(pts, styles, out_dir)
     paths += _plot_gap(pts, betas, styles, out_dir)
@@ -574,7 +578,7 @@ def plot_equilibrium(eq: Mapping, out_dir) -> list[pathlib.Path]:
     return paths
 
 
-def plot_learning_curve(results: Mapping, out_dir) -> list[pathlib.Path]:
+def plot_learning_curve(results: Mapping, out_dir) -> list[epath.Path]:
     """Passive student accuracy (%) vs distillation steps under standard decoding (one run, evaluated
     at each step count of ``protocol.distill.curve``), mean ± stderr over seeds, with the table's step
     count marked. Writes ``learning_curve.{png,csv}``; nothing when no row has a learning curve."""

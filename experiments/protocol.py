@@ -22,11 +22,8 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import pathlib
-import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,52 +33,33 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from experiments import attacker
+from experiments import io as rio
+from experiments import retokenize as retok
+from experiments.chunked import padded, mean_nll_grad, row_chunks, seed_rows_sharded
+from experiments.io import atomic_write, save_json, save_npz  # noqa: F401  (re-exported: calibrate, equilibrium, run)
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
 from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
 from experiments.tasks.reasoning import text_features
-from experiments.tasks.registry import Task, build_task
-from experiments.train import RoleModel, Trainer, load_hf_role, load_role_params, make_mesh, masked_nll
+from experiments.tasks.registry import Task, build_task, encode_truncated
+from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
 from game import students as stu
 from models import hf_loader, lora
+from models import sharding as shd
 from models import transformer as tfm
 from models.sampling import ExpertSpec, generate
 
 # ---------------------------------------------------------------------------
-# Atomic stage outputs
+# Stage outputs (written atomically through experiments.io: local or gs://)
 # ---------------------------------------------------------------------------
 
 
 def fingerprint(**parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_npz(path: pathlib.Path, **arrays) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-
-
-def save_json(path: pathlib.Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def mean_stderr(values) -> dict:
@@ -100,12 +78,16 @@ def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -
     task = task or build_task(cfg.task)
     tokenizer = task.tokenizer
     models, hf_tokenizers = {}, {}
+    student_tok = cross_tokenizer_student(cfg, tokenizer)  # before any model loads: a refusal costs nothing
     for role in ("teacher", "proxy", "student"):
         if cfg.role(role).hf_dir:
             models[role], hf_tokenizers[role] = load_hf_role(cfg, role, mesh)
-            check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
+            if role == "student" and student_tok is not None:  # its own vocabulary: traces reach it as text
+                models[role].tokenizer = student_tok
+            else:
+                check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
             continue
-        ckpt_dir = pathlib.Path(cfg.run_dir) / role / "checkpoints"
+        ckpt_dir = rio.path(cfg.run_dir) / role / "checkpoints"
         if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             summary = Trainer(cfg, role, mesh, task=task).fit(progress=progress)
             if is_main_process():
@@ -124,6 +106,25 @@ def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -
     return models
 
 
+def cross_tokenizer_student(cfg: Config, task_tokenizer):
+    """The HF student's own tokenizer when it is not the task's (= the teacher's), else None; refuses, in one
+    line naming the keys, token-level attacks that cannot cross vocabularies (experiments/retokenize.py)."""
+    if not cfg.student.hf_dir:
+        return None
+    try:
+        hf_tok = hf_loader.load_tokenizer(cfg.student.hf_dir)
+    except hf_loader.HFLoadError:
+        return None  # the loader reports the directory, naming the role
+    try:
+        check_task_vocabulary(task_tokenizer, hf_tok, "student")
+        return None
+    except ConfigError:
+        pass
+    student_tok = retok.wrap_hf_tokenizer(hf_tok, f"{cfg.student.hf_dir}/tokenizer.json")
+    retok.refuse_token_level(cfg, student_tok.vocab_size, task_tokenizer.vocab_size)
+    return student_tok
+
+
 def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
     """The task's token ids must mean the same tokens to an HF role (its tokenizer.json)."""
     if hasattr(task_tokenizer, "tokens"):
@@ -138,6 +139,8 @@ def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
         raise ConfigError(
             f"{role}.hf_dir: its tokenizer.json ({len(hf_vocab)} tokens) is not the task's tokenizer "
             f"({len(task_vocab)} tokens; e.g. {diff} differ); the task must be tokenized with the model's tokenizer"
+            + ("; PoE and ADS mix the teacher's and the proxy's logits id by id, so the proxy needs the teacher's (= the "
+               "task's) vocabulary" if role == "proxy" else "")
         )
 
 
@@ -215,16 +218,21 @@ def assemble(prompts_bp, lens_b, decoded: Decoded, max_len: int, pad_id: int) ->
     return {"tokens_bt": tokens, "loss_mask_bt": mask, "topk_ids_btk": top_ids, "topk_logprob_btk": top_lp}
 
 
-def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: float = 0.9) -> dict:
-    """Mean entropy (nats) of softmax(logits) over the masked positions, and the share of them whose top
-    probability is below `top_below`."""
+def entropy_sums(logits_btv, mask_bt, top_below: float = 0.9):
+    """(Σ entropy, Σ [top probability < top_below], Σ mask) over the masked positions; jittable, so a chunk's
+    full-vocabulary logits never leave the device."""
     logp = jax.nn.log_softmax(jnp.asarray(logits_btv, jnp.float32), axis=-1)
     ent_bt = -(jnp.exp(logp) * logp).sum(-1)
     top_bt = jnp.exp(logp.max(-1))
     m = jnp.asarray(mask_bt, jnp.float32)
-    return {"entropy_nats": float((ent_bt * m).sum() / m.sum()),
-            f"share_top_below_{top_below:g}": float(((top_bt < top_below) * m).sum() / m.sum()),
-            "positions": int(m.sum())}
+    return (ent_bt * m).sum(), ((top_bt < top_below) * m).sum(), m.sum()
+
+
+def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: float = 0.9) -> dict:
+    """Mean entropy (nats) of softmax(logits) over the masked positions, and the share of them whose top
+    probability is below `top_below`."""
+    ent, below, n = (float(x) for x in entropy_sums(logits_btv, mask_bt, top_below))
+    return {"entropy_nats": ent / n, f"share_top_below_{top_below:g}": below / n, "positions": int(n)}
 
 
 def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
@@ -266,7 +274,7 @@ def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
         schedule = optax.join_schedules([optax.linear_schedule(0.0, dc.lr, warmup), optax.constant_schedule(dc.lr)], [warmup])
     else:
         schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
-    return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
+    return float32_moments(optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0))  # bf16 params: moments stay f32
 
 
 @functools.lru_cache(maxsize=16)
@@ -369,13 +377,14 @@ def distil(
         batch.update(feeder.extras(i, trained, frozen, idx, beta))
         h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
         held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
+        batch, held = seed_rows_sharded(batch, mesh), seed_rows_sharded(held, mesh)
         trained, opt_state, loss, aux = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
         ess = ess + aux["ess_fraction"]
         if i + 1 in snapshots:  # a copy: the next step donates `trained`
             kept[i + 1] = jax.tree.map(jnp.copy, merged(trained))
     if stats is not None:
-        stats["ess_fraction"] = (np.asarray(ess) / total).tolist()
-    loss = np.asarray(loss)
+        stats["ess_fraction"] = (np.asarray(shd.to_host(ess) if isinstance(ess, jax.Array) else ess) / total).tolist()
+    loss = shd.to_host(loss)
     if not np.all(np.isfinite(loss)):
         raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
     return [kept[n] for n in snapshots] if snapshots else merged(trained)
@@ -390,12 +399,13 @@ class Protocol:
     def __init__(self, cfg: Config, progress: bool = True, seeds: int | None = None):
         self.cfg, self.pc, self.progress = cfg, cfg.protocol, progress and is_main_process()
         self.seeds = seeds or self.pc.seeds
-        self.dir = pathlib.Path(cfg.run_dir) / "protocol"
+        self.dir = rio.path(cfg.run_dir) / "protocol"
         self.task = build_task(cfg.task)
         self.tokenizer = self.task.tokenizer
         self.mesh = make_mesh(cfg)
         self.task_fp = fingerprint(task=cfg.task.identity(), seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
         self.validation_problems, self.heldout_tag = None, ""  # set by attacker_heldout when the attacker tunes β
+        self.student_tokenizer = None  # set by run() for an HF student with its own tokenizer (retokenize.py)
 
     # -- helpers --------------------------------------------------------------
     def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0, carry_b=None) -> Decoded:
@@ -403,8 +413,17 @@ class Protocol:
         return decode_problems(
             problems, self.tokenizer, specs, params, self.mesh, combiner=combiner,
             max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size,
-            greedy=greedy, rng=rng, expose_k=expose_k, tangents=tangents, carry_b=carry_b,
+            greedy=greedy, top_p=self.cfg.sample.top_p, rng=rng, expose_k=expose_k, tangents=tangents, carry_b=carry_b,
         )
+
+    def _student_arrays(self, models, problems, decoded: Decoded) -> dict[str, np.ndarray]:
+        """For a student with its own tokenizer: the same traces as text, re-encoded with it (`student_*` keys)."""
+        tok = models["student"].tokenizer
+        if tok is None:
+            return {}
+        ended = retok.ended_with_eos(decoded.tokens_bn, decoded.lengths_b, self.tokenizer.eos_id)
+        rows = retok.encode_traces(problems, decoded.texts(self.tokenizer), ended, tok, self.cfg.task.max_len)
+        return {retok.PREFIX + k: v for k, v in rows.items()}
 
     def _train_arrays(self, problems, decoded: Decoded) -> dict[str, np.ndarray]:
         prompts, lens = encode_prompts(problems, self.tokenizer, None)
@@ -414,11 +433,12 @@ class Protocol:
     def heldout_traces(self, models) -> dict[str, np.ndarray]:
         path = self.dir / f"heldout_traces-{fingerprint(t=self.task_fp, tau=self.pc.temperature)}.npz"
         if path.exists():
-            return dict(np.load(path))
+            return rio.load_npz(path)
         problems = self.task.problems("heldout", self.cfg.seed)
         setup = defense_setup(DefenseSetting("standard"), models, None, self.pc.temperature)
         decoded = self._decode(problems, setup, jax.random.key(1234))
         arrays = self._train_arrays(problems, decoded)
+        arrays.update(self._student_arrays(models, problems, decoded))
         save_npz(path, **arrays)
         return arrays
 
@@ -428,18 +448,29 @@ class Protocol:
         is below 0.9."""
         t = models["teacher"]
         tokens, mask = traces["tokens_bt"][0, :n], traces["loss_mask_bt"][0, :n, :-1]
-        logits_btv, _ = jax.jit(lambda p, x: tfm.forward(t.graphdef, p, x))(t.params, tokens[:, :-1])
-        return token_entropy_stats(np.asarray(logits_btv, np.float32), mask)
+        sums = jax.jit(lambda p, x, m: entropy_sums(tfm.forward(t.graphdef, p, x)[0], m))
+        total = np.zeros(3)  # in chunks of rows, reduced on device: [n, T, V] logits would not fit at paper scale
+        slices, size = row_chunks(len(tokens), self.pc.distill.heldout_batch, self.mesh)
+        for s in slices:
+            x, m = padded(tokens[s, :-1], size), padded(mask[s], size, fill=0)
+            out = sums(t.params, shd.put_global(x, shd.batch_sharding(self.mesh)), shd.put_global(m, shd.batch_sharding(self.mesh)))
+            total += np.array([float(shd.to_host(v)) for v in out])
+        ent, below, n = total
+        return {"entropy_nats": ent / n if n else float("nan"), "share_top_below_0.9": below / n if n else float("nan"),
+                "positions": int(n)}
 
     def proxy_gradient(self, models, heldout):
+        """g_P: the gradient of the proxy's mean NLL on the clean held-out traces (in chunks of
+        protocol.distill.heldout_batch rows, so a 3B proxy's full-vocabulary logits never exist for all at once)."""
         proxy = models["proxy"]
-        return jax.jit(jax.grad(lambda p: masked_nll(proxy.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"])))(proxy.params)
+        return mean_nll_grad(proxy.graphdef, proxy.params, heldout["tokens_bt"], heldout["loss_mask_bt"], self.mesh,
+                             self.pc.distill.heldout_batch)
 
     def traces(self, d: DefenseSetting, models, g_P) -> dict:
         """Training traces for every seed and the defended teacher's test accuracy per seed."""
         path = self.dir / f"traces-{d.key}-{fingerprint(t=self.task_fp, d=d, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.npz"
         if path.exists():
-            return dict(np.load(path))
+            return rio.load_npz(path)
         setup = defense_setup(d, models, g_P, self.pc.temperature)
         train_problems = self.task.problems("train", self.cfg.seed + 1, self.pc.n_traces)
         test_problems = self.task.problems("test", self.cfg.seed)
@@ -452,6 +483,7 @@ class Protocol:
         keep = np.asarray(stu.degenerate_mask(dec.tokens_bn, dec.lengths_b)).reshape(self.seeds, -1)
         texts = dec.texts(self.tokenizer)
         train_correct = correct_mask(train_problems * self.seeds, texts, self.task.is_correct).reshape(self.seeds, -1)
+        arrays.update(self._student_arrays(models, train_problems * self.seeds, dec))
         out = {k: v.reshape((self.seeds, -1) + v.shape[1:]) for k, v in arrays.items()}
         out.update(teacher_correct=correct, trace_lengths=lens, keep=keep, trace_correct=train_correct)
         if self.cfg.task.name == "reasoning":  # what the texts are made of (valid reasoning, checks, fused and × lines)
@@ -493,8 +525,8 @@ class Protocol:
                                      curve=dc.curve if with_curve else (), correct_pool=dc.correct_pool if kind == "correct_only" else 0)
         path = self.dir / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
         if path.exists():
-            return json.loads(path.read_text())
-        train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
+            return rio.load_json(path)
+        train = retok.student_rows(traces)  # the teacher's rows, or their re-encoding for a student with its own tokenizer
         if dc.degeneracy_filter:
             train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
         gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
@@ -523,24 +555,26 @@ class Protocol:
 
     def _accuracies(self, models, params, problems) -> list[float]:
         """Greedy accuracy of each seed's student (params with a leading seed axis) on `problems`."""
-        spec = models["student"].spec
+        spec, tok = models["student"].spec, models["student"].tokenizer or self.tokenizer
         accs = []
         for s in range(self.seeds):
             p_s = jax.tree.map(lambda x: x[s], params)
-            dec = decode_problems(problems, self.tokenizer, (spec,), (p_s,), self.mesh,
+            dec = decode_problems(problems, tok, (spec,), (p_s,), self.mesh,
                                   max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
-            accs.append(float(correct_mask(problems, dec.texts(self.tokenizer), self.task.is_correct).mean()))
+            accs.append(float(correct_mask(problems, dec.texts(tok), self.task.is_correct).mean()))
         return accs
 
     def attacker_heldout(self, clean: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The attacker's held-out set for g_S; while it tunes β (attacker.py) a validation split of
         its prompts is kept out of it (`self.validation_problems`)."""
         problems = self.task.problems("heldout", self.cfg.seed)
-        if self.pc.distill.heldout == "ground_truth":
+        if self.pc.distill.heldout == "ground_truth" and self.student_tokenizer is not None:  # its own tokens, cut at max_len
+            held = encode_truncated(problems, self.student_tokenizer, self.cfg.task.max_len)
+        elif self.pc.distill.heldout == "ground_truth":
             data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
             held = {"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]}
         else:
-            held = {"tokens_bt": clean["tokens_bt"], "loss_mask_bt": clean["loss_mask_bt"]}
+            held = {k: v for k, v in retok.student_rows(clean).items() if k in ("tokens_bt", "loss_mask_bt")}
         ac = self.pc.distill.attacker
         if ac.tunes and self.pc.distill.heldout != "none":
             fit, val = attacker.validation_split(len(problems), ac.validation_fraction, self.cfg.seed)
@@ -565,6 +599,7 @@ class Protocol:
     def run(self) -> dict:
         start = time.perf_counter()
         models = ensure_models(self.cfg, self.mesh, self.progress, self.task)
+        self.student_tokenizer = models["student"].tokenizer
         clean = self.heldout_traces(models)
         g_P = self.proxy_gradient(models, clean)
         heldout = self.attacker_heldout(clean)
@@ -762,8 +797,10 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n" + attacker.ablation_markdown(results)
 
 
-def write_results(run_dir: pathlib.Path, results: dict) -> list[pathlib.Path]:
+def write_results(run_dir, results: dict) -> list:
+    """results.json, RESULTS.md and the plots into `run_dir` (local or gs://); their paths."""
+    run_dir = rio.path(run_dir)
     save_json(run_dir / "results.json", results)
-    atomic_write(run_dir / "RESULTS.md", lambda tmp: pathlib.Path(tmp).write_text(results_markdown(results)))
+    rio.write_text(run_dir / "RESULTS.md", results_markdown(results))
     paths = [run_dir / "results.json", run_dir / "RESULTS.md"]
     return paths + plot_protocol(results, run_dir) + plot_learning_curve(results, run_dir)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+
+from etils import epath
 from typing import Any, Callable
 
 from experiments import preemption
@@ -26,7 +28,7 @@ class SolverCheckpoint:
     """The latest solver state of one solve, in its own orbax directory."""
 
     def __init__(self, directory: str | pathlib.Path):
-        self.directory = pathlib.Path(directory)
+        self.directory = epath.Path(directory)  # local or gs://
         self.ckpt = Checkpointer(self.directory, keep=1)
 
     def restore(self, template: sv.SolverState) -> tuple[sv.SolverState, dict] | None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 import time
 from typing import Any
 
@@ -16,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from experiments import io as rio
 from experiments import preemption
 from experiments.config import Config, ConfigError, RoleConfig, TrainConfig
 from experiments.distributed import is_main_process
@@ -29,6 +28,20 @@ from models.checkpoint import Checkpointer, abstract_like
 from models.sampling import ExpertSpec
 
 
+def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` run in float32 whatever the parameters' dtype: its state (AdamW's moments) is created from float32
+    copies of the params, gradients and params are cast to float32 before the update and the updates back to
+    the gradients' dtype. For float32 params every cast is a no-op, so the state tree and the checkpoints are
+    those of `tx` itself. Why: a bfloat16 second moment loses the small (1 - b2) increments it averages."""
+    to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32) if hasattr(x, "astype") else x, tree)
+
+    def update(grads, state, params=None):
+        updates, state = tx.update(to32(grads), state, None if params is None else to32(params))
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+    return optax.GradientTransformation(lambda params: tx.init(to32(params)), update)
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -38,7 +51,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
         end_value=tc.lr * tc.end_lr_fraction,
     )
     parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-    return optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=tc.weight_decay))
+    return float32_moments(optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=tc.weight_decay)))
 
 
 def masked_nll(graphdef, params, tokens_bt, loss_mask_bt) -> jax.Array:
@@ -64,6 +77,7 @@ class RoleModel:
     graphdef: Any
     params: Any
     param_shardings: Any
+    tokenizer: Any = None  # only when the role's tokenizer is not the task's (an HF student: experiments/retokenize.py)
 
     @property
     def spec(self) -> ExpertSpec:
@@ -146,7 +160,7 @@ class Trainer:
             "step": jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"]),
         }
         self.step_fn = make_train_step(self.model.graphdef, self.tx, self.state_shardings, mesh)
-        self.role_dir = pathlib.Path(cfg.run_dir) / role
+        self.role_dir = rio.path(cfg.run_dir) / role  # local or gs://
         self.ckpt_dir = self.role_dir / "checkpoints"
 
     # -- data ---------------------------------------------------------------
@@ -188,10 +202,8 @@ class Trainer:
             self.state, _ = ckpt.restore(abstract_like(self.state))
             step = int(self.state["step"])
         data = self.training_data()
-        if main:
-            self.role_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.role_dir / "metrics.jsonl").open("a") if main else None
-        write = (lambda record: log.write(json.dumps(record) + "\n")) if main else (lambda record: None)
+        log = rio.JsonlLog(self.role_dir / "metrics.jsonl") if main else None
+        write = log.write if main else (lambda record: None)
         bar = tqdm(total=self.tc.steps, initial=step, desc=f"train {self.role}", disable=not (progress and main), leave=False)
         tokens_since, t_last = 0, time.perf_counter()
         try:
@@ -240,10 +252,10 @@ class Trainer:
             "seconds": round(time.perf_counter() - start, 2),
             "train_seconds": round(train_seconds, 2),
             "params": tfm.param_count(self.state["params"]),
-            "checkpoint": str(self.ckpt_dir.absolute()),
+            "checkpoint": str(self.ckpt_dir if rio.is_remote(self.ckpt_dir) else self.ckpt_dir.absolute()),
         }
         if main:
-            (self.role_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            rio.save_json(self.role_dir / "summary.json", summary)
         return summary
 
 
@@ -260,7 +272,7 @@ def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> Rol
         "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
     }
-    ckpt = Checkpointer(pathlib.Path(cfg.run_dir) / role / "checkpoints", create=False)
+    ckpt = Checkpointer(rio.path(cfg.run_dir) / role / "checkpoints", create=False)
     try:
         state, _ = ckpt.restore(target)
     finally:
@@ -269,13 +281,19 @@ def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> Rol
     return model
 
 
+def hf_overrides(rc: RoleConfig) -> dict[str, Any]:
+    """The ModelConfig fields a config sets on top of an HF role's config.json."""
+    overrides: dict[str, Any] = {"compute_dtype": rc.model.compute_dtype, "param_dtype": rc.model.param_dtype}
+    if rc.model.vocab_rows:
+        overrides["vocab_rows"] = rc.model.vocab_rows
+    return overrides
+
+
 def load_hf_role(cfg: Config, role: str, mesh: Mesh) -> tuple[RoleModel, Any]:
     """A role whose `hf_dir` is set: its converted model on the mesh, and its `tokenizers.Tokenizer`."""
     rc = cfg.role(role)
-    overrides: dict[str, Any] = {"compute_dtype": rc.model.compute_dtype}
-    if rc.model.vocab_rows:
-        overrides["vocab_rows"] = rc.model.vocab_rows
-    cache = pathlib.Path(cfg.run_dir) / role / "hf_converted" if rc.hf_cache else None
+    overrides = hf_overrides(rc)
+    cache = rio.path(cfg.run_dir) / role / "hf_converted" if rc.hf_cache else None
     try:
         loaded = hf_loader.load_or_convert(rc.hf_dir, cache, mesh, cfg.rules, **overrides)
     except hf_loader.HFLoadError as e:

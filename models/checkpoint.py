@@ -7,11 +7,13 @@ carrying shardings, so every array comes back directly onto its shards.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
@@ -20,7 +22,8 @@ class CheckpointError(RuntimeError):
 
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, keep: int = 2, create: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        # epath keeps gs://BUCKET/... intact (pathlib would fold it into gs:/BUCKET); local paths are made absolute.
+        self.directory = epath.Path(directory) if "://" in os.fspath(directory) else epath.Path(os.path.abspath(directory))
         if not create and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {str(self.directory)!r} does not exist; train the model first")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)

@@ -112,6 +112,26 @@ def model_config_from_hf(hf: dict, where: str = "config.json", **overrides: Any)
     return cfg
 
 
+PUBLISHED_CONFIGS = epath.Path(__file__).parent / "hf_configs"
+
+
+def architecture(hf_dir: str, **overrides: Any) -> tuple[tfm.ModelConfig, str]:
+    """(ModelConfig, where its config.json came from) of a checkpoint directory without its weights: its own
+    config.json when readable, else the published one bundled in models/hf_configs/ under the directory's last
+    name (so a placeholder or unreachable gs:// path still has an architecture for compile-check and bench)."""
+    source = epath.Path(hf_dir) / "config.json"
+    try:
+        hf = json.loads(source.read_text())
+    except Exception:  # unreachable bucket, no gcsfs or credentials, placeholder path
+        source = PUBLISHED_CONFIGS / f"{str(hf_dir).rstrip('/').rsplit('/', 1)[-1]}.json"
+        if not source.exists():
+            known = ", ".join(sorted(p.stem for p in PUBLISHED_CONFIGS.glob("*.json")))
+            raise HFLoadError(f"{hf_dir}: cannot read its config.json, and models/hf_configs/ has no {source.name} "
+                              f"(known: {known})") from None
+        hf = json.loads(source.read_text())
+    return model_config_from_hf(hf, str(source), **overrides), str(source)
+
+
 # ---------------------------------------------------------------------------
 # safetensors, one tensor at a time
 # ---------------------------------------------------------------------------
@@ -322,10 +342,10 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 def load_hf_model(
     directory: str | os.PathLike, mesh, rules: dict[str, str | None] = shd.DEFAULT_RULES, **overrides: Any
 ) -> LoadedModel:
-    """Convert an HF checkpoint directory into sharded params on `mesh` (float32 params).
+    """Convert an HF checkpoint directory into sharded params on `mesh` (in `param_dtype`: float32 by default).
 
-    `overrides` set ModelConfig fields on top of config.json, e.g. compute_dtype="bfloat16"
-    or vocab_rows=152064 (pad the vocabulary to match another model or the tensor axis).
+    `overrides` set ModelConfig fields on top of config.json, e.g. compute_dtype="bfloat16",
+    param_dtype="bfloat16" or vocab_rows=152064 (pad the vocabulary to match another model or the tensor axis).
     """
     directory = epath.Path(directory)
     hf = _require(directory)
@@ -351,6 +371,7 @@ def load_hf_model(
     assert not missing, f"no HF source for {sorted(missing)}"  # a bug here, not user input
 
     params: dict = {}
+    param_dtype = np.dtype(ml_dtypes.bfloat16 if cfg.param_dtype == "bfloat16" else np.float32)
     for path, (key, hf_shape, convert) in sources.items():
         info = ckpt.info(key)
         if info.shape != hf_shape:
@@ -365,8 +386,8 @@ def load_hf_model(
                 value = value.T
         want = expected_flat[path]
         assert value.shape == want.shape, (path, value.shape, want.shape)
-        # ... from which each device copies (and casts to float32) only its own shard.
-        shard = lambda idx, v=value: np.ascontiguousarray(v[idx], dtype=np.float32)
+        # ... from which each device copies (and casts to the model's param_dtype) only its own shard.
+        shard = lambda idx, v=value: np.ascontiguousarray(v[idx], dtype=param_dtype)
         _set(params, path, jax.make_array_from_callback(value.shape, shardings_flat[path], shard))
         del value
 

@@ -109,7 +109,12 @@ class HFTokenizer(_SubwordTokenizer):
 
         self.path = str(path)
         try:
-            self._tok = _HF.from_file(self.path)
+            if "://" in self.path:  # gs://BUCKET/.../tokenizer.json, read through etils.epath
+                from etils import epath
+
+                self._tok = _HF.from_str(epath.Path(self.path).read_text())
+            else:
+                self._tok = _HF.from_file(self.path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"cannot read tokenizer file {self.path!r}: {e}") from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -181,6 +186,8 @@ def load_tokenizer(spec: str):
         return build_tokenizer()
     if spec == "byte":
         return ByteTokenizer()
+    if "://" in spec:  # a remote tokenizer.json (e.g. the teacher's, next to its checkpoint in a bucket)
+        return HFTokenizer(spec.rstrip("/") + ("" if spec.endswith(".json") else "/tokenizer.json"))
     path = pathlib.Path(spec).expanduser()
     if path.is_dir() and (path / "tokenizer.json").is_file():
         path = path / "tokenizer.json"
