@@ -26,10 +26,9 @@ Styles (:data:`STYLES`, a role picks one with ``train.style``):
 - ``schoolbook``: the proxy's: the same, but it spells out every multiplication. The proxy is the
   provider's smaller model with habits of its own (as the paper's Qwen2.5-3B beside an R1-distilled
   teacher); PoE mixes its habit into the teacher's texts. Spelling out never changes the answer and
-  the teacher adds two-digit numbers reliably, so it stays right; but a small student learns a
-  ×2/×3 table from direct lines far more easily than two-digit addition from spelled ones
-  (students trained on reference texts, 2 seeds, 800 steps: 57% test accuracy with direct lines,
-  41% with every multiplication spelled out);
+  the teacher adds two-digit numbers reliably, so it stays right. Students trained on reference
+  texts (2 seeds, 800 steps) reach 56% with no multiplication spelled out and 42% with every one
+  spelled out; students distilled from the teacher do not show that gap (see the README);
 - ``careful`` (checks every line it can), ``terse`` (fuses most add/subtract chains; fused lines
   are hard even for the teacher: 34 of 40 wrong at τ=0.8) and ``canonical`` (the arithmetic task's
   one text), for experiments.
