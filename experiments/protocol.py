@@ -42,7 +42,6 @@ from experiments.distributed import is_main_process
 from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
-from experiments.tasks.reasoning import text_features
 from experiments.tasks.registry import Task, build_task, encode_truncated
 from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
@@ -231,8 +230,13 @@ def entropy_sums(logits_btv, mask_bt, top_below: float = 0.9):
 def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: float = 0.9) -> dict:
     """Mean entropy (nats) of softmax(logits) over the masked positions, and the share of them whose top
     probability is below `top_below`."""
-    ent, below, n = (float(x) for x in entropy_sums(logits_btv, mask_bt, top_below))
-    return {"entropy_nats": ent / n, f"share_top_below_{top_below:g}": below / n, "positions": int(n)}
+    return entropy_summary(*(float(x) for x in entropy_sums(logits_btv, mask_bt, top_below)), top_below)
+
+
+def entropy_summary(ent: float, below: float, n: float, top_below: float = 0.9) -> dict:
+    """The sums of :func:`entropy_sums` as means over the positions (nan when there are none)."""
+    mean = lambda x: x / n if n else float("nan")
+    return {"entropy_nats": mean(ent), f"share_top_below_{top_below:g}": mean(below), "positions": int(n)}
 
 
 def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
@@ -455,9 +459,7 @@ class Protocol:
             x, m = padded(tokens[s, :-1], size), padded(mask[s], size, fill=0)
             out = sums(t.params, shd.put_global(x, shd.batch_sharding(self.mesh)), shd.put_global(m, shd.batch_sharding(self.mesh)))
             total += np.array([float(shd.to_host(v)) for v in out])
-        ent, below, n = total
-        return {"entropy_nats": ent / n if n else float("nan"), "share_top_below_0.9": below / n if n else float("nan"),
-                "positions": int(n)}
+        return entropy_summary(*total)
 
     def proxy_gradient(self, models, heldout):
         """g_P: the gradient of the proxy's mean NLL on the clean held-out traces (in chunks of
@@ -486,10 +488,9 @@ class Protocol:
         arrays.update(self._student_arrays(models, train_problems * self.seeds, dec))
         out = {k: v.reshape((self.seeds, -1) + v.shape[1:]) for k, v in arrays.items()}
         out.update(teacher_correct=correct, trace_lengths=lens, keep=keep, trace_correct=train_correct)
-        if self.cfg.task.name == "reasoning":  # what the texts are made of (valid reasoning, checks, fused and × lines)
-            feats = [text_features(t) for t in texts]
-            for name in feats[0]:
-                out[f"trace_{name}"] = np.array([f[name] for f in feats], np.float32).reshape(self.seeds, -1)
+        feats = [self.task.text_features(t) for t in texts]  # what the texts are made of ({} for most tasks)
+        for name in feats[0]:
+            out[f"trace_{name}"] = np.array([f[name] for f in feats], np.float32).reshape(self.seeds, -1)
         save_npz(path, **out)
         return out
 
@@ -632,7 +633,7 @@ class Protocol:
             row["mean_trace_length"] = float(tr["trace_lengths"].mean())
             row["degeneracy_rate"] = float(1 - tr["keep"].mean())
             row["trace_accuracy"] = float(tr["trace_correct"].mean())
-            for name in TEXT_COLUMNS:  # reasoning task only
+            for name in TEXT_COLUMNS:  # tasks with text features (the reasoning task)
                 if f"trace_{name}" in tr:
                     row[f"trace_{name}"] = float(tr[f"trace_{name}"].mean())
             if d.name == "standard":

@@ -107,6 +107,8 @@ class Task(Protocol):
 
     def is_correct(self, text: str, answer: Any) -> bool: ...
 
+    def text_features(self, text: str) -> dict[str, float]: ...
+
     def training_rows(self, seed: int, n: int, *, with_solution: bool, easy_max_steps: int | None = None,
                       style: str | None = None) -> RowSource: ...
 
@@ -132,6 +134,10 @@ class ArithmeticTask:
 
     def is_correct(self, text, answer) -> bool:
         return ar.is_correct(text, answer)
+
+    def text_features(self, text) -> dict[str, float]:
+        """What a solution text is made of (:func:`experiments.tasks.reasoning.text_features`); {} for one-text arithmetic."""
+        return rs.text_features(text) if self.styled else {}
 
     def training_rows(self, seed, n, *, with_solution, easy_max_steps=None, style=None) -> RowSource:
         problems = self.problems("train", seed, n, easy_max_steps=easy_max_steps, style=style)
@@ -305,6 +311,9 @@ class TextTask:
 
     def is_correct(self, text: str, answer: str) -> bool:
         return self._check(text, answer)
+
+    def text_features(self, text: str) -> dict[str, float]:
+        return {}  # free-form text: no structure to count
 
     def training_rows(self, seed, n, *, with_solution, easy_max_steps=None, style=None) -> RowSource:
         """The first ``n`` rows of the training order, encoded (and truncated to ``max_len``) only when read."""
