@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pathlib
@@ -197,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, SolverDivergedError) as e:
         print(f"distgame {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a training or distillation loss became NaN/inf: the message names role, step, quantity
+        print(f"distgame {args.command}: diverged: {e} (checkpoints of earlier steps are kept)", file=sys.stderr)
+        return 2
     except preemption.Preempted as e:
         print(f"distgame {args.command}: {e}; re-run the same command to resume", file=sys.stderr)
         return 0
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distgame {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     if args.json and is_main_process():
-        print(json.dumps(summary))
+        print(rio.to_json(summary))
     return 0
 
 

@@ -494,9 +494,11 @@ def config_path(name: str) -> pathlib.Path:
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     path = config_path(name)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:  # an empty (or comments-only) file would silently run every default
+        raise ConfigError(f"config file {str(path)!r} is empty: give it at least one setting, or use --config default")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must contain a mapping")
     data.setdefault("name", path.stem)

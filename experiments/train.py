@@ -12,13 +12,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from experiments import io as rio
 from experiments import preemption
 from experiments.config import Config, ConfigError, RoleConfig, TrainConfig
 from experiments.distributed import is_main_process
 from experiments.evaluate import single_model_accuracy
+from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.tasks.batches import RowSource, local_batch
 from experiments.tasks.registry import Task, build_task
 from models import hf_loader
