@@ -2,7 +2,7 @@
 utility budgets δ (vectorised with vmap) and student tilts β_s, then check each
 equilibrium γ* empirically (PoE traces, distilled students, real accuracies).
 
-The game (DESIGN.md, "The differentiable game", assembled in game/poe_game.py from the
+The game (docs/design.md, "The differentiable game", assembled in game/poe_game.py from the
 student's forward function), wired to real models:
 - student batch: a pool of prefixes sampled from PoE(γ) at the current γ of each state
   (budget × start), fresh problems every `resample_every` iterations, with the teacher's

@@ -3,6 +3,7 @@ listed ones, which may only shrink)."""
 
 import ast
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("game", "models", "experiments", "launch")
@@ -117,3 +118,17 @@ def test_no_module_over_the_line_limit():
     assert not over, f"modules over {MAX_LINES} lines (split them): {over}"
     assert not grew, f"listed oversize modules grew (listed, now): {grew}"
     assert not done, f"back under {MAX_LINES} lines: remove from OVERSIZE in tests/test_structure.py: {done}"
+
+
+def test_design_doc_sections_cited_by_the_code_exist():
+    """Docstrings cite docs/design.md by section ('docs/design.md, "Defenses"'): each cited section is a heading there."""
+    headings = {line.lstrip("#").strip() for line in (ROOT / "docs" / "design.md").read_text().splitlines()
+                if line.startswith("#")}
+    cited = {}
+    for path in [*project_modules().values(), *(ROOT / "experiments" / "configs").glob("*.yaml")]:
+        for match in re.finditer(r'docs/design\.md[,:]? ((?:"[^"]+"(?:, )?)+)', path.read_text()):
+            for section in re.findall(r'"([^"]+)"', match.group(1)):
+                cited.setdefault(section, str(path.relative_to(ROOT)))
+    assert len(cited) >= 4, cited  # the parser found the citations
+    missing = {s: where for s, where in cited.items() if s not in headings}
+    assert not missing, f"sections cited but not in docs/design.md: {missing}"
