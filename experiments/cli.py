@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distgame {args.command}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a training or distillation loss became NaN/inf: the message names role, step, quantity
-        print(f"distgame {args.command}: diverged: {e} (checkpoints of earlier steps are kept)", file=sys.stderr)
+        kept = "checkpoints of earlier steps are kept" if args.command == "train" else "finished stages are kept"
+        print(f"distgame {args.command}: diverged: {e} ({kept})", file=sys.stderr)
         return 2
     except preemption.Preempted as e:
         print(f"distgame {args.command}: {e}; re-run the same command to resume", file=sys.stderr)

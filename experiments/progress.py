@@ -2,8 +2,9 @@
 
 `tqdm(...)` takes tqdm's arguments. When stderr is a terminal it is `tqdm.auto.tqdm`. When it is not
 (`make run > log 2>&1`, a batch job, CI), a bar redrawn with carriage returns would put thousands of
-updates into the file, so the bar becomes a `LineProgress` instead: one line when it passes each tenth
-of its total (and one when it closes short of it), with the count, the elapsed time and its postfix:
+updates into the file, so the bar becomes a `LineProgress` instead: a line when it passes another tenth
+of its total, at most one per MIN_INTERVAL_S (a bar of a few seconds writes only its last line), and one
+when it ends, with the count, the elapsed time and its postfix:
 
     train teacher: 100/1000 (10%) 57s loss=2.1034 tok_s=6,512
 """
@@ -17,7 +18,9 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm as _terminal_tqdm
 
 LINES = 10
-"""A line each time a bar passes another 1/LINES of its total."""
+"""A line each time a bar passes another 1/LINES of its total..."""
+MIN_INTERVAL_S = 10.0
+"""...unless the last line is more recent than this (the last line of a bar is always written)."""
 
 
 class LineProgress:
@@ -32,7 +35,7 @@ class LineProgress:
         self.desc, self.total, self.n, self.disable = desc or "", total, initial, disable
         self.file = file
         self.postfix = ""
-        self.start = time.monotonic()
+        self.start = self.logged_at = time.monotonic()
         self.logged_n = initial  # a resumed bar (initial > 0) reports only what happens from here
         self.logged_tenth = self._tenth(initial)
 
@@ -44,11 +47,14 @@ class LineProgress:
         count = f"{self.n:g}/{self.total:g}" if self.total is not None else f"{self.n:g}"
         line = f"{self.desc}: {count}{pct} {time.monotonic() - self.start:.0f}s" + (f" {self.postfix}" if self.postfix else "")
         print(line, file=self.file or sys.stderr, flush=True)
-        self.logged_n, self.logged_tenth = self.n, self._tenth(self.n)
+        self.logged_n, self.logged_tenth, self.logged_at = self.n, self._tenth(self.n), time.monotonic()
 
     def refresh(self) -> None:
-        """Log a line if the count has crossed into another tenth of the total since the last line."""
-        if not self.disable and self._tenth(self.n) > self.logged_tenth:
+        """Log a line if the count has crossed into another tenth of the total since the last line (and that
+        line is MIN_INTERVAL_S old), or reached the total."""
+        if self.disable or self._tenth(self.n) <= self.logged_tenth:
+            return
+        if time.monotonic() - self.logged_at >= MIN_INTERVAL_S or (self.total and self.n >= self.total):
             self._log()
 
     def update(self, n: float = 1) -> None:
