@@ -172,7 +172,7 @@ class DefenseSetting:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """How the attacker distils its base model on the teacher's traces."""
+    """How the attacker distills its base model on the teacher's traces."""
 
     steps: int = _help("optimizer steps per student", 200)
     batch_size: int = _help("traces per step", 64)
@@ -290,7 +290,7 @@ class EquilibriumConfig:
     heldout_batch: int = _help("the adaptive student's held-out examples per resample (its g_S)", 16)
     n_eval: int = _help("reference solutions of test prompts in J (student capability loss)", 128)
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
-    empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distil real students (protocol.distill)", True)
+    empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distill real students (protocol.distill)", True)
     check_seeds: int = _help("seeds of the empirical check", 1)
     horizon: int = _help("student steps in the teacher's objective with solver.unroll_from='base' (0 = protocol.distill.steps, with the protocol's optimizer)", 0)
     horizon_batch: int = _help("prefixes per unrolled step, drawn from the pool in a fixed order (0 = protocol.distill.batch_size)", 0)

@@ -521,7 +521,7 @@ class Protocol:
         stats: dict = {}
         params = distil(
             models["student"], train, heldout, dc, "passive" if kind == "correct_only" else kind, beta, self.seeds,
-            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distil {attacker.kind_label(kind)} on {d.label}",
+            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distill {attacker.kind_label(kind)} on {d.label}",
             snapshots=snapshots, stats=stats,
         )
         test_problems = self.task.problems("test", self.cfg.seed)

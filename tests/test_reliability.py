@@ -73,7 +73,7 @@ def test_diverging_distillation_is_one_line_exit_2(tmp_path):
                       "protocol.distill.attacks=[]", "protocol.seeds=1", "protocol.distill.lr=1e12", "--no-progress")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "diverged: distil passive on standard: distillation loss became [nan]" in lines[0], lines
+    assert len(lines) == 1 and "diverged: distill passive on standard: distillation loss became [nan]" in lines[0], lines
     assert (tmp_path / "student" / "checkpoints").is_dir()  # the models trained before it are kept
 
 
@@ -217,9 +217,9 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(every_tenth):
 
 def test_a_fast_bar_writes_only_its_last_line():
     log = io.StringIO()
-    for _ in tqdm(range(1000), desc="distil", file=log):
+    for _ in tqdm(range(1000), desc="distill", file=log):
         pass
-    assert log.getvalue().splitlines() == ["distil: 1000/1000 (100%) 0s"]
+    assert log.getvalue().splitlines() == ["distill: 1000/1000 (100%) 0s"]
 
 
 def test_progress_lines_for_iteration_assignment_and_an_early_stop(every_tenth):
