@@ -102,15 +102,13 @@ class SampleConfig:
     """Decoding used for evaluation and trace generation."""
 
     max_new_tokens: int = _help("tokens generated after the prompt", 48)
-    temperature: float = _help("sampling temperature tau for non-greedy decoding", 1.0)
-    top_p: float = _help("nucleus sampling mass (1.0 = off)", 1.0)
+    top_p: float = _help("nucleus sampling mass of the teacher API (1.0 = off), applied after the defense and "
+                         "protocol.temperature", 1.0)
     batch_size: int = _help("prompts decoded together", 256)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"sample.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if not self.temperature > 0:
-            raise ConfigError(f"sample.temperature={self.temperature} must be > 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"sample.top_p={self.top_p} must be in (0, 1]")
         if self.batch_size < 1:

@@ -390,7 +390,9 @@ class Protocol:
         self.task = build_task(cfg.task)
         self.tokenizer = self.task.tokenizer
         self.mesh = make_mesh(cfg)
-        self.task_fp = fingerprint(task=cfg.task.identity(), seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")})
+        # the world every stage depends on: task, models and the API's sampler (top-p, length) besides τ
+        self.task_fp = fingerprint(task=cfg.task.identity(), seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")},
+                                   sample=(cfg.sample.top_p, cfg.sample.max_new_tokens))
         self.validation_problems, self.heldout_tag = None, ""  # set by attacker_heldout when the attacker tunes β
         self.student_tokenizer = None  # set by run() for an HF student with its own tokenizer (retokenize.py)
 

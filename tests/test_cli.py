@@ -110,8 +110,8 @@ def test_config_documents_itself():
 
 
 def test_override_types_and_nesting():
-    cfg = load_config("ci", ["teacher.train.lr=1e-3", "sample.temperature=2", "rules.mlp=null"])
-    assert cfg.teacher.train.lr == 1e-3 and cfg.sample.temperature == 2.0 and cfg.rules["mlp"] is None
+    cfg = load_config("ci", ["teacher.train.lr=1e-3", "sample.top_p=0.5", "rules.mlp=null"])
+    assert cfg.teacher.train.lr == 1e-3 and cfg.sample.top_p == 0.5 and cfg.rules["mlp"] is None
     with pytest.raises(ConfigError, match="rules.mlp='gpu' must be one of data, fsdp, tensor or null"):
         load_config("ci", ["rules.mlp=gpu"])
     with pytest.raises(ConfigError, match="override 'teacher' must look like key=value"):

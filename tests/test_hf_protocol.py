@@ -1,6 +1,6 @@
 """The protocol end to end with HF checkpoints standing in for the paper's trio, on CPU:
 a Qwen2 teacher (q/k/v biases, untied head, 64 vocabulary rows), a Qwen2 proxy (tied head,
-56 rows, padded to the teacher's 64 by config), and a Llama-3 student (scaled RoPE,
+58 rows, padded to the teacher's 64 by config), and a Llama-3 student (scaled RoPE,
 tied head) trained with LoRA. The checkpoints are written with our exporter (numpy, no
 torch) over the task's own vocabulary as tokenizer.json; `test_hf_loader.py` proves
 the loader against `transformers`. Also: export -> load round trip, and the bad-input
@@ -34,7 +34,7 @@ TRIO = {
     "teacher": ("qwen2", tfm.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, qkv_bias=True,
                                         tied_embeddings=False, rope_base=1e6, vocab_rows=64)),
     "proxy": ("qwen2", tfm.ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, qkv_bias=True,
-                                      scale_tied_logits=False, vocab_rows=56)),
+                                      scale_tied_logits=False, vocab_rows=58)),
     "student": ("llama", tfm.ModelConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, head_size=16,
                                         scale_tied_logits=False, rope_base=5e5, rope_scaling_factor=8.0,
                                         rope_original_max_len=32, norm_eps=1e-5)),
@@ -104,7 +104,7 @@ def test_protocol_end_to_end_with_hf_trio(trio, tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("", "teacher and proxy vocabularies differ (64 vs 56 embedding rows); PoE and ADS need one vocabulary: "
+        ("", "teacher and proxy vocabularies differ (64 vs 58 embedding rows); PoE and ADS need one vocabulary: "
              "if the tokenizers agree and only the padding differs, set proxy.model.vocab_rows=64"),
         ("proxy.model.vocab_rows=40", "proxy.hf_dir: ") ,
         ("student.hf_dir=/nonexistent/llama", "student.hf_dir: /nonexistent/llama: not a directory"),

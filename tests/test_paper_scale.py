@@ -25,7 +25,7 @@ def test_paper_configs_carry_the_papers_settings_and_their_launch_command(name, 
     poe = [d.strength for d in pc.defenses if d.name == "poe"]
     ads = [d.strength for d in pc.defenses if d.name == "ads"]
     assert poe and all(0.6 <= g <= 0.75 for g in poe) and ads == [0.05]
-    assert pc.temperature == 0.6 and cfg.sample.top_p == 0.95 and cfg.sample.temperature == 0.6
+    assert pc.temperature == 0.6 and cfg.sample.top_p == 0.95
     assert dc.finetune == "lora" and dc.lora.rank == dc.lora.alpha == 128 and dc.lr == 5e-4
     assert set(dc.lora.targets) == {"wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "w_gate_df", "w_up_df", "w_down_fd"}
     assert dc.steps * dc.batch_size == pytest.approx(3 * pc.n_traces, abs=dc.batch_size)  # 3 epochs

@@ -42,6 +42,23 @@ def test_mixed_style_has_many_texts_per_problem():
         "7 + 5 = 12 . 12 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"}
 
 
+def test_connectives_nearly_uniform_and_parsed():
+    """connective=0.8 over five words: each of the six openings of a later line (nothing or a word) has
+    probability ~1/6, the entropy the default world relies on (ln 6 nats per line)."""
+    style = rs.Style(connective=0.8, commute=0.0, fuse=0.0, check=0.0)
+    counts = dict.fromkeys(("",) + rs.CONNECTIVES, 0)
+    for i in range(3000):
+        text = rs.write_solution(STEPS, random.Random(i), style)
+        assert rs.reasoning_is_valid(text), text
+        for line in text.split(" . ")[1:-1]:
+            first = line.split()[0]
+            counts[first if first in rs.CONNECTIVES else ""] += 1
+    shares = np.array(list(counts.values())) / sum(counts.values())
+    assert np.allclose(shares, [0.2] + [0.16] * 5, atol=0.015), counts
+    assert rs.reasoning_is_valid("first 7 + 5 = 12 . thus 12 - 3 = 9 . next 9 * 2 = 18 . #### 18")
+    assert not rs.reasoning_is_valid("first 7 + 5 = 12 . hence 12 - 3 = 9 . #### 9")  # not a connective
+
+
 def test_variants_spelled_out():
     fused = rs.Style(connective=0.0, commute=0.0, fuse=1.0, check=0.0)
     assert rs.write_solution(STEPS, random.Random(0), fused) == "7 + 5 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"

@@ -87,7 +87,7 @@ ANSWER_MARKER = "####"
 
 _SYMBOLS: tuple[str, ...] = ("+", "-", "*", "=", ".", "?", ANSWER_MARKER)
 _FIXED_WORDS: tuple[str, ...] = ("has", "them", "how", "many")
-_REASONING_WORDS: tuple[str, ...] = ("first", "so", "then", "now", "check", "verify")
+_REASONING_WORDS: tuple[str, ...] = ("first", "so", "then", "now", "check", "verify", "next", "thus")
 """Words of the reasoning task's solution texts (:mod:`experiments.tasks.reasoning`); one tokenizer serves both tasks."""
 
 SPLITS: tuple[str, ...] = ("train", "heldout", "test")

@@ -6,7 +6,7 @@ defense can act on which correct text the teacher emits (learnability), not only
 it is right. Each solution is written in a *style*: a set of probabilities for independent
 choices, drawn per line from a generator seeded by ``(style, seed, prompt)``:
 
-- ``connective``: a line after the first opens with nothing, ``so``, ``then`` or ``now``
+- ``connective``: a line after the first opens with nothing or one of ``so``, ``then``, ``now``, ``next``, ``thus``
   (the first line with nothing or ``first``);
 - ``commute``: ``a + b`` / ``a * b`` is written ``b + a`` / ``b * a``;
 - ``fuse``: an add/subtract step joins the previous add/subtract line without writing the
@@ -45,7 +45,7 @@ from experiments.tasks import arithmetic as ar
 MAX_FUSED = 2
 """Most operations written on one fused line."""
 
-CONNECTIVES = ("so", "then", "now")
+CONNECTIVES = ("so", "then", "now", "next", "thus")
 CHECK_WORDS = ("check", "verify")
 
 
@@ -61,9 +61,9 @@ class Style:
 
 
 STYLES: dict[str, Style] = {
-    "mixed": Style(connective=0.75, commute=0.5, fuse=0.15, check=0.25, spell=0.3),
-    "schoolbook": Style(connective=0.75, commute=0.5, fuse=0.15, check=0.25, spell=1.0),
-    "careful": Style(connective=0.75, commute=0.5, fuse=0.15, check=1.0, spell=0.3),
+    "mixed": Style(connective=0.8, commute=0.5, fuse=0.15, check=0.25, spell=0.12),
+    "schoolbook": Style(connective=0.8, commute=0.5, fuse=0.15, check=0.25, spell=1.0),
+    "careful": Style(connective=0.8, commute=0.5, fuse=0.15, check=1.0, spell=0.12),
     "terse": Style(connective=0.0, commute=0.5, fuse=0.85, check=0.0),
     "canonical": Style(connective=0.0, commute=0.0, fuse=0.0, check=0.0),
 }
@@ -137,7 +137,7 @@ def max_sequence_tokens(cfg: ar.ArithmeticTaskConfig, max_steps: int | None = No
 
 # --- checking the reasoning, not just the answer ----------------------------------
 
-_LINE_RE = re.compile(r"^(?:(?:first|so|then|now|check|verify) )?(\d+(?: [-+*] \d+)+) = (\d+)$")
+_LINE_RE = re.compile(rf"^(?:(?:{'|'.join(('first',) + CONNECTIVES + CHECK_WORDS)}) )?(\d+(?: [-+*] \d+)+) = (\d+)$")
 
 
 def text_features(text: str) -> dict[str, float]:
