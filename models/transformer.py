@@ -259,7 +259,9 @@ def _attention_forward(q_bkrh, k_bksh, v_bksh, mask_b1gts):
     """(out [B, K, R, H], probs [B, K, R, S] in the compute dtype) with rows R = G*T (see `attend`)."""
     b, kv, r, h = q_bkrh.shape
     t, s = mask_b1gts.shape[-2:]
-    scores = jnp.matmul(q_bkrh, k_bksh.swapaxes(-1, -2)).astype(jnp.float32) * h**-0.5
+    # 1/sqrt(H) scales the queries ([R, H]) rather than the scores ([R, S]): one pass over the smaller array
+    # (XLA:CPU even materialised the broadcast scale at the scores' size for the backward).
+    scores = jnp.matmul(q_bkrh * jnp.asarray(h**-0.5, q_bkrh.dtype), k_bksh.swapaxes(-1, -2)).astype(jnp.float32)
     scores = jnp.where(mask_b1gts, scores.reshape(b, kv, r // t, t, s), jnp.finfo(jnp.float32).min)
     probs_bkrs = jax.nn.softmax(scores, axis=-1).astype(q_bkrh.dtype).reshape(b, kv, r, s)
     return jnp.matmul(probs_bkrs, v_bksh), probs_bkrs
@@ -281,13 +283,14 @@ def _attention_core_fwd(q_bkrh, k_bksh, v_bksh, mask_b1gts):
 
 def _attention_core_bwd(res, dout_bkrh):
     q, k, v, probs, out, _ = res
-    dt, scale = q.dtype, q.shape[-1] ** -0.5
+    dt = q.dtype
+    scale = jnp.asarray(q.shape[-1] ** -0.5, dt)
     dv = jnp.matmul(probs.swapaxes(-1, -2), dout_bkrh)
     dprobs = jnp.matmul(dout_bkrh, v.swapaxes(-1, -2)).astype(jnp.float32)
     row_bkr1 = jnp.sum(dout_bkrh.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    dscores = (probs.astype(jnp.float32) * (dprobs - row_bkr1) * scale).astype(dt)
-    dq = jnp.matmul(dscores, k)
-    dk = jnp.matmul(dscores.swapaxes(-1, -2), q)
+    dscores = (probs.astype(jnp.float32) * (dprobs - row_bkr1)).astype(dt)  # d/d(scaled q · k)
+    dq = jnp.matmul(dscores, k) * scale
+    dk = jnp.matmul(dscores.swapaxes(-1, -2), q * scale)
     return dq, dk, dv, None  # the mask is boolean: no cotangent
 
 
