@@ -10,8 +10,9 @@ depend on the values):
   `protocol.distill.batch_size` rows of `task.max_len` tokens, host-side batch gathering included;
 - defended decoding: the protocol's sampler (`models.sampling.generate`) for `sample.batch_size` test prompts,
   `sample.max_new_tokens` tokens each (no early EOS), PoE at the config's strongest `poe` setting (γ = 0.5 when it
-  has none), and standard decoding.
-The worker uses only APIs that the compared checkouts share (`distil`, `defense_setup`, `generate`).
+  has none), and standard decoding;
+- the teacher's training step (`Trainer.step_fn`, batch `teacher.train.batch_size` x `task.max_len`), 3 steps a call.
+The worker uses only APIs that the compared checkouts share (`distil`, `defense_setup`, `generate`, `Trainer`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import time
 
 import numpy as np
 
-MEASURES = ("distill_steps_per_s", "poe_decode_tokens_per_s", "standard_decode_tokens_per_s")
+NAMES = ("distill", "poe", "standard", "train")
+MEASURES = ("distill_steps_per_s", "poe_decode_tokens_per_s", "standard_decode_tokens_per_s", "teacher_train_steps_per_s")
 
 
 # ---------------------------------------------------------------------------
@@ -34,7 +36,7 @@ MEASURES = ("distill_steps_per_s", "poe_decode_tokens_per_s", "standard_decode_t
 # ---------------------------------------------------------------------------
 
 
-def _worker(config: str, overrides: list[str], distill_steps: int) -> None:
+def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: int = 3) -> None:
     import dataclasses
 
     import jax
@@ -75,7 +77,19 @@ def _worker(config: str, overrides: list[str], distill_steps: int) -> None:
         return lambda: generate(specs, params, prompts, lens, jax.random.key(0), combiner=combiner, max_new_tokens=new_tokens,
                                 eos_id=-1, pad_id=tok.pad_id, greedy=False, tangents=tangents)["tokens_bn"]
 
-    fns = {"distill": distill, "poe": decoder(poe), "standard": decoder(DefenseSetting("standard"))}
+    from experiments.train import Trainer
+    from models import sharding as shd
+
+    trainer = Trainer(cfg, "teacher", mesh, task=task)  # the teacher's own training step (make run trains it first)
+    batch = shd.shard_batch({"tokens_bt": rng.integers(3, vocab, (cfg.teacher.train.batch_size, t), dtype=np.int32),
+                             "loss_mask_bt": np.ones((cfg.teacher.train.batch_size, t), np.float32)}, mesh)
+
+    def train():
+        for _ in range(train_steps):
+            trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+        return metrics["loss"]
+
+    fns = {"distill": distill, "poe": decoder(poe), "standard": decoder(DefenseSetting("standard")), "train": train}
     for fn in fns.values():  # compile + warm up
         jax.block_until_ready(fn())
     print("ready", flush=True)
@@ -84,7 +98,7 @@ def _worker(config: str, overrides: list[str], distill_steps: int) -> None:
         start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(fns[name]())
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        work = distill_steps if name == "distill" else len(problems) * new_tokens
+        work = {"distill": distill_steps, "train": train_steps}.get(name, len(problems) * new_tokens)
         print(json.dumps({"name": name, "seconds": seconds, "per_s": work / seconds, "per_cpu_s": work / cpu}), flush=True)
 
 
@@ -126,17 +140,17 @@ def compare(args) -> dict:
     try:
         for w in workers.values():  # one at a time: compiling both at once would slow the other's warm-up only
             w.wait_ready()
-        samples: dict[str, dict[str, list[float]]] = {k: {m: [] for m in ("distill", "poe", "standard")} for k in workers}
+        samples: dict[str, dict[str, list[dict]]] = {k: {m: [] for m in NAMES} for k in workers}
         for r in range(args.rounds):
             order = ("base", "ours") if r % 2 == 0 else ("ours", "base")  # A B, B A, ...: drift hits both alike
-            for name in ("distill", "poe", "standard"):
+            for name in NAMES:
                 for label in order:
                     samples[label][name].append(workers[label].time(name))
     finally:
         for w in workers.values():
             w.close()
     med = lambda label, m, field: float(np.median([x[field] for x in samples[label][m]]))
-    keys = dict(zip(("distill", "poe", "standard"), MEASURES))
+    keys = dict(zip(NAMES, MEASURES))
     report = {"base": str(pathlib.Path(args.base).resolve()), "ours": str(ours), "rounds": args.rounds, "config": args.config}
     for m, key in keys.items():
         base, mine = med("base", m, "per_s"), med("ours", m, "per_s")
@@ -152,7 +166,7 @@ def format_report(r: dict) -> str:
     lines = [f"speed_compare: {r['ours']} (ours) vs {r['base']} (base), config {r['config']}, medians of {r['rounds']} "
              "alternating rounds"]
     units = {"distill_steps_per_s": "distillation steps/s (all seeds)", "poe_decode_tokens_per_s": "PoE decode tokens/s",
-             "standard_decode_tokens_per_s": "standard decode tokens/s"}
+             "standard_decode_tokens_per_s": "standard decode tokens/s", "teacher_train_steps_per_s": "teacher train steps/s"}
     for key, label in units.items():
         m = r[key]
         lines.append(f"  {label:34s} base {m['base']:>10,.2f}  ours {m['ours']:>10,.2f}  -> {m['ratio']:.2f}x  "
