@@ -299,8 +299,11 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
         logp_btv = _student_logp(graphdef, params, batch["tokens_bt"])
         return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging), {"ess_fraction": jnp.float32(1.0)}
 
+    reverse_only = recipe is None or not recipe.weighted  # weighted recipes take example values with jax.jvp
+
     def step(tp, opt_state, base, batch, beta, heldout, proxy_params, gamma):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tp, base, batch, beta, heldout, proxy_params, gamma)
+        with tfm.reverse_mode_only(reverse_only):  # attention's hand-written backward where nothing needs jvp
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tp, base, batch, beta, heldout, proxy_params, gamma)
         updates, opt_state = tx.update(grads, opt_state, tp)
         return optax.apply_updates(tp, updates), opt_state, loss, aux
 

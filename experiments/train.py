@@ -121,9 +121,10 @@ def make_train_step(graphdef, tx, state_shardings: dict, mesh: Mesh):
     batch_sh = {"tokens_bt": shd.batch_sharding(mesh), "loss_mask_bt": shd.batch_sharding(mesh)}
 
     def train_step(state, batch):
-        loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
-            graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
-        )
+        with tfm.reverse_mode_only():  # a plain gradient: attention's hand-written backward
+            loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
+                graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
+            )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
