@@ -99,7 +99,7 @@ def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: 
         jax.block_until_ready(fns[name]())
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         work = {"distill": distill_steps, "train": train_steps}.get(name, len(problems) * new_tokens)
-        print(json.dumps({"name": name, "seconds": seconds, "per_s": work / seconds, "per_cpu_s": work / cpu}), flush=True)
+        print(json.dumps({"name": name, "seconds": seconds, "per_s": work / seconds, "per_cpu_s": work / cpu}, allow_nan=False), flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     report = compare(args)
     print(format_report(report))
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
     return 0
 
 
