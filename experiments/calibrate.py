@@ -28,7 +28,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from experiments import io as rio
 from experiments import retokenize as retok
@@ -37,7 +36,10 @@ from experiments.config import Config, to_dict
 from experiments.distributed import is_main_process
 from experiments.equilibrium import EquilibriumSweep, make_game, setting_for, solver_setup
 from experiments.evaluate import correct_mask, decode_problems
-from experiments.protocol import distil, ensure_models, fingerprint, mean_stderr, save_json
+from experiments.io import fingerprint, save_json
+from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
+from experiments.protocol import distil, ensure_models
+from experiments.stats import mean_stderr
 from game import solver as sv
 from game.poe_game import masked_nll
 from models import transformer as tfm
@@ -116,7 +118,7 @@ class Calibration:
                           g=list(self.ec.calibration_gammas), s=seeds, n=self.ec.n_eval, c=self.ec.capability)
         path = self.dir / f"measured-{key}.json"
         if path.exists():
-            return {k: np.asarray(v) for k, v in rio.load_json(path).items()}
+            return {k: np.asarray(v, float) for k, v in rio.load_json(path).items()}  # null (a NaN written) -> NaN
         test_problems = self.protocol.task.problems("test", self.cfg.seed)
         spec, gd = models["student"].spec, models["student"].graphdef
         nll_of = jax.jit(jax.vmap(lambda p: masked_nll(lambda th, t: tfm.forward(gd, th, t)[0], p,

@@ -1,20 +1,8 @@
-"""`distgame`: the command-line entry point.
-
-    distgame train --role teacher --config default [key=value ...] [--json]
-    distgame bench --config default [--compare-hf] [--json]
-    distgame protocol --config default [--seeds N] [--json]
-    distgame equilibrium --config default [--json]
-    distgame calibrate --config default [--json]          # the game's J(γ) vs the protocol's students
-    distgame run --config default                        # what `make run` does
-    distgame config --config default [key=value ...]     # the resolved, documented config
-    distgame compile-check --config tpu_v5e8 --topology v5e:2x4   # compile for a TPU slice, no TPU needed
-    distgame launch ACTION ...                           # Cloud TPU launcher (python -m launch.tpu)
-"""
+"""`distgame`: the command-line entry point: runs the command that experiments.cli_args parsed (usage there).
+A user's mistake is one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import pathlib
@@ -22,6 +10,7 @@ import sys
 
 from experiments import io as rio
 from experiments import preemption
+from experiments.cli_args import parse_args
 from experiments.config import ROLES, ConfigError, describe, load_config
 from experiments.distributed import CoordinatorError, initialize_distributed, is_main_process, keep_off_absent_tpu
 from experiments.tasks.registry import TaskError
@@ -31,42 +20,6 @@ from models.checkpoint import CheckpointError
 from models.hf_loader import HFLoadError
 
 USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError, CoordinatorError, HFLoadError)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="default", help="built-in config name (experiments/configs/NAME.yaml) or a path")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. teacher.train.steps=100")
-    p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distgame", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train (or resume) one role's model")
-    train.add_argument("--role", required=True, choices=ROLES)
-    _common(train)
-    bench = sub.add_parser("bench", help="train-step, decode, PoE and distillation throughput, FLOPs and utilisation")
-    bench.add_argument("--compare-hf", action="store_true",
-                       help="also time the same shapes in PyTorch + transformers (the test extra), alternating, and report the ratios")
-    _common(bench)
-    protocol = sub.add_parser("protocol", help="defended traces, passive/adaptive students, results table")
-    protocol.add_argument("--seeds", type=int, default=None, help="override protocol.seeds")
-    _common(protocol)
-    equilibrium = sub.add_parser("equilibrium", help="solve the PoE game for budgets x student tilts, with empirical checks")
-    _common(equilibrium)
-    calibrate = sub.add_parser("calibrate", help="the game's predicted J(gamma) vs the protocol's measured passive students")
-    _common(calibrate)
-    run = sub.add_parser("run", help="the main job: train what is missing, protocol, equilibrium sweep, one run directory")
-    _common(run)
-    show = sub.add_parser("config", help="print the resolved config with the documentation of every field")
-    _common(show)
-    check = sub.add_parser("compile-check", help="compile the sharded train step for a TPU topology (needs .[tpu]) and report memory per device")
-    check.add_argument("--topology", required=True, help="TPU topology (v5e:2x4) or accelerator type (v5litepod-8, v4-32); 'local' = this machine's devices")
-    check.add_argument("--role", choices=ROLES, action="append", help="role(s) to compile (default: all three)")
-    _common(check)
-    sub.add_parser("launch", add_help=False, help="Cloud TPU launcher: create, install, run, logs, fetch, delete, job (distgame launch ACTION --help)")
-    return parser
 
 
 def _train(args, cfg) -> dict:
@@ -160,18 +113,6 @@ def enable_compilation_cache() -> str | None:
     return path
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Options and key=value overrides in any order (argparse alone stops collecting the
-    overrides at the first option after them)."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = [*args.overrides, *extra]
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # the launcher has its own parser; everything after `launch` is its
@@ -197,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, SolverDivergedError) as e:
         print(f"distgame {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a training or distillation loss became NaN/inf: the message names role, step, quantity
+        kept = "checkpoints of earlier steps are kept" if args.command == "train" else "finished stages are kept"
+        print(f"distgame {args.command}: diverged: {e} ({kept})", file=sys.stderr)
+        return 2
     except preemption.Preempted as e:
         print(f"distgame {args.command}: {e}; re-run the same command to resume", file=sys.stderr)
         return 0
@@ -204,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distgame {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     if args.json and is_main_process():
-        print(json.dumps(summary))
+        print(rio.to_json(summary))
     return 0
 
 

@@ -170,7 +170,7 @@ class DefenseSetting:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """How the attacker distils its base model on the teacher's traces."""
+    """How the attacker distills its base model on the teacher's traces."""
 
     steps: int = _help("optimizer steps per student", 200)
     batch_size: int = _help("traces per step", 64)
@@ -288,7 +288,7 @@ class EquilibriumConfig:
     heldout_batch: int = _help("the adaptive student's held-out examples per resample (its g_S)", 16)
     n_eval: int = _help("reference solutions of test prompts in J (student capability loss)", 128)
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
-    empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distil real students (protocol.distill)", True)
+    empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distill real students (protocol.distill)", True)
     check_seeds: int = _help("seeds of the empirical check", 1)
     horizon: int = _help("student steps in the teacher's objective with solver.unroll_from='base' (0 = protocol.distill.steps, with the protocol's optimizer)", 0)
     horizon_batch: int = _help("prefixes per unrolled step, drawn from the pool in a fixed order (0 = protocol.distill.batch_size)", 0)
@@ -492,9 +492,11 @@ def config_path(name: str) -> pathlib.Path:
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     path = config_path(name)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:  # an empty (or comments-only) file would silently run every default
+        raise ConfigError(f"config file {str(path)!r} is empty: give it at least one setting, or use --config default")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must contain a mapping")
     data.setdefault("name", path.stem)

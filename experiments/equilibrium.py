@@ -2,7 +2,7 @@
 utility budgets δ (vectorised with vmap) and student tilts β_s, then check each
 equilibrium γ* empirically (PoE traces, distilled students, real accuracies).
 
-The game (DESIGN.md, "The differentiable game", assembled in game/poe_game.py from the
+The game (docs/design.md, "The differentiable game", assembled in game/poe_game.py from the
 student's forward function), wired to real models:
 - student batch: a pool of prefixes sampled from PoE(γ) at the current γ of each state
   (budget × start), fresh problems every `resample_every` iterations, with the teacher's
@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from experiments import io as rio
 from experiments import preemption
@@ -40,7 +39,10 @@ from experiments import retokenize as retok
 from experiments.config import Config, DefenseSetting, to_dict
 from experiments.distributed import is_main_process
 from experiments.plots import plot_equilibrium
-from experiments.protocol import Protocol, ensure_models, mean_stderr, pm, save_json
+from experiments.io import save_json
+from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
+from experiments.protocol import Protocol, ensure_models
+from experiments.stats import mean_stderr, pm
 from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.tasks.arithmetic import encode_problems
 from game import defenses as dfn

@@ -10,8 +10,11 @@ object or the whole new one), so no rename (a copy + delete on GCS) is needed. `
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -85,12 +88,36 @@ def makedirs(p: PathLike) -> epath.Path:
     return out
 
 
+def strict(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, ±inf) replaced by None, recursively through dicts, lists and
+    tuples. Strict JSON has no NaN or Infinity (jq, JavaScript and most parsers reject Python's `NaN`), so a
+    standard error of one seed (NaN in memory) is written as `null`, as JavaScript's JSON.stringify does."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, **kwargs) -> str:
+    """`obj` as strict JSON text (non-finite floats -> null); every JSON the project writes goes through here."""
+    return json.dumps(strict(obj), allow_nan=False, **kwargs)
+
+
 def save_json(target: PathLike, obj: Any) -> None:
-    write_text(target, json.dumps(obj, indent=2))
+    write_text(target, to_json(obj, indent=2))
 
 
 def load_json(source: PathLike) -> Any:
     return json.loads(read_text(source))
+
+
+def fingerprint(**parts: Any) -> str:
+    """A short stable hash of the settings a stage file depends on (part of its name: changed settings, new file)."""
+    blob = json.dumps(parts, sort_keys=True, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
 def save_npz(target: PathLike, **arrays) -> None:
@@ -131,7 +158,7 @@ class JsonlLog:
             self.file = open(os.fspath(self.target), "a" if append else "w")
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
+        line = to_json(record) + "\n"
         if self.file is not None:
             self.file.write(line)
         else:

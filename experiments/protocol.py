@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import time
 from typing import Any
 
@@ -30,17 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from experiments import attacker
 from experiments import io as rio
 from experiments import retokenize as retok
 from experiments.chunked import padded, mean_nll_grad, row_chunks, seed_rows_sharded
-from experiments.io import atomic_write, save_json, save_npz  # noqa: F401  (re-exported: calibrate, equilibrium, run)
+from experiments.io import fingerprint, save_json, save_npz
+from experiments.stats import mean_stderr, pm
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
 from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
+from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
 from experiments.tasks.registry import Task, build_task, encode_truncated
 from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
@@ -50,22 +49,6 @@ from models import hf_loader, lora
 from models import sharding as shd
 from models import transformer as tfm
 from models.sampling import ExpertSpec, generate
-
-# ---------------------------------------------------------------------------
-# Stage outputs (written atomically through experiments.io: local or gs://)
-# ---------------------------------------------------------------------------
-
-
-def fingerprint(**parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def mean_stderr(values) -> dict:
-    v = np.asarray(values, float)
-    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return {"mean": float(v.mean()), "stderr": se, "values": [float(x) for x in v]}
-
 
 # ---------------------------------------------------------------------------
 # Models
@@ -316,8 +299,11 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
         logp_btv = _student_logp(graphdef, params, batch["tokens_bt"])
         return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging), {"ess_fraction": jnp.float32(1.0)}
 
+    reverse_only = recipe is None or not recipe.weighted  # weighted recipes take example values with jax.jvp
+
     def step(tp, opt_state, base, batch, beta, heldout, proxy_params, gamma):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tp, base, batch, beta, heldout, proxy_params, gamma)
+        with tfm.reverse_mode_only(reverse_only):  # attention's hand-written backward where nothing needs jvp
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tp, base, batch, beta, heldout, proxy_params, gamma)
         updates, opt_state = tx.update(grads, opt_state, tp)
         return optax.apply_updates(tp, updates), opt_state, loss, aux
 
@@ -540,7 +526,7 @@ class Protocol:
         stats: dict = {}
         params = distil(
             models["student"], train, heldout, dc, "passive" if kind == "correct_only" else kind, beta, self.seeds,
-            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distil {attacker.kind_label(kind)} on {d.label}",
+            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distill {attacker.kind_label(kind)} on {d.label}",
             snapshots=snapshots, stats=stats,
         )
         test_problems = self.task.problems("test", self.cfg.seed)
@@ -718,15 +704,6 @@ def headline(results: dict) -> dict:
 # ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
-
-
-def pm(stat: dict | None, signed: bool = False) -> str:
-    """A fraction as percent (points when `signed`) ± its standard error."""
-    if not stat:
-        return "–"
-    se = stat["stderr"]
-    mean = f"{100 * stat['mean']:+.1f}" if signed else f"{100 * stat['mean']:.1f}"
-    return mean + ("" if not np.isfinite(se) else f" ± {100 * se:.1f}")
 
 
 TEXT_COLUMNS = {"valid": "valid reasoning (%)", "checks": "checks/trace", "fused": "fused lines/trace", "times": "× lines/trace"}

@@ -12,13 +12,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from experiments import io as rio
 from experiments import preemption
 from experiments.config import Config, ConfigError, RoleConfig, TrainConfig
 from experiments.distributed import is_main_process
 from experiments.evaluate import single_model_accuracy
+from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.tasks.batches import RowSource, local_batch
 from experiments.tasks.registry import Task, build_task
 from models import hf_loader
@@ -121,9 +121,10 @@ def make_train_step(graphdef, tx, state_shardings: dict, mesh: Mesh):
     batch_sh = {"tokens_bt": shd.batch_sharding(mesh), "loss_mask_bt": shd.batch_sharding(mesh)}
 
     def train_step(state, batch):
-        loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
-            graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
-        )
+        with tfm.reverse_mode_only():  # a plain gradient: attention's hand-written backward
+            loss, grads = jax.value_and_grad(masked_nll, argnums=1)(
+                graphdef, state["params"], batch["tokens_bt"], batch["loss_mask_bt"]
+            )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}

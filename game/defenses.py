@@ -23,7 +23,7 @@ Two layers:
   Their numeric fields must therefore be python numbers; to trace a strength
   (e.g. a hypergradient in γ) call the pure functions instead.
 
-Conventions (DESIGN.md, "Conventions that must hold everywhere"):
+Conventions (docs/design.md, "The example value", "Defenses", "Students"):
 
 * PoE(γ):  ``log p_γ = log_softmax(((1-γ) z_T + γ z_P) / τ)``, γ ∈ [0, 1).
   At τ=1 this is ``p_T · exp(-γ (log p_T - log p_P))`` renormalised.
@@ -34,7 +34,7 @@ Conventions (DESIGN.md, "Conventions that must hold everywhere"):
   marks tokens that the loss-increasing direction favours. For a student
   trained on token v (loss ``-log p(v)``) the example value is
   ``⟨∇(-log p(v)), g⟩ = -Δ(v)``, so ADS is ``p_T · exp(-λ · value)``: the
-  DESIGN's teacher suppression.
+  teacher suppression of docs/design.md.
 * Strategic teacher: ``γ_t = clip(γ · exp(η s_t), 0, γ_max)`` with ``s_t`` the
   running sum, over the tokens already emitted in that sequence, of
   ``log p_T(y) - log p_P(y)``. Choice: these log-probs are τ=1 log-softmaxes

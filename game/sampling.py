@@ -45,7 +45,7 @@ ESTIMATORS = ("score", "soft")
 
 
 def poe_logprobs(z_teacher_btv, z_proxy_btv, gamma, tau: float = 1.0):
-    """log p_γ = log_softmax(((1 − γ) z_T + γ z_P) / τ) (DESIGN.md, PoE(γ))."""
+    """log p_γ = log_softmax(((1 − γ) z_T + γ z_P) / τ) (docs/design.md, "Defenses": PoE(γ))."""
     return jax.nn.log_softmax(((1.0 - gamma) * z_teacher_btv + gamma * z_proxy_btv) / tau, axis=-1)
 
 

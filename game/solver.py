@@ -1,6 +1,6 @@
 """Alternating / simultaneous / optimistic gradient descent-ascent for the PoE game.
 
-The game (DESIGN.md, "The differentiable game") has three players:
+The game (docs/design.md, "The differentiable game") has three players:
 
 - the **student** θ (any pytree) descends the distillation loss `L_D(θ; γ)`;
 - the **teacher** chooses the PoE weight γ ∈ [0, γ_max] and ascends the Lagrangian

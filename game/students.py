@@ -1,6 +1,6 @@
 """Students: example values, passive/adaptive weighting, losses and attacks.
 
-Conventions (DESIGN.md, "Conventions that must hold everywhere"):
+Conventions (docs/design.md, "The example value", "Defenses", "Students"):
 
 * ``ℓ_i(θ) = -mean_t log q_θ(y_i,t | x_i, y_i,<t)``, the per-example NLL.
 * ``g = ∇_θ L_ho(θ)``, the gradient of a held-out NLL.
@@ -140,7 +140,7 @@ def example_values_reference_code_compat(
 
     ``(ℓ_b(θ - εg) - ℓ_b(θ + εg)) / (2ε)`` with params, g and the shift in
     ``dtype`` (bfloat16 there). NOTE THE SIGN: this is ``-v_b``, the NEGATIVE
-    of the DESIGN convention (``example_values``), and in bf16 most values
+    of the design convention (``example_values``, docs/design.md), and in bf16 most values
     round to a few distinct numbers. Use it only to reproduce that code's
     behaviour, never as the example value.
     """
@@ -411,7 +411,7 @@ class Recipe:
     """How an attacker turns its examples into a weighted distillation loss.
 
     Each switch is independent, so a gap between two students can be pinned on
-    one ingredient (DESIGN.md: weights and averaging are separate switches).
+    one ingredient (docs/design.md, "Students": weights and averaging are separate switches).
 
     * ``weighting``: ``"none"`` (passive: every example weight 1), ``"exp"``
       (``w ∝ exp(β a)``, normalised to mean 1, capped at ``max_weight``) or

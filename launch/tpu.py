@@ -74,7 +74,7 @@ def build_parser(prog: str = "python -m launch.tpu") -> argparse.ArgumentParser:
 
 def parse_distgame_args(args: list[str]):
     """Validate the distgame command with distgame's own parser and load its config (one-line errors)."""
-    from experiments.cli import parse_args as parse_distgame
+    from experiments.cli_args import parse_args as parse_distgame
 
     if not args:
         raise LaunchError("give the distgame command after '--', e.g. -- protocol --config tpu_v5e8")

@@ -30,7 +30,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -
     for name, t in tensors.items():
         header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
-    raw = json.dumps(header).encode()
+    raw = json.dumps(header, allow_nan=False).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
     with epath.Path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
@@ -112,7 +112,7 @@ def export_hf(
     elif cfg.scale_tied_logits:
         tensors["lm_head.weight"] = embed * cfg.d_model**-0.5
     write_safetensors(directory / "model.safetensors", {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()})
-    (directory / "config.json").write_text(json.dumps(hf, indent=2))
+    (directory / "config.json").write_text(json.dumps(hf, indent=2, allow_nan=False))
     if tokenizer_json is not None:
         (directory / "tokenizer.json").write_text(tokenizer_json)
     return directory

@@ -426,7 +426,7 @@ def save_converted(loaded: LoadedModel, directory: str | os.PathLike, source: st
     (directory / "tokenizer.json").write_text(loaded.tokenizer.to_str())
     # Written last: its presence marks a complete conversion.
     meta = {"model": dataclasses.asdict(loaded.cfg), "vocab_size": loaded.vocab_size, "source": source}
-    (directory / "model.json").write_text(json.dumps(meta, indent=2))
+    (directory / "model.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
 
 
 def restore_converted(directory: str | os.PathLike, mesh, rules: dict[str, str | None] = shd.DEFAULT_RULES) -> LoadedModel:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.attention import attend, reverse_mode_only  # noqa: F401  (reverse_mode_only: tfm.reverse_mode_only)
+
 Params = dict[str, Any]
 Cache = dict[str, dict[str, jax.Array]]
 
@@ -159,10 +161,23 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
+def _rotary_tables(positions_bt, inv_freq_h: np.ndarray):
+    """sin and cos of the rotary angles, [B, T, 1, H/2] (float32)."""
+    angle_bth = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h)
+    return jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
+
+
 def rotary(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq_h: np.ndarray) -> jax.Array:
     """Rotate-half rotary embedding (HF Llama/Qwen layout) at absolute `positions_bt` (float32 angles)."""
-    angle_bth = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h)
-    sin, cos = jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
+    if isinstance(positions_bt, np.ndarray):
+        # Static positions (a full-sequence forward): the sin/cos tables become constants, computed once by the
+        # same XLA ops. Traced, XLA:CPU fuses them into their consumers and evaluates sin and cos once per
+        # (head, feature) element of q and k, in the forward and again in the backward.
+        with jax.ensure_compile_time_eval():
+            sin, cos = _rotary_tables(jnp.asarray(positions_bt), inv_freq_h)
+        sin, cos = np.asarray(sin), np.asarray(cos)
+    else:
+        sin, cos = _rotary_tables(positions_bt, inv_freq_h)
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
 
@@ -193,7 +208,6 @@ class Attention(nnx.Module):
         k_btkh = rotary(self._project(x_btd, "wk_dkh", "bk_kh"), positions_bt, inv_freq_h)
         v_btkh = self._project(x_btd, "wv_dkh", "bv_kh")
         b, t, n, h = q_btnh.shape
-        kv = cfg.n_kv_heads
         # Keys/values live head-major ([B, K, S, H], the cache's layout): the score and value matmuls
         # then batch over (b, k) with their operands in place, and a decode step reads the cache
         # without transposing all of it.
@@ -202,12 +216,8 @@ class Attention(nnx.Module):
             k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), cache_index, 2)
             v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), cache_index, 2)
             cache = {"k": k_bksh, "v": v_bksh}
-        q_bkgth = q_btnh.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh.astype(dt)).astype(jnp.float32) * h**-0.5
-        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out_btnh = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh.astype(dt)).reshape(b, t, n, h)
-        return rows_matmul(out_btnh.reshape(b, t, n * h), self.wo_nhd[...].astype(dt).reshape(n * h, -1)), cache
+        return rows_matmul(attend(q_btnh, k_bksh.astype(dt), v_bksh.astype(dt), mask_bts).reshape(b, t, n * h),
+                           self.wo_nhd[...].astype(dt).reshape(n * h, -1)), cache
 
 
 class SwiGLU(nnx.Module):
@@ -312,10 +322,12 @@ def causal_mask(valid_bt: jax.Array) -> jax.Array:
 
 def forward(graphdef, params: Params, tokens_bt, positions_bt=None, mask_bts=None, cache=None, cache_index=0):
     """Logits [B, T, V] (float32) and the updated cache (None without one)."""
+    # Without positions or mask (a full-sequence forward), both are static numpy constants of batch 1 that
+    # broadcast over the rows: XLA then folds the rotary tables and the causal mask instead of recomputing them.
     if positions_bt is None:
-        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        positions_bt = np.arange(tokens_bt.shape[1])[None, :]
     if mask_bts is None:
-        mask_bts = causal_mask(jnp.ones(tokens_bt.shape, bool))
+        mask_bts = np.tril(np.ones((tokens_bt.shape[1],) * 2, bool))[None]
     model = nnx.merge(graphdef, params)
     return model(tokens_bt, positions_bt, mask_bts, cache, cache_index)
 

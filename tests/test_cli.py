@@ -126,7 +126,7 @@ def test_every_builtin_config_loads():
 
 
 def test_options_and_overrides_in_any_order():
-    from experiments.cli import parse_args
+    from experiments.cli_args import parse_args
 
     args = parse_args(["protocol", "a.b=1", "--no-progress", "c=2", "--config", "ci", "a.b=3"])
     assert args.overrides == ["a.b=1", "c=2", "a.b=3"] and args.no_progress and args.config == "ci"

@@ -264,7 +264,7 @@ def test_ads_favours_tokens_that_raise_proxy_heldout_loss(proxy):
 
 
 def test_ads_is_suppression_by_example_value(proxy):
-    """DESIGN: p_def ∝ p_T · exp(-λ · value); for a one-token example v the
+    """docs/design.md: p_def ∝ p_T · exp(-λ · value); for a one-token example v the
     value ⟨∇(-log p_P(v)), g⟩ (game.students.example_values) equals -Δ(v)."""
     params, g, x, *_ = proxy
     z, dz = _tangent_expert(params, g, x)

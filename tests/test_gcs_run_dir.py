@@ -17,7 +17,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from experiments import io as rio
 from experiments.calibration_plot import plot_calibration
-from experiments.protocol import add_paired_deltas, headline, mean_stderr, results_markdown, write_results
+from experiments.protocol import add_paired_deltas, headline, results_markdown, write_results
+from experiments.stats import mean_stderr
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,12 +10,20 @@ import subprocess
 import sys
 
 import pytest
+from waiting import communicate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multihost_worker.py"
+CPU_BUDGET_S = 1200.0
+"""A hung collective fails the test instead of hanging CI: tests/waiting.py tells a hang (the processes stop
+using the CPU) from a slow run on a loaded machine, whatever the wall-clock time. This budget only catches a
+runaway: the processes of one test use 43 (training) and 99 (protocol) CPU-seconds together, measured on the
+2-core dev machine under load (59 s and 124 s of wall-clock time there)."""
+JOIN_S = 600
+"""distributed.initialization_timeout: how long a process waits for its peers to join. A peer that never joins
+is caught sooner by the hang check (the waiting processes sleep); this only has to outlast a slow start."""
 OVERRIDES = ["proxy.train.steps=4", "proxy.train.log_every=1", "sample.max_new_tokens=8", "sample.batch_size=16",
-             "task.n_test=16", "distributed.initialization_timeout=60"]
-TIMEOUT = 150  # a hung collective fails the test instead of hanging CI
+             "task.n_test=16", f"distributed.initialization_timeout={JOIN_S}"]
 
 
 def free_port() -> int:
@@ -38,16 +46,9 @@ def _start(run_dir, env) -> subprocess.Popen:
 
 def _finish(procs: list[subprocess.Popen]) -> list[dict]:
     outputs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            assert p.returncode == 0, err[-3000:]
-            outputs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    for p, (out, err) in zip(procs, communicate(procs, CPU_BUDGET_S)):
+        assert p.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
     return outputs
 
 
@@ -91,11 +92,12 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
 def test_coordinator_that_never_answers_is_one_line(tmp_path):
     port = free_port()  # nothing listens there
     env = _env(1, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2", DISTGAME_PROCESS_ID="1")
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", "train", "--role", "proxy", "--config", "ci",
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "train", "--role", "proxy", "--config", "ci",
                              f"run_dir={tmp_path}", "distributed.initialization_timeout=2", "--no-progress"],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [(_, err)] = communicate([proc], cpu_budget_s=120)
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and f"coordinator 127.0.0.1:{port} did not answer within 2s" in lines[0], lines
     assert not (tmp_path / "proxy").exists()
 
@@ -137,22 +139,15 @@ def test_protocol_on_two_processes_writes_results_once(tmp_path):
     port = free_port()
     overrides = ["protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]", "protocol.distill.attacks=[]",
                  "protocol.distill.betas=[1.0]", "protocol.distill.steps=5", "protocol.seeds=2",
-                 "distributed.initialization_timeout=60"]
+                 f"distributed.initialization_timeout={JOIN_S}"]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "experiments.cli", "protocol", "--config", "ci", "--no-progress", f"run_dir={tmp_path}", *overrides],
         env=_env(4, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2", DISTGAME_PROCESS_ID=str(i)),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            assert p.returncode == 0, err[-3000:]
-            outs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    for p, (out, err) in zip(procs, communicate(procs, CPU_BUDGET_S)):
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out)
     assert "# Results" in outs[0] and "# Results" not in outs[1]
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["label"] for r in results["rows"]] == ["standard", "poe γ=0.5"]

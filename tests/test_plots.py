@@ -216,7 +216,8 @@ def test_equilibrium_nan_and_missing(tmp_path):
 def test_paired_deltas_cancel_the_seed_spread():
     """Δ vs standard is taken seed by seed: a defense that costs every seed exactly 3 points has
     Δ = -3.0 ± 0.0 although each row's own ± (spread over seeds) is large."""
-    from experiments.protocol import add_paired_deltas, mean_stderr, results_markdown
+    from experiments.protocol import add_paired_deltas, results_markdown
+    from experiments.stats import mean_stderr
 
     def row(label, defense, teacher, passive):
         return {"label": label, "defense": defense, "teacher_accuracy": mean_stderr(teacher),

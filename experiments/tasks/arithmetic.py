@@ -41,14 +41,23 @@ import operator
 import random
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from experiments.fields import documented as _help
 
-if TYPE_CHECKING:
-    from experiments.tasks.tokenizer import Tokenizer
+
+class Encoder(Protocol):
+    """What encoding a problem needs of a tokenizer: experiments.tasks.tokenizer.Tokenizer is one. Named
+    here instead of imported, since that tokenizer's vocabulary is built from this module's words."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
 
 # --- the word-problem language ----------------------------------------------
 
@@ -336,7 +345,7 @@ def is_correct(text: str, answer: int) -> bool:
 
 def encode_problems(
     problems: Sequence[Problem],
-    tokenizer: "Tokenizer",
+    tokenizer: Encoder,
     max_len: int,
     *,
     with_solution: bool = True,
@@ -395,7 +404,7 @@ def encode_problems(
 
 def encode_prompts(
     problems: Sequence[Problem],
-    tokenizer: "Tokenizer",
+    tokenizer: Encoder,
     max_prompt_len: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded sampling prompts.

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from experiments.tasks.arithmetic import vocabulary_words
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS)
 DIGITS: tuple[str, ...] = tuple("0123456789")
@@ -137,6 +139,4 @@ class Tokenizer:
 
 def build_tokenizer() -> Tokenizer:
     """The tokenizer of the built-in arithmetic task (vocabulary < 128 tokens)."""
-    from experiments.tasks.arithmetic import vocabulary_words  # local: avoids an import cycle
-
     return Tokenizer(vocabulary_words())
