@@ -28,9 +28,10 @@ Styles (:data:`STYLES`, a role picks one with ``train.style``):
   teacher); PoE mixes its habit into the teacher's texts. Spelling out never changes the answer and
   the teacher adds two-digit numbers reliably, so it stays right. Students trained on reference
   texts (2 seeds, 800 steps) reach 56% with no multiplication spelled out and 42% with every one
-  spelled out; students distilled from the teacher do not show that gap (see the README);
+  spelled out (old world, spell 0.3 teacher); under PoE the correct-only students of the default lose 3-5 points
+  (see the README);
 - ``careful`` (checks every line it can), ``terse`` (fuses most add/subtract chains; fused lines
-  are hard even for the teacher: 34 of 40 wrong at τ=0.8) and ``canonical`` (the arithmetic task's
+  are hard even for the teacher: 24 of 28 wrong at τ=0.85, top-p 0.9) and ``canonical`` (the arithmetic task's
   one text), for experiments.
 """
 
