@@ -193,6 +193,10 @@ class DistillConfig:
         "learning curve of the passive student under standard decoding: accuracy after these multiples of `steps` "
         "(one run to the largest; must include 1 and needs schedule='constant'); the plateau check is acc(2x) - acc(1x). "
         "[] = off", (0.25, 0.5, 1.0, 2.0))
+    ema: float = _help(
+        "students are evaluated at the exponential moving average of their iterates with this decay (bias-corrected, "
+        "horizon ~1/(1-ema) steps): at a constant lr the last iterate wanders by several points from seed to seed; "
+        "0 = the last iterate", 0.0)
     correct_pool: int = _help(
         "learnability control: a passive student per defense trained only on that defense's correct traces, exactly "
         "this many per seed (the same count for every defense, so only which correct texts differ); 0 = off", 0)
@@ -253,6 +257,8 @@ class ProtocolConfig:
             raise ConfigError(f"protocol.distill.schedule={dc.schedule!r} must be 'constant' or 'cosine'")
         if dc.curve and (1.0 not in dc.curve or min(dc.curve) <= 0):
             raise ConfigError(f"protocol.distill.curve={list(dc.curve)} must be positive multiples of steps including 1")
+        if not 0.0 <= dc.ema < 1.0:
+            raise ConfigError(f"protocol.distill.ema={dc.ema} must be in [0, 1) (0 = evaluate the last iterate)")
         if dc.curve and dc.schedule != "constant":
             raise ConfigError("protocol.distill.curve needs protocol.distill.schedule='constant' (with 'cosine' the first N "
                               "steps of a longer run are not an N-step run); set protocol.distill.curve=[] or the schedule")

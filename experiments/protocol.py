@@ -37,6 +37,7 @@ from experiments.io import fingerprint, save_json, save_npz
 from experiments.stats import mean_stderr, pm
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
+from experiments.iterate_average import IterateAverage
 from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
@@ -360,6 +361,8 @@ def distil(
     kept = {}
     feeder = attacker.RecipeFeeder(base, dc, kind, traces, heldout, seeds)
     ess = 0.0
+    average = IterateAverage(dc.ema, trained)
+    first_bad = jnp.full((seeds,), -1, jnp.int32)  # per seed, the first step whose loss was not finite
     bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
     for i in bar:
         idx = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
@@ -370,14 +373,24 @@ def distil(
         batch, held = seed_rows_sharded(batch, mesh), seed_rows_sharded(held, mesh)
         trained, opt_state, loss, aux = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
         ess = ess + aux["ess_fraction"]
+        first_bad = _first_bad(first_bad, loss, i)
+        average.update(trained)
         if i + 1 in snapshots:  # a copy: the next step donates `trained`
-            kept[i + 1] = jax.tree.map(jnp.copy, merged(trained))
+            kept[i + 1] = jax.tree.map(jnp.copy, merged(average.value(trained)))
     if stats is not None:
         stats["ess_fraction"] = (np.asarray(shd.to_host(ess) if isinstance(ess, jax.Array) else ess) / total).tolist()
-    loss = shd.to_host(loss)
-    if not np.all(np.isfinite(loss)):
-        raise FloatingPointError(f"{desc}: distillation loss became {loss}; lower protocol.distill.lr")
-    return [kept[n] for n in snapshots] if snapshots else merged(trained)
+    first_bad = shd.to_host(first_bad)
+    if np.any(first_bad >= 0):
+        s = int(np.argmax(first_bad >= 0))
+        raise FloatingPointError(f"{desc}: the distillation loss of seed {s} stopped being finite at step {first_bad[s] + 1} "
+                                 f"of {total}; lower protocol.distill.lr (now {dc.lr:g})")
+    return [kept[n] for n in snapshots] if snapshots else merged(average.value(trained))
+
+
+@jax.jit
+def _first_bad(first_bad_s, loss_s, i):
+    return jnp.where((first_bad_s < 0) & ~jnp.isfinite(loss_s), i, first_bad_s)
+
 
 
 # ---------------------------------------------------------------------------

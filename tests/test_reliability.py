@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,9 @@ def test_diverging_distillation_is_one_line_exit_2(tmp_path):
                       "protocol.distill.attacks=[]", "protocol.seeds=1", "protocol.distill.lr=1e12", "--no-progress")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "diverged: distill passive on standard: distillation loss became [nan]" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert re.search(r"diverged: distill passive on standard: the distillation loss of seed 0 stopped being finite "
+                     r"at step \d+ of \d+; lower protocol.distill.lr", lines[0]), lines
     assert (tmp_path / "student" / "checkpoints").is_dir()  # the models trained before it are kept
 
 
