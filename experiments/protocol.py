@@ -525,7 +525,7 @@ class Protocol:
         # Recipe kinds are keyed by their resolved recipe, so attacker settings invalidate only the students they change.
         dc_key = dataclasses.replace(dc, betas=(), attacks=(), attack_defenses=(), attacker=attacker.AttackerConfig(),
                                      curve=dc.curve if with_curve else (), correct_pool=dc.correct_pool if kind == "correct_only" else 0)
-        path = self.dir / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, defenses=()))}.json"
+        path = self.dir / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.json"
         if path.exists():
             return rio.load_json(path)
         train = retok.student_rows(traces)  # the teacher's rows, or their re-encoding for a student with its own tokenizer
