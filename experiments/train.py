@@ -197,7 +197,7 @@ class Trainer:
         write the (collective) checkpoints. On SIGTERM: save at the current step, raise Preempted."""
         start = time.perf_counter()
         main = is_main_process()
-        ckpt = Checkpointer(self.ckpt_dir, keep=self.tc.keep_checkpoints)
+        ckpt = Checkpointer(self.ckpt_dir, keep=self.tc.keep_checkpoints, label=self.role)
         step = 0
         if ckpt.latest_step() is not None:
             self.state, _ = ckpt.restore(abstract_like(self.state))
