@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+from typing import Any, Callable
 
 from etils import epath
-from typing import Any, Callable
 
 from experiments import preemption
 from game import solver as sv
