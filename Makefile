@@ -15,7 +15,7 @@ $(BIN)/distgame: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-# Plus the `test` extra: pytest, transformers + CPU torch (HF parity), libtpu (TPU compile-check).
+# Plus the `test` extra: pytest, ruff, transformers + CPU torch (HF parity), libtpu (TPU compile-check).
 $(VENV)/.test-deps: $(BIN)/distgame
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
@@ -23,8 +23,11 @@ $(VENV)/.test-deps: $(BIN)/distgame
 run: $(BIN)/distgame
 	$(BIN)/distgame run --config $(CONFIG)
 
-# JAX_PLATFORMS=cpu: with libtpu installed, JAX would otherwise probe for a TPU first.
+# ruff first (seconds): formatting and lint. JAX_PLATFORMS=cpu: with libtpu installed, JAX would otherwise probe
+# for a TPU first.
 test: $(VENV)/.test-deps
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: $(BIN)/distgame

@@ -152,9 +152,11 @@ def kind_label(kind: Any) -> str:
 def _dataset_weights_fn(graphdef, dc, recipe: stu.Recipe):
     """Jitted, vmapped over seeds: weights of every trace at the current student (tp over `base`)."""
     if dc.finetune == "lora":
-        params_of = lambda tp, base: lora.merge(base, tp, dc.lora)
+        def params_of(tp, base):
+            return lora.merge(base, tp, dc.lora)
     else:
-        params_of = lambda tp, base: tp
+        def params_of(tp, base):
+            return tp
 
     def one_seed(tp, base, tokens_nt, mask_nt, h_tokens, h_mask, beta, u_n):
         def sum_loss(p, rows):
@@ -343,8 +345,8 @@ def ablation_markdown(results: dict) -> str:
     if not ab:
         return ""
     labels = list(ab)
-    names = [n for n in ABLATION_ROWS if any(n in ab[l]["rows"] for l in labels)]
-    head = ["student"] + [h for l in labels for h in (f"{l}: acc (%)", f"{l}: − passive (pts, paired)", f"{l}: ESS")]
+    names = [n for n in ABLATION_ROWS if any(n in ab[lab]["rows"] for lab in labels)]
+    head = ["student"] + [h for lab in labels for h in (f"{lab}: acc (%)", f"{lab}: − passive (pts, paired)", f"{lab}: ESS")]
     lines = [
         "", "## Attacker ablation: where an adaptive gain comes from", "",
         "Each student of a seed trains on that seed's traces in the same data order as the passive (token-averaged) "
@@ -355,8 +357,8 @@ def ablation_markdown(results: dict) -> str:
     ]
     for n in names:
         cells = [n]
-        for l in labels:
-            x = ab[l]["rows"].get(n)
+        for lab in labels:
+            x = ab[lab]["rows"].get(n)
             if x is None:
                 cells += ["–"] * 3
                 continue
@@ -370,8 +372,8 @@ def ablation_markdown(results: dict) -> str:
     for n in names:
         lines.append(f"- `{n}`: {ABLATION_HELP[n]}")
     lines.append("")
-    for l in labels:
-        win = ab[l]["beats_passive_by_2se"]
-        lines.append(f"{l}: " + (f"beats passive by ≥ 2 paired SE: {', '.join(win)}." if win else
+    for lab in labels:
+        win = ab[lab]["beats_passive_by_2se"]
+        lines.append(f"{lab}: " + (f"beats passive by ≥ 2 paired SE: {', '.join(win)}." if win else
                                  "no recipe beats passive by ≥ 2 paired SE."))
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import device_peaks
-from experiments.config import ROLES, Config, ConfigError, DefenseSetting
+from experiments.config import ROLES, Config, ConfigError
 from experiments.train import Trainer, hf_overrides, init_role_model, make_mesh
 from game import defenses as dfn
 from models import hf_loader
@@ -115,11 +115,14 @@ def run_bench(cfg: Config, compare_hf: bool = False) -> dict:
     no_eos = -1  # decode the full length every time
     sample = dict(max_new_tokens=bc.gen_len, eos_id=no_eos, pad_id=0, greedy=False)
     key = jax.random.key(0)
-    cached = lambda: generate((spec,), (state["s"]["params"],), prompts, lens, key, combiner=Single(), **sample)["tokens_bn"]
+    def cached():
+        return generate((spec,), (state["s"]["params"],), prompts, lens, key, combiner=Single(), **sample)["tokens_bn"]
     p_model = models["proxy"]
-    poe = lambda: generate((spec, p_model.spec), (state["s"]["params"], p_model.params), prompts, lens, key,
-                           combiner=dfn.PoE(0.5, 1.0), **sample)["tokens_bn"]
-    uncached = lambda: greedy_uncached(spec, state["s"]["params"], prompts, lens, max_new_tokens=bc.gen_len, eos_id=no_eos, pad_id=0)
+    def poe():
+        return generate((spec, p_model.spec), (state["s"]["params"], p_model.params), prompts, lens, key,
+                        combiner=dfn.PoE(0.5, 1.0), **sample)["tokens_bn"]
+    def uncached():
+        return greedy_uncached(spec, state["s"]["params"], prompts, lens, max_new_tokens=bc.gen_len, eos_id=no_eos, pad_id=0)
     distill = {kind: _distill_runner(cfg, models, vocab, kind, bc.distill_steps) for kind in ("passive", "adaptive")}
 
     hf = None

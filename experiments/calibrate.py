@@ -184,7 +184,8 @@ class Calibration:
 
 def calibration_markdown(result: dict) -> str:
     lines = ["| γ | predicted J | predicted dJ/dγ | measured NLL | measured accuracy |", "|---|---|---|---|---|"]
-    f = lambda s: f"{s['mean']:.4f} ± {s['stderr']:.4f}"  # noqa: E731
+    def f(s):
+        return f"{s['mean']:.4f} ± {s['stderr']:.4f}"
     for p in result["points"]:
         lines.append(f"| {p['gamma']:g} | {f(p['J'])} | {f(p['dJ'])} | {f(p['nll'])} | {f(p['accuracy'])} |")
     lines.append(f"\nspearman(J, NLL) = {result['spearman']:.3f}, sign agreement = {result['sign_agreement']}, "

@@ -78,7 +78,8 @@ def _calibrate(args, cfg) -> dict:
     result = Calibration(cfg, progress=not args.no_progress).run()
     if is_main_process():
         print(calibration_markdown(result))
-    finite = lambda x: x if x == x else None  # noqa: E731  (NaN -> null: the last line stays strict JSON)
+    def finite(x):  # NaN -> null: the last line stays strict JSON
+        return x if x == x else None
     return {"calibration": str(rio.path(cfg.run_dir) / "calibration" / "calibration.json"),
             "spearman": finite(result["spearman"]), "sign_agreement": finite(result["sign_agreement"]),
             "spearman_accuracy": finite(result["spearman_accuracy"]), "seconds": result["seconds"],

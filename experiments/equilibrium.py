@@ -38,12 +38,12 @@ from experiments import preemption
 from experiments import retokenize as retok
 from experiments.config import Config, DefenseSetting, to_dict
 from experiments.distributed import is_main_process
-from experiments.plots import plot_equilibrium
 from experiments.io import save_json
+from experiments.plots import plot_equilibrium
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.protocol import Protocol, ensure_models
-from experiments.stats import mean_stderr, pm
 from experiments.solver_run import SolverCheckpoint, resumable_solve
+from experiments.stats import mean_stderr, pm
 from experiments.tasks.arithmetic import encode_problems
 from game import defenses as dfn
 from game import solver as sv
@@ -333,7 +333,8 @@ def summary_metrics(eq: dict) -> dict:
     adaptive_betas = [b for b in eq["betas"] if b != 0]
     passive = sorted(of([0.0]), key=lambda p: p["delta"])
     gs = [p["gamma_star"] for p in passive]
-    interior = lambda pts: sum(0.01 < p["gamma_star"] < gmax - 0.01 for p in pts)  # noqa: E731
+    def interior(pts):
+        return sum(0.01 < p["gamma_star"] < gmax - 0.01 for p in pts)
     out = {
         "interior_budgets_passive": interior(passive),
         "interior_budgets_adaptive": interior(of(adaptive_betas[-1:])) if adaptive_betas else 0,

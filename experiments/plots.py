@@ -319,8 +319,10 @@ def plot_protocol(results: Mapping, out_dir) -> list[epath.Path]:
             if not math.isfinite(s_mean):
                 continue
             xs, ys, xe, ye = series[role]
-            xs.append(_pct(t_mean)); ys.append(_pct(s_mean))
-            xe.append(_pct(t_se)); ye.append(_pct(s_se))
+            xs.append(_pct(t_mean))
+            ys.append(_pct(s_mean))
+            xe.append(_pct(t_se))
+            ye.append(_pct(s_se))
             pts[role] = (_pct(t_mean), _pct(s_mean))
         if len(pts) == 2:
             (x0, y0), (x1, y1) = pts["passive"], pts["adaptive"]

@@ -32,15 +32,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from experiments import attacker
 from experiments import io as rio
 from experiments import retokenize as retok
-from experiments.chunked import padded, mean_nll_grad, row_chunks, seed_rows_sharded
-from experiments.io import fingerprint, save_json, save_npz
-from experiments.stats import mean_stderr, pm
+from experiments.chunked import mean_nll_grad, padded, row_chunks, seed_rows_sharded
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
 from experiments.distributed import is_main_process
+from experiments.evaluate import Decoded, correct_mask, decode_problems
+from experiments.io import fingerprint, save_json, save_npz
 from experiments.iterate_average import IterateAverage
 from experiments.plots import plot_learning_curve, plot_protocol
-from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
+from experiments.stats import mean_stderr, pm
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
 from experiments.tasks.registry import Task, build_task, encode_truncated
 from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
@@ -219,7 +219,8 @@ def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: 
 
 def entropy_summary(ent: float, below: float, n: float, top_below: float = 0.9) -> dict:
     """The sums of :func:`entropy_sums` as means over the positions (nan when there are none)."""
-    mean = lambda x: x / n if n else float("nan")
+    def mean(x):
+        return x / n if n else float("nan")
     return {"entropy_nats": mean(ent), f"share_top_below_{top_below:g}": mean(below), "positions": int(n)}
 
 
@@ -242,7 +243,8 @@ def correct_pool(train: dict[str, np.ndarray], correct_sb: np.ndarray, pool: int
         raise ConfigError(f"protocol.distill.correct_pool={pool}: {label} has only {int(have.min())} correct traces in a "
                           f"seed (of {correct_sb.shape[-1]}); lower correct_pool or raise protocol.n_traces")
     idx_sp = np.stack([np.flatnonzero(c)[:pool] for c in correct_sb])
-    take = lambda v: np.take_along_axis(v, idx_sp.reshape(idx_sp.shape + (1,) * (v.ndim - 2)), axis=1)
+    def take(v):
+        return np.take_along_axis(v, idx_sp.reshape(idx_sp.shape + (1,) * (v.ndim - 2)), axis=1)
     return {k: take(v) for k, v in train.items()}, pool
 
 
@@ -277,17 +279,21 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
     with respect to the adapters, the student's actual parameters)."""
     tx = distill_optimizer(dc)
     if dc.finetune == "lora":
-        params_of = lambda tp, base: lora.merge(base, tp, dc.lora)
+        def params_of(tp, base):
+            return lora.merge(base, tp, dc.lora)
     else:
-        params_of = lambda tp, base: tp
+        def params_of(tp, base):
+            return tp
 
     recipe = attacker.recipe_of(kind, dc)
 
     def loss_fn(tp, base, batch, beta, heldout, proxy_params, gamma):
         mask_bt = batch["loss_mask_bt"][:, :-1]
         if recipe is not None:  # passive and adaptive students: values, weights, averaging in one place
-            token_loss = lambda p: (-tfm.token_logprobs(graphdef, params_of(p, base), batch["tokens_bt"]), mask_bt)
-            held = lambda p: masked_nll(graphdef, params_of(p, base), heldout["tokens_bt"], heldout["loss_mask_bt"])
+            def token_loss(p):
+                return (-tfm.token_logprobs(graphdef, params_of(p, base), batch["tokens_bt"]), mask_bt)
+            def held(p):
+                return masked_nll(graphdef, params_of(p, base), heldout["tokens_bt"], heldout["loss_mask_bt"])
             return stu.recipe_loss(recipe, beta, token_loss, tp, heldout_loss_fn=held,
                                    weights_b=batch.get("weights_b"), shuffle_u_b=batch.get("shuffle_u_b"))
         params = params_of(tp, base)
@@ -344,14 +350,16 @@ def distil(
         trained = jax.vmap(lambda k: lora.init_adapters(base.params, base.cfg, dc.lora, k))(keys)
         frozen = base.params
     else:
-        stack = lambda x: jnp.broadcast_to(x, (seeds,) + x.shape)
+        def stack(x):
+            return jnp.broadcast_to(x, (seeds,) + x.shape)
         trained, frozen = jax.tree.map(lambda x: jnp.array(stack(x)), base.params), None
     opt_state = jax.vmap(distill_optimizer(dc).init)(trained)
     # vmap's init leaves the step counters off the params' mesh; the step returns them on it. Place them there
     # up front so the first and later calls share one compiled step (otherwise the step compiles twice).
     mesh = getattr(jax.tree.leaves(base.params)[0].sharding, "mesh", None)
     if mesh is not None:
-        on_mesh = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        def on_mesh(x):
+            return x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
         opt_state = jax.tree.map(on_mesh, opt_state)
     n = traces["tokens_bt"].shape[1]
     n_h = heldout["tokens_bt"].shape[0]
@@ -500,9 +508,10 @@ class Protocol:
         combiner, specs, params, tangents = defense_setup(d, models, g_P, self.pc.temperature)
         problems = self.task.problems("test", self.cfg.seed, self.pc.cost_batch)
         prompts, lens = encode_prompts(problems, self.tokenizer, None)
-        run = lambda: generate(specs, params, prompts, lens, jax.random.key(0), combiner=combiner,
-                               max_new_tokens=self.cfg.sample.max_new_tokens, eos_id=-1, pad_id=self.tokenizer.pad_id, greedy=False,
-                               tangents=tangents)["tokens_bn"]
+        def run():
+            return generate(specs, params, prompts, lens, jax.random.key(0), combiner=combiner,
+                            max_new_tokens=self.cfg.sample.max_new_tokens, eos_id=-1, pad_id=self.tokenizer.pad_id,
+                            greedy=False, tangents=tangents)["tokens_bn"]
         jax.block_until_ready(run())
         times = []
         for _ in range(3):

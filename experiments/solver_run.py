@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+from typing import Any, Callable
 
 from etils import epath
-from typing import Any, Callable
 
 from experiments import preemption
 from game import solver as sv
@@ -29,7 +29,8 @@ class SolverCheckpoint:
 
     def __init__(self, directory: str | pathlib.Path):
         self.directory = epath.Path(directory)  # local or gs://
-        self.ckpt = Checkpointer(self.directory, keep=1)
+        # A budget δ may be +inf (no constraint); the solver checks its own diagnostics (SolverDivergedError).
+        self.ckpt = Checkpointer(self.directory, keep=1, require_finite=False)
 
     def restore(self, template: sv.SolverState) -> tuple[sv.SolverState, dict] | None:
         """(state, meta) of the latest save, placed like `template`; None if nothing was saved."""

@@ -149,7 +149,8 @@ def compare(args) -> dict:
     finally:
         for w in workers.values():
             w.close()
-    med = lambda label, m, field: float(np.median([x[field] for x in samples[label][m]]))
+    def med(label, m, field):
+        return float(np.median([x[field] for x in samples[label][m]]))
     keys = dict(zip(NAMES, MEASURES))
     report = {"base": str(pathlib.Path(args.base).resolve()), "ours": str(ours), "rounds": args.rounds, "config": args.config}
     for m, key in keys.items():

@@ -33,7 +33,8 @@ def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransform
     copies of the params, gradients and params are cast to float32 before the update and the updates back to
     the gradients' dtype. For float32 params every cast is a no-op, so the state tree and the checkpoints are
     those of `tx` itself. Why: a bfloat16 second moment loses the small (1 - b2) increments it averages."""
-    to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32) if hasattr(x, "astype") else x, tree)
+    def to32(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if hasattr(x, "astype") else x, tree)
 
     def update(grads, state, params=None):
         updates, state = tx.update(to32(grads), state, None if params is None else to32(params))
@@ -197,7 +198,7 @@ class Trainer:
         write the (collective) checkpoints. On SIGTERM: save at the current step, raise Preempted."""
         start = time.perf_counter()
         main = is_main_process()
-        ckpt = Checkpointer(self.ckpt_dir, keep=self.tc.keep_checkpoints)
+        ckpt = Checkpointer(self.ckpt_dir, keep=self.tc.keep_checkpoints, label=self.role)
         step = 0
         if ckpt.latest_step() is not None:
             self.state, _ = ckpt.restore(abstract_like(self.state))

@@ -293,7 +293,8 @@ def make_player_optimizer(name: str, lr: float, decay: float = 0.0) -> optax.Gra
     with step size lr / (1 + decay·t). Optax minimises; a maximising player feeds it the
     negated gradient."""
     if decay:
-        lr = lambda count, lr0=lr: lr0 / (1.0 + decay * count)  # noqa: E731
+        def lr(count, lr0=lr):
+            return lr0 / (1.0 + decay * count)
     if name == "sgd":
         return optax.sgd(lr)
     if name == "adam":

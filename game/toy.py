@@ -203,7 +203,8 @@ def feasible_gamma_bound(spec: ToySpec, delta: float, gamma_max: float | None = 
     """Largest γ ∈ [0, γ_max] with U(0) − U(γ) <= δ (the drop is convex in γ and 0 at 0,
     so the feasible set is an interval [0, b]); grid scan, then bisection to `tol`."""
     gm = spec.gamma_max if gamma_max is None else gamma_max
-    drop = lambda g: float(toy_curves(spec, g)["utility_drop"][0]) - delta  # noqa: E731
+    def drop(g):
+        return float(toy_curves(spec, g)["utility_drop"][0]) - delta
     gs = np.linspace(0.0, gm, grid)
     viol = toy_curves(spec, gs)["utility_drop"] - delta
     over = np.nonzero(viol > 0)[0]
@@ -233,7 +234,8 @@ def exact_gamma_star(spec: ToySpec | None, delta: float, gamma_max: float | None
     b = feasible_gamma_bound(spec, delta, gamma_max)
     if b == 0.0:
         return 0.0
-    J = lambda g: float(toy_curves(spec, g)["J"][0])  # noqa: E731
+    def J(g):
+        return float(toy_curves(spec, g)["J"][0])
     gs = np.linspace(0.0, b, grid)
     Js = toy_curves(spec, gs)["J"]
     i = int(np.argmax(Js))

@@ -35,8 +35,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from experiments import device_peaks
 from experiments.config import ROLES, Config
 from experiments.tasks.tokenizer import build_tokenizer
-from experiments.train import (RoleModel, abstract_role_model, hf_overrides, make_mesh, make_optimizer, make_train_step,
-                               masked_nll, train_state_shardings)
+from experiments.train import (
+    RoleModel,
+    abstract_role_model,
+    hf_overrides,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    masked_nll,
+    train_state_shardings,
+)
 from launch.accelerators import LaunchError, Slice, by_topology, check_mesh_fits
 from models import hf_loader, lora
 from models import sharding as shd
@@ -195,11 +203,13 @@ def compile_distill_step(cfg: Config, mesh):
     opt = jax.tree.map(lambda x, s=None: _batch(x.shape, x.dtype, rep), opt)
     t = cfg.task.max_len  # the widest a batch gets (protocol.trim_columns cuts unused columns)
     # placed as protocol.distil places them (protocol.seed_rows_sharded: rows over the batch axes when they divide)
-    rows = lambda n: {k: _batch((seeds, n, t), dt, rep) for k, dt in (("tokens_bt", np.int32), ("loss_mask_bt", np.float32))}
+    def rows(n):
+        return {k: _batch((seeds, n, t), dt, rep) for k, dt in (("tokens_bt", np.int32), ("loss_mask_bt", np.float32))}
     div = shd.batch_divisor(mesh)
-    sharded = lambda d: d if div == 1 or any(v.shape[1] % div for v in d.values()) else {
-        k: _batch(v.shape, v.dtype, NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (len(v.shape) - 2)))))
-        for k, v in d.items()}
+    def sharded(d):
+        return d if div == 1 or any(v.shape[1] % div for v in d.values()) else {
+            k: _batch(v.shape, v.dtype, NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (len(v.shape) - 2)))))
+            for k, v in d.items()}
     batch = rows(dc.batch_size) | {"topk_ids_btk": _batch((seeds, dc.batch_size, t, 1), np.int32, rep),
                                    "topk_logprob_btk": _batch((seeds, dc.batch_size, t, 1), np.float32, rep)}
     batch, held = sharded(batch), sharded(rows(dc.heldout_batch))

@@ -81,7 +81,8 @@ def export_hf(
     """Write `params` (our layout) as an HF `family` checkpoint in `directory`."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    host = lambda x: np.asarray(jax.device_get(x), np.float32)
+    def host(x):
+        return np.asarray(jax.device_get(x), np.float32)
     rows, d = params["embed_vd"].shape
     hf = hf_config(cfg, rows, family)
     tensors: dict[str, np.ndarray] = {}

@@ -387,7 +387,8 @@ def load_hf_model(
         want = expected_flat[path]
         assert value.shape == want.shape, (path, value.shape, want.shape)
         # ... from which each device copies (and casts to the model's param_dtype) only its own shard.
-        shard = lambda idx, v=value: np.ascontiguousarray(v[idx], dtype=param_dtype)
+        def shard(idx, v=value):
+            return np.ascontiguousarray(v[idx], dtype=param_dtype)
         _set(params, path, jax.make_array_from_callback(value.shape, shardings_flat[path], shard))
         del value
 

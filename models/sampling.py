@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -82,9 +82,147 @@ def _run_expert(spec: ExpertSpec, params, tangent, cache, dcache, tokens_bt, pos
     def f(p, c):
         return forward(spec.graphdef, p, tokens_bt, positions_bt, mask_bts, c, index)
 
-    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    def f32(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
     (logits_btv, cache), (dlogits_btv, dcache) = jax.jvp(f, (f32(params), cache), (f32(tangent), dcache))
     return (logits_btv[:, -1], dlogits_btv[:, -1]), cache, dcache
+
+
+class SamplerState(NamedTuple):
+    """The decoding loop's state (a pytree: `jax.lax.while_loop` carries it)."""
+
+    step: jax.Array  # () int32: tokens emitted so far (n ≤ max_new_tokens)
+    outs: tuple  # per expert: next-token logits (batch, vocab) float, or (z, dz) for a tangent expert
+    caches: tuple  # per expert: KV cache, per layer k/v (batch, kv_heads, max_len, head_dim)
+    dcaches: tuple  # per expert: tangent of its cache (same shapes, float32), or None
+    carry: Any  # the combiner's per-sequence state, e.g. () or (batch,) float32
+    done_b: jax.Array  # (batch,) bool: EOS emitted
+    tokens_bn: jax.Array  # (batch, max_new_tokens) int32: emitted tokens, pad_id after EOS
+    logprob_bn: jax.Array  # (batch, max_new_tokens) float32: log-prob of each emitted token
+    topv_bnk: jax.Array  # (batch, max_new_tokens, expose_k) float32: top-k log-probs per step
+    topi_bnk: jax.Array  # (batch, max_new_tokens, expose_k) int32: their token ids
+
+
+class _Layout(NamedTuple):
+    """Where each row's tokens sit in the caches (prompts left-padded to `prompt_len`)."""
+
+    prompt_len: int  # p: static width of the padded prompts; slot p + i holds generated token i
+    lens_b: jax.Array  # (batch,) int32: real prompt tokens per row
+    key_valid_bs: jax.Array  # (batch, max_len) bool: slot holds a real token, not left padding
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """The static decoding settings of one `generate` call."""
+
+    combiner: Combiner
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    greedy: bool
+    top_p: float
+    expose_k: int
+
+
+def _run_experts(specs, params, tangents, caches, dcaches, tokens_bt, positions_bt, mask_bts, index):
+    """`_run_expert` for every expert on the same tokens; returns (outs, caches, dcaches) as tuples."""
+    outs, new_caches, new_dcaches = [], [], []
+    for spec, prm, tan, cache, dcache in zip(specs, params, tangents, caches, dcaches):
+        out, cache, dcache = _run_expert(spec, prm, tan, cache, dcache, tokens_bt, positions_bt, mask_bts, index)
+        outs.append(out), new_caches.append(cache), new_dcaches.append(dcache)
+    return tuple(outs), tuple(new_caches), tuple(new_dcaches)
+
+
+def _empty_caches(spec: ExpertSpec, batch: int, max_len: int):
+    """(cache, dcache) before the prompt: a tangent expert's cache in float32 with a zero tangent."""
+    cache = init_cache(spec.cfg, batch, max_len)
+    if not spec.tangent:
+        return cache, None
+    dcache = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), cache)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), cache), dcache
+
+
+def _prefill(specs, params, tangents, prompts_bp, layout: _Layout):
+    """Every expert on the shared prompt; returns (outs, caches, dcaches) at the last prompt slot."""
+    b, p = prompts_bp.shape
+    slots_s = jnp.arange(layout.key_valid_bs.shape[1])
+    pad_b = p - layout.lens_b
+    prompt_pos_bp = jnp.maximum(jnp.arange(p)[None, :] - pad_b[:, None], 0)
+    prefill_mask_bps = layout.key_valid_bs[:, None, :] & (slots_s[None, None, :] <= jnp.arange(p)[None, :, None])
+    empty = [_empty_caches(spec, b, len(slots_s)) for spec in specs]
+    caches, dcaches = tuple(c for c, _ in empty), tuple(d for _, d in empty)
+    return _run_experts(specs, params, tangents, caches, dcaches, prompts_bp, prompt_pos_bp, prefill_mask_bps, 0)
+
+
+def _initial_state(outs, caches, dcaches, carry, batch: int, rules: _Rules) -> SamplerState:
+    n, k = rules.max_new_tokens, rules.expose_k
+    return SamplerState(
+        step=jnp.int32(0),
+        outs=outs,
+        caches=caches,
+        dcaches=dcaches,
+        carry=carry,
+        done_b=jnp.zeros((batch,), bool),
+        tokens_bn=jnp.full((batch, n), rules.pad_id, jnp.int32),
+        logprob_bn=jnp.zeros((batch, n), jnp.float32),
+        topv_bnk=jnp.zeros((batch, n, k), jnp.float32),
+        topi_bnk=jnp.zeros((batch, n, k), jnp.int32),
+    )
+
+
+def _choose(logits_bv: jax.Array, done_b: jax.Array, rng: jax.Array, i: jax.Array, rules: _Rules) -> jax.Array:
+    """Token i of every row, int32 (batch,): argmax or a (top-p) sample; pad_id for finished rows."""
+    if rules.greedy:
+        token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    else:
+        filtered_bv = _top_p_filter(logits_bv, rules.top_p)
+        token_b = jax.random.categorical(jax.random.fold_in(rng, i), filtered_bv).astype(jnp.int32)
+    return jnp.where(done_b, rules.pad_id, token_b)
+
+
+def _record(st: SamplerState, token_b: jax.Array, logp_bv: jax.Array, rules: _Rules) -> SamplerState:
+    """Write token i, its log-prob and (expose_k > 0) the top-k of the distribution into the outputs."""
+    i = st.step
+    picked_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
+    st = st._replace(
+        tokens_bn=st.tokens_bn.at[:, i].set(token_b),
+        logprob_bn=st.logprob_bn.at[:, i].set(jnp.where(st.done_b, 0.0, picked_b)),
+    )
+    if rules.expose_k:
+        top_v, top_i = jax.lax.top_k(logp_bv, rules.expose_k)
+        st = st._replace(
+            topv_bnk=st.topv_bnk.at[:, i].set(top_v),
+            topi_bnk=st.topi_bnk.at[:, i].set(top_i.astype(jnp.int32)),
+        )
+    return st
+
+
+def _step(specs, params, tangents, layout: _Layout, rng, rules: _Rules, st: SamplerState) -> SamplerState:
+    """One decoding step: combine, choose token i, record it, feed it to every expert at slot p + i."""
+    i, p = st.step, layout.prompt_len
+    logits_bv = rules.combiner.logits(st.outs, st.carry).astype(jnp.float32)
+    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    token_b = _choose(logits_bv, st.done_b, rng, i, rules)
+    st = _record(st, token_b, logp_bv, rules)
+    carry = rules.combiner.update(st.outs, st.carry, token_b)
+    done_b = st.done_b | (token_b == rules.eos_id)
+    pos_b1 = (layout.lens_b + i)[:, None]
+    slots_s = jnp.arange(layout.key_valid_bs.shape[1])
+    mask_b1s = (layout.key_valid_bs & (slots_s[None, :] <= p + i))[:, None, :]
+    outs, caches, dcaches = _run_experts(
+        specs, params, tangents, st.caches, st.dcaches, token_b[:, None], pos_b1, mask_b1s, p + i
+    )
+    return st._replace(step=i + 1, outs=outs, caches=caches, dcaches=dcaches, carry=carry, done_b=done_b)
+
+
+def _result(final: SamplerState, rules: _Rules) -> dict[str, jax.Array]:
+    tokens_bn = final.tokens_bn
+    is_eos_bn = tokens_bn == rules.eos_id
+    lengths_b = jnp.where(is_eos_bn.any(-1), jnp.argmax(is_eos_bn, -1) + 1, jnp.sum(tokens_bn != rules.pad_id, -1))
+    result = dict(tokens_bn=tokens_bn, lengths_b=lengths_b.astype(jnp.int32), logprob_bn=final.logprob_bn)
+    if rules.expose_k:
+        result["topk_logprob_bnk"], result["topk_ids_bnk"] = final.topv_bnk, final.topi_bnk
+    return result
 
 
 @functools.partial(
@@ -118,81 +256,20 @@ def generate(
     when expose_k > 0, the top-k log-probs and ids of that distribution per step
     (what a teacher API with logit exposure returns).
     """
+    rules = _Rules(combiner, max_new_tokens, eos_id, pad_id, greedy, top_p, expose_k)
     b, p = prompts_bp.shape
-    n, s = max_new_tokens, p + max_new_tokens
     tangents = tangents if tangents is not None else (None,) * len(specs)
-    pad_b = p - lens_b
-    slots_s = jnp.arange(s)
-    key_valid_bs = slots_s[None, :] >= pad_b[:, None]
-
-    # Prefill every expert on the shared prompt.
-    prompt_pos_bp = jnp.maximum(jnp.arange(p)[None, :] - pad_b[:, None], 0)
-    prefill_mask_bps = key_valid_bs[:, None, :] & (slots_s[None, None, :] <= jnp.arange(p)[None, :, None])
-    outs, caches, dcaches = [], [], []
-    for spec, prm, tan in zip(specs, params, tangents):
-        cache = init_cache(spec.cfg, b, s)
-        dcache = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), cache) if spec.tangent else None
-        if spec.tangent:
-            cache = jax.tree.map(lambda x: x.astype(jnp.float32), cache)
-        out, cache, dcache = _run_expert(spec, prm, tan, cache, dcache, prompts_bp, prompt_pos_bp, prefill_mask_bps, 0)
-        outs.append(out), caches.append(cache), dcaches.append(dcache)
-
+    key_valid_bs = jnp.arange(p + max_new_tokens)[None, :] >= (p - lens_b)[:, None]
+    layout = _Layout(p, lens_b, key_valid_bs)
+    outs, caches, dcaches = _prefill(specs, params, tangents, prompts_bp, layout)
     carry0 = combiner.init(b) if carry is None else carry
-    state = dict(
-        i=jnp.int32(0),
-        outs=tuple(outs),
-        caches=tuple(caches),
-        dcaches=tuple(dcaches),
-        carry=carry0,
-        done_b=jnp.zeros((b,), bool),
-        tokens_bn=jnp.full((b, n), pad_id, jnp.int32),
-        logprob_bn=jnp.zeros((b, n), jnp.float32),
-        topv_bnk=jnp.zeros((b, n, expose_k), jnp.float32),
-        topi_bnk=jnp.zeros((b, n, expose_k), jnp.int32),
+    state = _initial_state(outs, caches, dcaches, carry0, b, rules)
+    final = jax.lax.while_loop(
+        lambda st: (st.step < max_new_tokens) & ~jnp.all(st.done_b),
+        functools.partial(_step, specs, params, tangents, layout, rng, rules),
+        state,
     )
-
-    def cond(st):
-        return (st["i"] < n) & ~jnp.all(st["done_b"])
-
-    def body(st):
-        i = st["i"]
-        logits_bv = combiner.logits(st["outs"], st["carry"]).astype(jnp.float32)
-        logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-        if greedy:
-            token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-        else:
-            token_b = jax.random.categorical(jax.random.fold_in(rng, i), _top_p_filter(logits_bv, top_p)).astype(jnp.int32)
-        token_b = jnp.where(st["done_b"], pad_id, token_b)
-        new = dict(st)
-        new["tokens_bn"] = st["tokens_bn"].at[:, i].set(token_b)
-        new["logprob_bn"] = st["logprob_bn"].at[:, i].set(
-            jnp.where(st["done_b"], 0.0, jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0])
-        )
-        if expose_k:
-            top_v, top_i = jax.lax.top_k(logp_bv, expose_k)
-            new["topv_bnk"] = st["topv_bnk"].at[:, i].set(top_v)
-            new["topi_bnk"] = st["topi_bnk"].at[:, i].set(top_i.astype(jnp.int32))
-        new["carry"] = combiner.update(st["outs"], st["carry"], token_b)
-        new["done_b"] = st["done_b"] | (token_b == eos_id)
-        # Feed the chosen token to every expert at slot p + i.
-        pos_b1 = (lens_b + i)[:, None]
-        mask_b1s = (key_valid_bs & (slots_s[None, :] <= p + i))[:, None, :]
-        outs, caches, dcaches = [], [], []
-        for spec, prm, tan, cache, dcache in zip(specs, params, tangents, st["caches"], st["dcaches"]):
-            out, cache, dcache = _run_expert(spec, prm, tan, cache, dcache, token_b[:, None], pos_b1, mask_b1s, p + i)
-            outs.append(out), caches.append(cache), dcaches.append(dcache)
-        new["outs"], new["caches"], new["dcaches"] = tuple(outs), tuple(caches), tuple(dcaches)
-        new["i"] = i + 1
-        return new
-
-    final = jax.lax.while_loop(cond, body, state)
-    tokens_bn = final["tokens_bn"]
-    is_eos_bn = tokens_bn == eos_id
-    lengths_b = jnp.where(is_eos_bn.any(-1), jnp.argmax(is_eos_bn, -1) + 1, jnp.sum(tokens_bn != pad_id, -1))
-    result = dict(tokens_bn=tokens_bn, lengths_b=lengths_b.astype(jnp.int32), logprob_bn=final["logprob_bn"])
-    if expose_k:
-        result["topk_logprob_bnk"], result["topk_ids_bnk"] = final["topv_bnk"], final["topi_bnk"]
-    return result
+    return _result(final, rules)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "max_new_tokens", "eos_id", "pad_id"))

@@ -140,7 +140,8 @@ def test_dataset_level_weights_at_the_base_and_their_shuffled_control():
     ref32 = dataclasses.replace(S.REFERENCE_RECIPE, fd_dtype="float32")
     w32 = A.RecipeFeeder(base, dc, ref32, traces, heldout, seeds).extras(0, stacked, None, idx, 0.5)["weights_b"]
     g = jax.grad(lambda p: masked_nll(base.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"]))(base.params)
-    per_ex = lambda p, tk, m: S.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
+    def per_ex(p, tk, m):
+        return S.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
     a = S.recipe_scores(ref32, per_ex, base.params, g, tokens[1], mask[1])
     want = S.recipe_weights(ref32, a, 0.5, mask[1, :, :-1].sum(-1) > 0)
     np.testing.assert_allclose(w32[1], want, rtol=1e-3, atol=1e-5)
@@ -166,8 +167,9 @@ def test_protocol_ablation_end_to_end(tmp_path):
     import sys
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.cli", *a, "--no-progress"],
-                                    capture_output=True, text=True, env=env, timeout=900)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "experiments.cli", *a, "--no-progress"],
+                              capture_output=True, text=True, env=env, timeout=900)
     for role in ("teacher", "proxy", "student"):
         r = run("train", "--role", role, "--config", "ci", f"run_dir={tmp_path}")
         assert r.returncode == 0, r.stderr

@@ -32,7 +32,8 @@ def test_sign_agreement_counts_only_significant_pairs():
 
 
 def test_calibration_plot_writes_png_and_csv(tmp_path):
-    stat = lambda m, s: {"mean": m, "stderr": s}  # noqa: E731
+    def stat(m, s):
+        return {"mean": m, "stderr": s}
     result = {"config": "t", "spearman": 0.9, "sign_agreement": float("nan"), "points": [
         {"gamma": g, "J": stat(1 + g, 0.01), "dJ": stat(1.0, 0.1), "nll": stat(2 + g, float("nan")),
          "accuracy": stat(0.5 - g, 0.02)} for g in (0.0, 0.3, 0.6)]}
@@ -44,8 +45,9 @@ def test_calibration_plot_writes_png_and_csv(tmp_path):
 
 
 def test_equilibrium_summary_metrics():
-    pts = lambda beta, gs: [{"beta": beta, "delta": d, "gamma_star": g, "starts_agree": True}  # noqa: E731
-                            for d, g in zip((0.01, 0.03, 0.1), gs)]
+    def pts(beta, gs):
+        return [{"beta": beta, "delta": d, "gamma_star": g, "starts_agree": True}
+                for d, g in zip((0.01, 0.03, 0.1), gs)]
     eq = {"betas": [0.0, 4.0], "gamma_max": 0.9, "points": pts(0.0, [0.0, 0.2, 0.5]) + pts(4.0, [0.005, 0.3, 0.895]),
           "check": {"passive_change": {"mean": -0.04, "stderr": 0.01}, "teacher_change": {"mean": -0.01, "stderr": 0.0}}}
     out = summary_metrics(eq)

@@ -53,7 +53,8 @@ def test_resume_continues_the_same_run(tmp_path):
     shutil.rmtree(b / "proxy" / "checkpoints" / "20")
     assert distgame("train", "--role", "proxy", "--config", "ci", f"run_dir={b}", "proxy.train.steps=20",
                     "proxy.train.checkpoint_every=10", "--no-progress").returncode == 0
-    load = lambda d: ocp.StandardCheckpointer().restore(d / "proxy" / "checkpoints" / "20" / "state")["params"]
+    def load(d):
+        return ocp.StandardCheckpointer().restore(d / "proxy" / "checkpoints" / "20" / "state")["params"]
     pa, pb = load(a), load(b)
     np.testing.assert_allclose(pa["embed_vd"], pb["embed_vd"], atol=1e-6)
 

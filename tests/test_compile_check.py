@@ -16,7 +16,7 @@ import pytest
 from experiments.cli import main as distgame
 from experiments.config import load_config
 from experiments.train import Trainer, make_mesh
-from launch.accelerators import ACCELERATORS, LaunchError
+from launch.accelerators import ACCELERATORS
 from launch.compile_check import compile_train_step, run_compile_check
 from models import sharding as shd
 

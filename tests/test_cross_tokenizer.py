@@ -97,10 +97,9 @@ def test_retokenized_traces_are_the_same_text_and_keep_the_answer_checkable():
     same text with its own tokenizer, and the answer checker accepts them as it accepts the teacher's."""
     sys.path.insert(0, str(HERE))
     import test_text_task as t
+    from tokenizers import Tokenizer
 
     from experiments.tasks.registry import TextProblem, checker
-
-    from tokenizers import Tokenizer
 
     teacher = retok.wrap_hf_tokenizer(Tokenizer.from_str(QWEN_TOKENIZER), "qwen")
     student = retok.wrap_hf_tokenizer(Tokenizer.from_str(LLAMA_TOKENIZER), "llama")
@@ -178,7 +177,7 @@ def test_what_cannot_cross_vocabularies_is_one_line(trio, tmp_path, case):
         (tmp_path / "proxy_llama_vocab" / "tokenizer.json").write_text(LLAMA_TOKENIZER)
     proc = distgame(command, trio, tmp_path / "run", *overrides)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
     if case == "soft_topk":  # refused before any model was loaded or converted
         assert not (tmp_path / "run" / "teacher").exists()

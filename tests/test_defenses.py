@@ -178,7 +178,8 @@ def heldout_nll(params, x, y):
 @pytest.fixture(scope="module")
 def proxy():
     rng = np.random.default_rng(2)
-    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+    def f(*s):
+        return jnp.asarray(rng.normal(size=s), jnp.float32)
     params = {"w1": f(D_IN, H), "b1": 0.1 * f(H), "w2": f(H, V), "b2": 0.1 * f(V)}
     x_ho, y_ho = f(16, D_IN), jnp.asarray(rng.integers(0, V, size=16))
     g = S.heldout_gradient(heldout_nll, params, x_ho, y_ho)
@@ -257,7 +258,8 @@ def test_ads_favours_tokens_that_raise_proxy_heldout_loss(proxy):
     # held-out loss; on the least-favoured token it lowers it.
     for i in range(B):
         for v, sign in ((int(delta[i].argmax()), +1), (int(delta[i].argmin()), -1)):
-            nll_v = lambda p: -jax.nn.log_softmax(mlp(p, x[i : i + 1]))[0, v]
+            def nll_v(p):
+                return -jax.nn.log_softmax(mlp(p, x[i : i + 1]))[0, v]
             gv = jax.grad(nll_v)(params)
             stepped = {k: params[k] - 1e-3 * gv[k] for k in params}
             assert sign * (heldout_nll(stepped, x_ho, y_ho) - L0) > 0

@@ -115,7 +115,8 @@ def test_stage_files_and_calibration_plot_round_trip_through_gs(bucket):
     rio.save_json(f"{bucket}/run/protocol/student.json", {"accuracy": [0.5, 0.25]})
     assert rio.load_json(f"{bucket}/run/protocol/student.json") == {"accuracy": [0.5, 0.25]}
 
-    stat = lambda m: {"mean": m, "stderr": 0.01}
+    def stat(m):
+        return {"mean": m, "stderr": 0.01}
     result = {"config": "x", "spearman": 1.0, "sign_agreement": 1.0,
               "points": [{"gamma": g, "J": stat(1 + g), "dJ": stat(0.1), "nll": stat(1.5 + g), "accuracy": stat(0.5 - g)}
                          for g in (0.0, 0.3, 0.6)]}
@@ -133,7 +134,7 @@ def test_jsonl_log_appends_on_gs_by_rewriting_the_object(bucket):
         log.write({"step": 2})
     with rio.JsonlLog(target) as log:  # a resumed run appends
         log.write({"step": 3})
-    assert [json.loads(l)["step"] for l in rio.read_text(target).splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in rio.read_text(target).splitlines()] == [1, 2, 3]
     with rio.JsonlLog(target, append=False) as log:
         log.write({"step": 0})
     assert rio.read_text(target) == '{"step": 0}\n'

@@ -12,8 +12,8 @@ import pytest
 from experiments.config import ROLES, load_config
 from experiments.device_peaks import lookup
 from experiments.tasks.tokenizer import build_tokenizer
-from game.defenses import PoE
 from experiments.train import abstract_role_model, make_mesh, make_optimizer, make_train_step, train_state_shardings
+from game.defenses import PoE
 from models import transformer as tfm
 from models.sampling import ExpertSpec, generate
 

@@ -113,7 +113,7 @@ def test_protocol_end_to_end_with_hf_trio(trio, tmp_path):
 def test_hf_trio_bad_input_is_one_line(trio, tmp_path, override, message):
     result = distgame("protocol", "--config", "ci", *_trio_overrides(trio, tmp_path), *([override] if override else []))
     assert result.returncode == 2, result.stderr[-2000:]
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 

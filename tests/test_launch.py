@@ -11,7 +11,6 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import textwrap
 
 import pytest
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from experiments.chunked import mean_nll_grad, row_chunks, seed_rows_sharded
 from experiments.config import CONFIG_DIR, load_config
 from experiments.evaluate import local_rows
-from experiments.chunked import mean_nll_grad, row_chunks, seed_rows_sharded
 from experiments.train import init_role_model, make_mesh, masked_nll
 from launch.accelerators import ACCELERATORS, check_mesh_fits
 

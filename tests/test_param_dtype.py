@@ -42,7 +42,8 @@ def test_bf16_params_are_bf16_on_device_and_forward_matches_float32():
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, vocab, (8, 16)), jnp.int32)
-    fwd = lambda m, p: jax.jit(lambda p, t: tfm.forward(m.graphdef, p, t)[0])(p, tokens)
+    def fwd(m, p):
+        return jax.jit(lambda p, t: tfm.forward(m.graphdef, p, t)[0])(p, tokens)
     logits32, logits16 = np.asarray(fwd(m32, m32.params)), np.asarray(fwd(m16, m16.params))
     assert logits16.dtype == np.float32
     # compute_dtype float32: exactly the float32 forward on the rounded weights ...

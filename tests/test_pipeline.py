@@ -170,8 +170,9 @@ def test_equilibrium_sigterm_resumes_to_the_same_equilibrium(trained, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium", "*.png", "*.csv"))
-    cmd = lambda d: ["equilibrium", "--config", "ci", f"run_dir={d}", "equilibrium.betas=[0.0]",
-                     "equilibrium.empirical_check=false"]
+    def cmd(d):
+        return ["equilibrium", "--config", "ci", f"run_dir={d}", "equilibrium.betas=[0.0]",
+                "equilibrium.empirical_check=false"]
     reference = trained / "equilibrium" / "equilibrium.json"
     if not reference.exists():  # this test run alone: solve uninterrupted first
         reference = tmp_path / "ref" / "equilibrium" / "equilibrium.json"

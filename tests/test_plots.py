@@ -3,9 +3,8 @@
 import csv
 import math
 
-import numpy as np
-
 import matplotlib.image as mpimg
+import numpy as np
 import pytest
 
 from experiments.plots import plot_equilibrium, plot_protocol

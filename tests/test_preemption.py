@@ -98,8 +98,10 @@ def test_resumable_solve_on_the_toy_game(tmp_path):
     spec = toy.default_toy_spec()
     game, batches = toy.toy_game(spec), toy.toy_batches(spec)
     cfg = sv.SolverConfig(gamma_max=spec.gamma_max, patience=100, max_iters=8)
-    fresh = lambda: sv.init_state(game, cfg, toy.toy_theta_init(spec), batches[2], delta=np.array([0.1, 0.3]))
-    batch_for = lambda i, state, meta, previous: batches
+    def fresh():
+        return sv.init_state(game, cfg, toy.toy_theta_init(spec), batches[2], delta=np.array([0.1, 0.3]))
+    def batch_for(i, state, meta, previous):
+        return batches
 
     ran = []
 

@@ -69,6 +69,63 @@ def test_diverging_run_is_one_line_exit_2_and_keeps_earlier_checkpoints(tmp_path
     assert {name: _digest(ckpts / name) for name in ("5", "10")} == before
 
 
+def test_a_non_finite_parameter_behind_a_finite_loss_is_not_checkpointed(tmp_path):
+    """lr=1e39 is past float32's range: the first update at that rate makes the parameters NaN/inf, while the loss
+    of that same step (computed before the update) is still finite, so the loss check passes and the checkpoint
+    at that step is where it is caught: refused, in one line naming the role, the step and the parameter."""
+    common = ["train", "--role", "student", "--config", "ci", f"run_dir={tmp_path}", "student.train.checkpoint_every=5",
+              "student.train.log_every=5", "--no-progress"]
+    first = distgame(*common)  # checkpoints 5 and 10
+    assert first.returncode == 0, first.stderr
+    ckpts = tmp_path / "student" / "checkpoints"
+    before = {name: _digest(ckpts / name) for name in ("5", "10")}
+
+    result = distgame(*common, "student.train.steps=12", "student.train.lr=1e39", "student.train.checkpoint_every=1",
+                      "student.train.log_every=1")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    # The other stderr lines are numpy's "overflow encountered in cast" warnings about the lr itself.
+    ours = [line for line in result.stderr.splitlines() if line.startswith("distgame")]
+    assert len(ours) == 1 and ours[0] == result.stderr.strip().splitlines()[-1], result.stderr
+    assert re.fullmatch(r"distgame train: diverged: student: params/\S+ holds NaN or inf at step 11; checkpoint 11 not "
+                        r"written \(checkpoints of earlier steps are kept\)", ours[0]), ours[0]
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["10", "5"]
+    assert {name: _digest(ckpts / name) for name in ("5", "10")} == before
+
+
+@pytest.mark.parametrize("where", ["params", "opt_state"])
+def test_checkpointer_refuses_a_non_finite_state_and_keeps_the_last_one(tmp_path, where):
+    import jax.numpy as jnp
+
+    from models.checkpoint import Checkpointer, NonFiniteStateError
+
+    def state(bad):
+        return {"params": {"w": jnp.ones((3,), jnp.bfloat16), "x": jnp.array([1.0, bad if where == "params" else 2.0])},
+                "opt_state": {"mu": jnp.array([bad if where == "opt_state" else 0.0, 0.0])},
+                "step": jnp.int32(7)}
+
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=1, label="teacher")
+    try:
+        ckpt.save(1, state(1.0), {"step": 1})
+        kept = _digest(tmp_path / "ckpt" / "1")
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            with pytest.raises(NonFiniteStateError) as e:
+                ckpt.save(2, state(bad), {"step": 2})
+            assert isinstance(e.value, FloatingPointError)
+            path = "params/x" if where == "params" else "opt_state/mu"
+            assert str(e.value) == f"teacher: {path} holds NaN or inf at step 2; checkpoint 2 not written"
+        assert ckpt.latest_step() == 1 and _digest(tmp_path / "ckpt" / "1") == kept
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]
+    finally:
+        ckpt.close()
+    unchecked = Checkpointer(tmp_path / "unchecked", keep=1, require_finite=False)
+    try:
+        unchecked.save(3, state(float("nan")), {"step": 3})
+        assert unchecked.latest_step() == 3
+    finally:
+        unchecked.close()
+
+
 def test_diverging_distillation_is_one_line_exit_2(tmp_path):
     result = distgame("protocol", "--config", "ci", f"run_dir={tmp_path}", "protocol.defenses=[{name: standard}]",
                       "protocol.distill.attacks=[]", "protocol.seeds=1", "protocol.distill.lr=1e12", "--no-progress")

@@ -330,9 +330,11 @@ def test_vmapped_hypergradient_with_batched_student_batches_matches_finite_diffe
     gammas = jnp.array([0.2, 0.4, 0.6])
     for k in (1, 2):
         cfg = dataclasses.replace(CFG, unroll_steps=k, unroll_lr=0.5)
-        f = lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_b)[1]
+        def f(g, b):
+            return solver.capability_hypergradient(game, cfg, theta, g, b, eval_b)[1]
         jvp = jax.jit(jax.vmap(f))(gammas, batches)
-        J = lambda g, b: game.capability_loss(solver.unrolled_student(game, theta, g, b, k, 0.5), eval_b)
+        def J(g, b):
+            return game.capability_loss(solver.unrolled_student(game, theta, g, b, k, 0.5), eval_b)
         h = 1e-3
         fd = jax.vmap(lambda g, b: (J(g + h, b) - J(g - h, b)) / (2 * h))(gammas, batches)
         np.testing.assert_allclose(np.asarray(jvp), np.asarray(fd), rtol=2e-2, atol=1e-4)
@@ -367,7 +369,8 @@ def test_vmapped_hypergradient_through_a_transformer_student_matches_finite_diff
     gammas = jnp.array([0.2, 0.5, 0.8])
     cfg = dataclasses.replace(CFG, unroll_steps=1, unroll_lr=1.0)
     jvp = jax.jit(jax.vmap(lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_tokens)[1]))(gammas, batches)
-    J = lambda g, b: capability(solver.unrolled_student(game, theta, g, b, 1, 1.0), eval_tokens)
+    def J(g, b):
+        return capability(solver.unrolled_student(game, theta, g, b, 1, 1.0), eval_tokens)
     fd = jax.vmap(lambda g, b: (J(g + 1e-2, b) - J(g - 1e-2, b)) / 2e-2)(gammas, batches)
     np.testing.assert_allclose(np.asarray(jvp), np.asarray(fd), rtol=5e-2, atol=1e-4)
 
@@ -447,7 +450,8 @@ def test_vmapped_scan_hypergradient_is_right_on_this_jax():
         return jnp.mean((jnp.tanh(b @ th) - g * jnp.sin(b @ w).sum(-1, keepdims=True)) ** 2)
 
     def adaptive(th, g, b):
-        per = lambda t, gg: jnp.mean((jnp.tanh(b @ t) - gg * jnp.sin(b @ w).sum(-1, keepdims=True)) ** 2, -1)
+        def per(t, gg):
+            return jnp.mean((jnp.tanh(b @ t) - gg * jnp.sin(b @ w).sum(-1, keepdims=True)) ** 2, -1)
         v = stu.example_values(lambda t: per(t, jax.lax.stop_gradient(g)), th, jax.grad(lambda t: jnp.sum(t**2))(th))
         return jnp.mean(jax.lax.stop_gradient(stu.adaptive_weights(v, 2.0)) * per(th, g))
 

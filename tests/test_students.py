@@ -137,7 +137,8 @@ def test_adaptive_student_prefers_aligned_example():
     gg = float(g @ g)
     np.testing.assert_allclose(v, [gg, -gg, 0.0], rtol=1e-5, atol=1e-5)
     # "positive = useful": a gradient step on the aligned example lowers held-out loss
-    L = lambda t: float(jnp.mean(sq_losses(t, x_h, y_h)))
+    def L(t):
+        return float(jnp.mean(sq_losses(t, x_h, y_h)))
     for i, sign in ((0, -1), (1, +1)):
         step = theta - 1e-3 * jax.grad(lambda t: sq_losses(t, x[i : i + 1], y[i : i + 1])[0])(theta)
         assert sign * (L(step) - L(theta)) > 0
@@ -313,7 +314,8 @@ def test_invert_poe_recovers_teacher(tau):
     np.testing.assert_allclose(got, lt, atol=1e-4)
     # top-k subset exposed by the API: recovers the teacher renormalised over those ids
     ids = np.argsort(-logp_g, axis=-1)[:, :K]
-    sub = lambda a: np.take_along_axis(a, ids, -1)
+    def sub(a):
+        return np.take_along_axis(a, ids, -1)
     got_k = S.invert_poe(jnp.asarray(sub(logp_g), jnp.float32), jnp.asarray(sub(z_P), jnp.float32), gamma, tau)
     want_k = sub(z_T) - np.log(np.exp(sub(z_T)).sum(-1, keepdims=True))
     np.testing.assert_allclose(got_k, want_k, atol=1e-4)
@@ -416,16 +418,19 @@ def _toy_token_problem(seed=0, B=6, T=4):
     mask[3] = 0  # an example with no target tokens
     mask = jnp.asarray(mask)
     theta = jnp.asarray(rng.normal(size=D), jnp.float32)
-    token_loss = lambda th, x=x, y=y, mask=mask: (jax.nn.softplus(-y * (x @ th)), mask)
+    def token_loss(th, x=x, y=y, mask=mask):
+        return (jax.nn.softplus(-y * (x @ th)), mask)
     return theta, x, y, mask, token_loss
 
 
 def test_recipe_loss_per_batch_equals_hand_assembly():
     theta, x, y, mask, token_loss = _toy_token_problem()
     xh, yh = x[:2] * 0.5 + 0.1, -y[:2]
-    held = lambda th: jnp.mean(jax.nn.softplus(-yh * (xh @ th)))
+    def held(th):
+        return jnp.mean(jax.nn.softplus(-yh * (xh @ th)))
     g = jax.grad(held)(theta)
-    per_ex = lambda th: S.sequence_nll(-token_loss(th)[0], mask)
+    def per_ex(th):
+        return S.sequence_nll(-token_loss(th)[0], mask)
     v = S.example_values(per_ex, theta, g)
     mask_b = np.asarray(mask.sum(-1) > 0)
     for recipe, beta in [(S.Recipe(averaging="sequence", max_weight=2.0), 1.0), (S.Recipe(weighting="filter"), 2.0),
@@ -458,12 +463,15 @@ def test_dataset_gradient_and_weights_match_whole_set():
             "y": jnp.asarray(rng.choice([-1.0, 1.0], size=(N, T)), jnp.float32),
             "m": jnp.asarray((rng.random((N, T)) < 0.8).astype(np.float32))}
     theta = jnp.asarray(rng.normal(size=D), jnp.float32)
-    tok = lambda th, r: jax.nn.softplus(-r["y"] * (r["x"] @ th)) * r["m"]
-    sum_loss = lambda th, r: (jnp.sum(tok(th, r)), jnp.sum(r["m"]))
+    def tok(th, r):
+        return jax.nn.softplus(-r["y"] * (r["x"] @ th)) * r["m"]
+    def sum_loss(th, r):
+        return (jnp.sum(tok(th, r)), jnp.sum(r["m"]))
     g = S.dataset_gradient(sum_loss, theta, data, chunk=4)
     want_g = jax.grad(lambda th: jnp.sum(tok(th, data)) / jnp.sum(data["m"]))(theta)
     np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
-    per_ex = lambda th, r: S.sequence_nll(-tok(th, r), r["m"])
+    def per_ex(th, r):
+        return S.sequence_nll(-tok(th, r), r["m"])
     mask_n = np.asarray(data["m"].sum(-1) > 0)
     for recipe in (S.Recipe(refresh_every=0), dataclasses.replace(S.REFERENCE_RECIPE, fd_dtype="float32")):
         w = S.dataset_weights(recipe, 1.0, per_ex, theta, g, data, mask_n, chunk=4)

@@ -301,7 +301,6 @@ def test_gsm8k_builder_downloads_over_http(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from experiments.tasks import tfds_builders
 
     served = tmp_path / "www"
     served.mkdir()

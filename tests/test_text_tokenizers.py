@@ -42,7 +42,8 @@ def test_word_spec_is_the_arithmetic_tokenizer():
 
 
 def _train_tokenizer_json(path, specials):
-    from tokenizers import Tokenizer as HF, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     hf = HF(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -10,8 +10,7 @@ import pytest
 
 from experiments.config import ConfigError, DistillConfig
 from experiments.protocol import correct_pool, distil, headline, token_entropy_stats
-from experiments.train import RoleModel, init_role_model
-from models.sharding import MeshConfig
+from experiments.train import init_role_model
 from models.transformer import ModelConfig
 
 

@@ -115,10 +115,12 @@ class DistgameMath(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         manual = _manual_dir(dl_manager)
         if manual is not None and (manual / "MATH").is_dir():
-            files = lambda split: ((str(p), p.read_bytes()) for p in sorted((manual / "MATH" / split).glob("*/*.json")))
+            def files(split):
+                return ((str(p), p.read_bytes()) for p in sorted((manual / "MATH" / split).glob("*/*.json")))
         else:
             tar = manual / "MATH.tar" if manual is not None else dl_manager.download(MATH_URL)
-            files = lambda split: _tar_members(tar, split)
+            def files(split):
+                return _tar_members(tar, split)
         return {s: self._generate_examples(files(s)) for s in ("train", "test")}
 
     def _generate_examples(self, files):
