@@ -35,8 +35,17 @@ from models import lora
 from models import transformer as tfm
 
 ABLATION_ROWS = (
-    "passive_token", "passive_sequence", "design", "design_shuffled", "design_once", "tuned", "filter",
-    "reference", "reference_shuffled", "reference_design_sign", "reference_token",
+    "passive_token",
+    "passive_sequence",
+    "design",
+    "design_shuffled",
+    "design_once",
+    "tuned",
+    "filter",
+    "reference",
+    "reference_shuffled",
+    "reference_design_sign",
+    "reference_token",
 )
 ABLATION_HELP = {
     "passive_token": "passive, loss averaged per token (the table's passive student; the baseline)",
@@ -57,25 +66,43 @@ ABLATION_HELP = {
 class AttackerConfig:
     """The adaptive attacker's recipe, its tuned β and the ablation (experiments/attacker.py)."""
 
-    value: str = _help("adaptive students' example value: 'jvp' (exact <∇ℓ_i, g> in float32, the design) or 'fd' (central difference in fd_dtype)", "jvp")
+    value: str = _help(
+        "adaptive students' example value: 'jvp' (exact <∇ℓ_i, g> in float32, the design) or 'fd' (central difference in fd_dtype)",
+        "jvp",
+    )
     sign: int = _help("1: weights exp(+β v), v > 0 = useful (design); -1: exp(-β v), the sign of the paper's code", 1)
     fd_eps: float = _help("value='fd': the step ε along g", 0.01)
-    fd_dtype: str = _help("value='fd': precision of θ ± εg and of the two losses: bfloat16 | float16 | float32", "bfloat16")
+    fd_dtype: str = _help(
+        "value='fd': precision of θ ± εg and of the two losses: bfloat16 | float16 | float32", "bfloat16"
+    )
     value_refresh: int = _help(
         "when the values are computed: 1 = every step, for that step's batch, at the current student (design; weights "
         "normalised over the batch); 0 = once, at the student base, for every trace (weights normalised over all traces, "
-        "g from the whole held-out set); N > 1 = for every trace at the current student every N steps", 1)
-    weighting: str = _help("'exp' (w ∝ exp(β v), mean 1, capped at max_weight) or 'filter' (one-sided: w = min(1, exp(β v)), only down-weights)", "exp")
+        "g from the whole held-out set); N > 1 = for every trace at the current student every N steps",
+        1,
+    )
+    weighting: str = _help(
+        "'exp' (w ∝ exp(β v), mean 1, capped at max_weight) or 'filter' (one-sided: w = min(1, exp(β v)), only down-weights)",
+        "exp",
+    )
     clamp: float = _help("clip the (standardised) values to ±clamp before exp; 0 = off", 0.0)
-    tuned_betas: tuple[float, ...] = _help("β grid of the tuned adaptive student (ablation row 'tuned'); must contain 0 (passive)", (0.0, 0.1, 0.3, 1.0))
+    tuned_betas: tuple[float, ...] = _help(
+        "β grid of the tuned adaptive student (ablation row 'tuned'); must contain 0 (passive)", (0.0, 0.1, 0.3, 1.0)
+    )
     validation_fraction: float = _help(
         "share of the attacker's held-out prompts kept as its validation split (to choose the tuned β; never used for g) "
-        "while the 'tuned' ablation row runs", 0.25)
+        "while the 'tuned' ablation row runs",
+        0.25,
+    )
     ablation_defenses: tuple[str, ...] = _help(
         "defense settings that get the ablation students: labels ('standard', 'poe γ=0.5'), keys ('poe_g0.5') or names "
-        "('ads' = every ADS setting); empty = no ablation", ())
+        "('ads' = every ADS setting); empty = no ablation",
+        (),
+    )
     ablation: tuple[str, ...] = _help(f"ablation students to run: any of {', '.join(ABLATION_ROWS)}", ABLATION_ROWS)
-    filter_beta: float = _help("β of the one-sided filter row (values standardised when protocol.distill.standardize_values)", 1.0)
+    filter_beta: float = _help(
+        "β of the one-sided filter row (values standardised when protocol.distill.standardize_values)", 1.0
+    )
     reference_beta: float = _help("β of the reference-recipe rows (the paper's GSM8K/MATH value)", stu.REFERENCE_BETA)
     design_beta: float = _help("β of the design rows when protocol.distill.betas is empty (else its first entry)", 1.0)
 
@@ -97,8 +124,15 @@ class AttackerConfig:
 
     def base_recipe(self, standardize: bool, max_weight: float, averaging: str) -> stu.Recipe:
         return stu.Recipe(
-            weighting=self.weighting, value=self.value, sign=self.sign, fd_eps=self.fd_eps, fd_dtype=self.fd_dtype,
-            refresh_every=self.value_refresh, standardize=standardize, clamp=self.clamp, max_weight=max_weight,
+            weighting=self.weighting,
+            value=self.value,
+            sign=self.sign,
+            fd_eps=self.fd_eps,
+            fd_dtype=self.fd_dtype,
+            refresh_every=self.value_refresh,
+            standardize=standardize,
+            clamp=self.clamp,
+            max_weight=max_weight,
             averaging=averaging,
         )
 
@@ -152,9 +186,11 @@ def kind_label(kind: Any) -> str:
 def _dataset_weights_fn(graphdef, dc, recipe: stu.Recipe):
     """Jitted, vmapped over seeds: weights of every trace at the current student (tp over `base`)."""
     if dc.finetune == "lora":
+
         def params_of(tp, base):
             return lora.merge(base, tp, dc.lora)
     else:
+
         def params_of(tp, base):
             return tp
 
@@ -165,7 +201,9 @@ def _dataset_weights_fn(graphdef, dc, recipe: stu.Recipe):
             return -jnp.sum(jnp.where(m > 0, logp, 0.0) * m), jnp.sum(m)
 
         def per_example(p, rows):
-            return stu.sequence_nll(tfm.token_logprobs(graphdef, params_of(p, base), rows["tokens_bt"]), rows["loss_mask_bt"][:, :-1])
+            return stu.sequence_nll(
+                tfm.token_logprobs(graphdef, params_of(p, base), rows["tokens_bt"]), rows["loss_mask_bt"][:, :-1]
+            )
 
         g = stu.dataset_gradient(sum_loss, tp, {"tokens_bt": h_tokens, "loss_mask_bt": h_mask}, dc.heldout_batch)
         data = {"tokens_bt": tokens_nt, "loss_mask_bt": mask_nt}
@@ -206,9 +244,16 @@ class RecipeFeeder:
             fn = _dataset_weights_fn(self.base.graphdef, self.dc, r)
             n = self.traces["tokens_bt"].shape[1]
             u = self.rng.random((self.seeds, n), np.float32)
-            self.weights_sn = fn(trained, frozen, jnp.asarray(self.traces["tokens_bt"]), jnp.asarray(self.traces["loss_mask_bt"]),
-                                 jnp.asarray(self.heldout["tokens_bt"]), jnp.asarray(self.heldout["loss_mask_bt"]),
-                                 jnp.float32(beta), jnp.asarray(u))
+            self.weights_sn = fn(
+                trained,
+                frozen,
+                jnp.asarray(self.traces["tokens_bt"]),
+                jnp.asarray(self.traces["loss_mask_bt"]),
+                jnp.asarray(self.heldout["tokens_bt"]),
+                jnp.asarray(self.heldout["loss_mask_bt"]),
+                jnp.float32(beta),
+                jnp.asarray(u),
+            )
         return {"weights_b": np.take_along_axis(np.asarray(self.weights_sn), idx_sb, axis=1)}
 
 
@@ -274,15 +319,22 @@ def ablation_students(protocol, d, models, traces, heldout) -> dict:
     if "tuned" in ac.ablation:
         betas = list(ac.tuned_betas)
         # β = 0 of the configured recipe gives every example weight exactly 1: it is the passive student.
-        recs = [protocol.student_record(d, "passive" if b == 0 else "adaptive", float(b), models, traces, heldout) for b in betas]
+        recs = [
+            protocol.student_record(d, "passive" if b == 0 else "adaptive", float(b), models, traces, heldout)
+            for b in betas
+        ]
         val = np.array([r["validation_accuracy"] for r in recs])  # [n_betas, seeds]
         pick = choose_beta(val, betas)
         seeds = np.arange(val.shape[1])
         test = np.array([r["accuracy"] for r in recs])
         ess = np.array([r.get("ess_fraction", [1.0] * len(seeds)) for r in recs])
-        out["tuned"] = {"accuracy": test[pick, seeds].tolist(), "ess_fraction": ess[pick, seeds].tolist(),
-                        "beta": [float(betas[i]) for i in pick], "validation_accuracy": val[pick, seeds].tolist(),
-                        "grid": {f"{b:g}": {"validation": val[i].tolist(), "test": test[i].tolist()} for i, b in enumerate(betas)}}
+        out["tuned"] = {
+            "accuracy": test[pick, seeds].tolist(),
+            "ess_fraction": ess[pick, seeds].tolist(),
+            "beta": [float(betas[i]) for i in pick],
+            "validation_accuracy": val[pick, seeds].tolist(),
+            "grid": {f"{b:g}": {"validation": val[i].tolist(), "test": test[i].tolist()} for i, b in enumerate(betas)},
+        }
     return out
 
 
@@ -309,7 +361,8 @@ def ablation_summary(rows: list[dict]) -> dict:
             entry["rows"][name] = {
                 "accuracy": float(100 * acc.mean()),
                 "accuracy_se": float(100 * acc.std(ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else float("nan"),
-                "minus_passive": diff, "minus_passive_se": se,
+                "minus_passive": diff,
+                "minus_passive_se": se,
                 "ess_fraction": float(np.mean(ess)) if ess is not None else None,
                 "beta": rec.get("beta"),
             }
@@ -321,9 +374,14 @@ def ablation_summary(rows: list[dict]) -> dict:
             entry["ess_fraction"] = entry["rows"]["design"]["ess_fraction"]
         if "tuned" in ab:
             entry["tuned_betas_chosen"] = ab["tuned"]["beta"]
-        entry["beats_passive_by_2se"] = [n for n, x in entry["rows"].items()
-                                         if n != "passive_token" and np.isfinite(x["minus_passive_se"])
-                                         and x["minus_passive"] >= 2 * x["minus_passive_se"] and x["minus_passive"] > 0]
+        entry["beats_passive_by_2se"] = [
+            n
+            for n, x in entry["rows"].items()
+            if n != "passive_token"
+            and np.isfinite(x["minus_passive_se"])
+            and x["minus_passive"] >= 2 * x["minus_passive_se"]
+            and x["minus_passive"] > 0
+        ]
         out[r["label"]] = entry
     return out
 
@@ -346,14 +404,20 @@ def ablation_markdown(results: dict) -> str:
         return ""
     labels = list(ab)
     names = [n for n in ABLATION_ROWS if any(n in ab[lab]["rows"] for lab in labels)]
-    head = ["student"] + [h for lab in labels for h in (f"{lab}: acc (%)", f"{lab}: − passive (pts, paired)", f"{lab}: ESS")]
+    head = ["student"] + [
+        h for lab in labels for h in (f"{lab}: acc (%)", f"{lab}: − passive (pts, paired)", f"{lab}: ESS")
+    ]
     lines = [
-        "", "## Attacker ablation: where an adaptive gain comes from", "",
+        "",
+        "## Attacker ablation: where an adaptive gain comes from",
+        "",
         "Each student of a seed trains on that seed's traces in the same data order as the passive (token-averaged) "
-        "student; \"− passive\" is the per-seed difference, mean ± SE over seeds. ESS = mean effective sample size "
+        'student; "− passive" is the per-seed difference, mean ± SE over seeds. ESS = mean effective sample size '
         "(Σw)²/(n·Σw²) of the weights actually used. A shuffled row gives the same weights to randomly permuted "
-        "examples: what selection adds beyond the lost sample size.", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+        "examples: what selection adds beyond the lost sample size.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for n in names:
         cells = [n]
@@ -363,10 +427,18 @@ def ablation_markdown(results: dict) -> str:
                 cells += ["–"] * 3
                 continue
             beta = x.get("beta")
-            tag = "" if beta is None or n.startswith("passive") else (
-                f" (β={beta:g})" if isinstance(beta, (int, float)) else f" (β={'/'.join(f'{b:g}' for b in beta)})")
-            cells += [_cell(x["accuracy"], x["accuracy_se"]) + tag, _cell(x["minus_passive"], x["minus_passive_se"], True),
-                      "–" if x["ess_fraction"] is None else f"{x['ess_fraction']:.2f}"]
+            tag = (
+                ""
+                if beta is None or n.startswith("passive")
+                else (
+                    f" (β={beta:g})" if isinstance(beta, (int, float)) else f" (β={'/'.join(f'{b:g}' for b in beta)})"
+                )
+            )
+            cells += [
+                _cell(x["accuracy"], x["accuracy_se"]) + tag,
+                _cell(x["minus_passive"], x["minus_passive_se"], True),
+                "–" if x["ess_fraction"] is None else f"{x['ess_fraction']:.2f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for n in names:
@@ -374,6 +446,12 @@ def ablation_markdown(results: dict) -> str:
     lines.append("")
     for lab in labels:
         win = ab[lab]["beats_passive_by_2se"]
-        lines.append(f"{lab}: " + (f"beats passive by ≥ 2 paired SE: {', '.join(win)}." if win else
-                                 "no recipe beats passive by ≥ 2 paired SE."))
+        lines.append(
+            f"{lab}: "
+            + (
+                f"beats passive by ≥ 2 paired SE: {', '.join(win)}."
+                if win
+                else "no recipe beats passive by ≥ 2 paired SE."
+            )
+        )
     return "\n".join(lines) + "\n"

@@ -72,16 +72,26 @@ def _distill_runner(cfg: Config, models, vocab: int, kind: str, steps: int):
         "topk_ids_btk": rng.integers(3, vocab, (seeds, n, t, k), dtype=np.int32),
         "topk_logprob_btk": np.log(np.full((seeds, n, t, k), 1.0 / k, np.float32)),
     }
-    heldout = {"tokens_bt": rng.integers(3, vocab, (256, t), dtype=np.int32), "loss_mask_bt": np.ones((256, t), np.float32)}
-    return lambda: distil(models["student"], traces, heldout, dc, kind, 1.0, seeds, models["proxy"], 0.5, pc.temperature, progress=False)
+    heldout = {
+        "tokens_bt": rng.integers(3, vocab, (256, t), dtype=np.int32),
+        "loss_mask_bt": np.ones((256, t), np.float32),
+    }
+    return lambda: distil(
+        models["student"], traces, heldout, dc, kind, 1.0, seeds, models["proxy"], 0.5, pc.temperature, progress=False
+    )
 
 
 def with_hf_architectures(cfg: Config) -> Config:
     """Roles with `hf_dir` benchmarked at their checkpoint's architecture (its config.json, or the published
     copy in models/hf_configs/) and dtypes, with random weights: throughput does not depend on the values."""
     try:
-        roles = {r: dataclasses.replace(cfg.role(r), model=hf_loader.architecture(cfg.role(r).hf_dir, **hf_overrides(cfg.role(r)))[0])
-                 for r in ROLES if cfg.role(r).hf_dir}
+        roles = {
+            r: dataclasses.replace(
+                cfg.role(r), model=hf_loader.architecture(cfg.role(r).hf_dir, **hf_overrides(cfg.role(r)))[0]
+            )
+            for r in ROLES
+            if cfg.role(r).hf_dir
+        }
     except hf_loader.HFLoadError as e:
         raise ConfigError(f"bench: {e}") from None
     return dataclasses.replace(cfg, **roles)
@@ -115,14 +125,28 @@ def run_bench(cfg: Config, compare_hf: bool = False) -> dict:
     no_eos = -1  # decode the full length every time
     sample = dict(max_new_tokens=bc.gen_len, eos_id=no_eos, pad_id=0, greedy=False)
     key = jax.random.key(0)
+
     def cached():
         return generate((spec,), (state["s"]["params"],), prompts, lens, key, combiner=Single(), **sample)["tokens_bn"]
+
     p_model = models["proxy"]
+
     def poe():
-        return generate((spec, p_model.spec), (state["s"]["params"], p_model.params), prompts, lens, key,
-                        combiner=dfn.PoE(0.5, 1.0), **sample)["tokens_bn"]
+        return generate(
+            (spec, p_model.spec),
+            (state["s"]["params"], p_model.params),
+            prompts,
+            lens,
+            key,
+            combiner=dfn.PoE(0.5, 1.0),
+            **sample,
+        )["tokens_bn"]
+
     def uncached():
-        return greedy_uncached(spec, state["s"]["params"], prompts, lens, max_new_tokens=bc.gen_len, eos_id=no_eos, pad_id=0)
+        return greedy_uncached(
+            spec, state["s"]["params"], prompts, lens, max_new_tokens=bc.gen_len, eos_id=no_eos, pad_id=0
+        )
+
     distill = {kind: _distill_runner(cfg, models, vocab, kind, bc.distill_steps) for kind in ("passive", "adaptive")}
 
     hf = None
@@ -244,8 +268,10 @@ def format_report(r: dict) -> str:
         f"  model FLOPs/token (forward) {r['model_flops_per_token_forward']:,.0f}; dense matmul peak {r['matmul_peak_flops_per_s'] / g:.1f} GFLOP/s",
     ]
     if r.get("train_mfu") is not None:
-        lines.append(f"  MFU vs {r['device_kind']} bf16 peak ({r['device_bf16_peak_flops_per_s'] / 1e12:,.0f} TFLOP/s): "
-                     f"train {r['train_mfu']:.1%}, decode {r['decode_mfu']:.1%}")
+        lines.append(
+            f"  MFU vs {r['device_kind']} bf16 peak ({r['device_bf16_peak_flops_per_s'] / 1e12:,.0f} TFLOP/s): "
+            f"train {r['train_mfu']:.1%}, decode {r['decode_mfu']:.1%}"
+        )
     if "train_speedup_vs_hf" in r:
         lines += [
             f"  PyTorch {r['hf_versions']['torch']} + transformers {r['hf_versions']['transformers']} ({r['hf_threads']} threads), same shapes:",

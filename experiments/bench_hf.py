@@ -22,7 +22,9 @@ def import_torch():
         import torch
         import transformers
     except ImportError:
-        raise ConfigError("bench --compare-hf needs torch and transformers (the test extra): pip install -e '.[test]'") from None
+        raise ConfigError(
+            "bench --compare-hf needs torch and transformers (the test extra): pip install -e '.[test]'"
+        ) from None
     return torch, transformers
 
 
@@ -30,10 +32,20 @@ def llama(cfg: ModelConfig, vocab: int, max_len: int, seed: int = 0):
     torch, transformers = import_torch()
     torch.manual_seed(seed)
     conf = transformers.LlamaConfig(
-        vocab_size=cfg.rows(vocab), hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tied_embeddings, max_position_embeddings=max_len,
-        rope_theta=cfg.rope_base, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=cfg.rows(vocab),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tied_embeddings,
+        max_position_embeddings=max_len,
+        rope_theta=cfg.rope_base,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.LlamaForCausalLM(conf).float().eval()
 
@@ -91,8 +103,16 @@ class HFDecode:
         processors = [poe_processor(self.proxy, self.gamma)] if self.proxy is not None else None
         with self.torch.no_grad():
             return self.model.generate(
-                input_ids=self.prompts, attention_mask=self.mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=self.gen_len, min_new_tokens=self.gen_len, use_cache=True, pad_token_id=0,
+                input_ids=self.prompts,
+                attention_mask=self.mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=self.gen_len,
+                min_new_tokens=self.gen_len,
+                use_cache=True,
+                pad_token_id=0,
                 logits_processor=processors,
             )
 

@@ -74,8 +74,15 @@ def sign_agreement(pred_j, measured_bs) -> tuple[float, list[dict]]:
         delta = mean_stderr(m[:, k + 1] - m[:, k])
         pred = float(pred_j[k + 1] - pred_j[k])
         significant = bool(np.isfinite(delta["stderr"]) and abs(delta["mean"]) > 2 * delta["stderr"])
-        pairs.append({"k": k, "measured": delta, "predicted": pred, "significant": significant,
-                      "agree": bool(np.sign(pred) == np.sign(delta["mean"]))})
+        pairs.append(
+            {
+                "k": k,
+                "measured": delta,
+                "predicted": pred,
+                "significant": significant,
+                "agree": bool(np.sign(pred) == np.sign(delta["mean"])),
+            }
+        )
     sig = [p for p in pairs if p["significant"]]
     return (float(np.mean([p["agree"] for p in sig])) if sig else float("nan")), pairs
 
@@ -84,22 +91,28 @@ class Calibration:
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg, self.ec, self.progress = cfg, cfg.equilibrium, progress and is_main_process()
         self.dir = rio.path(cfg.run_dir) / "calibration"
-        self.sweep = EquilibriumSweep(dataclasses.replace(cfg, equilibrium=dataclasses.replace(
-            self.ec, check_seeds=self.ec.calibration_seeds)), progress=progress)
+        self.sweep = EquilibriumSweep(
+            dataclasses.replace(cfg, equilibrium=dataclasses.replace(self.ec, check_seeds=self.ec.calibration_seeds)),
+            progress=progress,
+        )
         self.protocol = self.sweep.protocol  # seeds = calibration_seeds
 
     # -- the game's prediction ----------------------------------------------------
     def predict(self, models, eval_batch, heldout) -> dict:
         scfg, optimizers = solver_setup(self.cfg)
-        game = make_game(models["student"], 0.0, self.cfg.protocol.distill, self.cfg.protocol.temperature,
-                         self.ec.estimator)
+        game = make_game(
+            models["student"], 0.0, self.cfg.protocol.distill, self.cfg.protocol.temperature, self.ec.estimator
+        )
         steps = scfg.unroll_steps if scfg.unroll_from == "base" else 1
-        hyper = jax.jit(lambda g, b: sv.capability_hypergradient(game, scfg, models["student"].params, g, b,
-                                                                 eval_batch, optimizers))
+        hyper = jax.jit(
+            lambda g, b: sv.capability_hypergradient(game, scfg, models["student"].params, g, b, eval_batch, optimizers)
+        )
         gammas = np.asarray(self.ec.calibration_gammas, np.float32)
         J = np.zeros((self.ec.calibration_game_seeds, len(gammas)))
         dJ = np.zeros_like(J)
-        for s in tqdm(range(self.ec.calibration_game_seeds), desc="game prediction", leave=False, disable=not self.progress):
+        for s in tqdm(
+            range(self.ec.calibration_game_seeds), desc="game prediction", leave=False, disable=not self.progress
+        ):
             # pools of problems generated from their own seeds (not the protocol's traces' or the solve's)
             pool = self.sweep.prefixes(models, gammas, 10_000 + s, heldout, steps, pool_seed=s)
             for k in range(len(gammas)):
@@ -114,15 +127,26 @@ class Calibration:
         solutions and test accuracy (cached in run_dir/calibration, keyed by everything
         they depend on)."""
         dc, seeds = self.cfg.protocol.distill, self.protocol.seeds
-        key = fingerprint(t=self.protocol.task_fp, p=dataclasses.replace(self.cfg.protocol, defenses=()),
-                          g=list(self.ec.calibration_gammas), s=seeds, n=self.ec.n_eval, c=self.ec.capability)
+        key = fingerprint(
+            t=self.protocol.task_fp,
+            p=dataclasses.replace(self.cfg.protocol, defenses=()),
+            g=list(self.ec.calibration_gammas),
+            s=seeds,
+            n=self.ec.n_eval,
+            c=self.ec.capability,
+        )
         path = self.dir / f"measured-{key}.json"
         if path.exists():
             return {k: np.asarray(v, float) for k, v in rio.load_json(path).items()}  # null (a NaN written) -> NaN
         test_problems = self.protocol.task.problems("test", self.cfg.seed)
         spec, gd = models["student"].spec, models["student"].graphdef
-        nll_of = jax.jit(jax.vmap(lambda p: masked_nll(lambda th, t: tfm.forward(gd, th, t)[0], p,
-                                                       eval_batch["tokens_bt"], eval_batch["loss_mask_bt"])))
+        nll_of = jax.jit(
+            jax.vmap(
+                lambda p: masked_nll(
+                    lambda th, t: tfm.forward(gd, th, t)[0], p, eval_batch["tokens_bt"], eval_batch["loss_mask_bt"]
+                )
+            )
+        )
         nll, acc = [], []
         for gamma in tqdm(self.ec.calibration_gammas, desc="protocol students", leave=False, disable=not self.progress):
             d = setting_for(gamma)
@@ -130,15 +154,40 @@ class Calibration:
             train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
             if dc.degeneracy_filter:
                 train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
-            params = distil(models["student"], train, heldout, dc, "passive", 0.0, seeds, models["proxy"], 0.0,
-                            self.cfg.protocol.temperature, False, desc=f"calibrate {d.label}")
+            params = distil(
+                models["student"],
+                train,
+                heldout,
+                dc,
+                "passive",
+                0.0,
+                seeds,
+                models["proxy"],
+                0.0,
+                self.cfg.protocol.temperature,
+                False,
+                desc=f"calibrate {d.label}",
+            )
             nll.append(np.asarray(nll_of(params)))
             row = []
             for s in range(seeds):
                 p_s = jax.tree.map(lambda x: x[s], params)
-                dec = decode_problems(test_problems, self.protocol.tokenizer, (spec,), (p_s,), self.protocol.mesh,
-                                      max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
-                row.append(float(correct_mask(test_problems, dec.texts(self.protocol.tokenizer), self.protocol.task.is_correct).mean()))
+                dec = decode_problems(
+                    test_problems,
+                    self.protocol.tokenizer,
+                    (spec,),
+                    (p_s,),
+                    self.protocol.mesh,
+                    max_new_tokens=self.cfg.sample.max_new_tokens,
+                    batch_size=self.cfg.sample.batch_size,
+                )
+                row.append(
+                    float(
+                        correct_mask(
+                            test_problems, dec.texts(self.protocol.tokenizer), self.protocol.task.is_correct
+                        ).mean()
+                    )
+                )
             acc.append(row)
         out = {"nll": np.stack(nll, 1), "accuracy": np.asarray(acc).T}  # [seeds, grid]
         if is_main_process():
@@ -160,18 +209,29 @@ class Calibration:
         agree, pairs = sign_agreement(j_mean, meas["nll"])
         agree_acc, _ = sign_agreement(-j_mean, meas["accuracy"])
         gammas = list(self.ec.calibration_gammas)
-        points = [{
-            "gamma": g,
-            "J": mean_stderr(pred["J"][:, k]), "dJ": mean_stderr(pred["dJ"][:, k]),
-            "nll": mean_stderr(meas["nll"][:, k]), "accuracy": mean_stderr(meas["accuracy"][:, k]),
-        } for k, g in enumerate(gammas)]
+        points = [
+            {
+                "gamma": g,
+                "J": mean_stderr(pred["J"][:, k]),
+                "dJ": mean_stderr(pred["dJ"][:, k]),
+                "nll": mean_stderr(meas["nll"][:, k]),
+                "accuracy": mean_stderr(meas["accuracy"][:, k]),
+            }
+            for k, g in enumerate(gammas)
+        ]
         result = {
-            "config": self.cfg.name, "gammas": gammas, "points": points, "pairs": pairs,
+            "config": self.cfg.name,
+            "gammas": gammas,
+            "points": points,
+            "pairs": pairs,
             "spearman": spearman(j_mean, meas["nll"].mean(0)),
             "spearman_accuracy": spearman(j_mean, -meas["accuracy"].mean(0)),
-            "sign_agreement": agree, "sign_agreement_accuracy": agree_acc,
-            "game_seeds": self.ec.calibration_game_seeds, "protocol_seeds": self.protocol.seeds,
-            "estimator": self.ec.estimator, "capability": self.ec.capability,
+            "sign_agreement": agree,
+            "sign_agreement_accuracy": agree_acc,
+            "game_seeds": self.ec.calibration_game_seeds,
+            "protocol_seeds": self.protocol.seeds,
+            "estimator": self.ec.estimator,
+            "capability": self.ec.capability,
             "settings": to_dict(self.ec),
         }
         result["seconds"] = round(time.perf_counter() - start, 1)
@@ -184,12 +244,16 @@ class Calibration:
 
 def calibration_markdown(result: dict) -> str:
     lines = ["| γ | predicted J | predicted dJ/dγ | measured NLL | measured accuracy |", "|---|---|---|---|---|"]
+
     def f(s):
         return f"{s['mean']:.4f} ± {s['stderr']:.4f}"
+
     for p in result["points"]:
         lines.append(f"| {p['gamma']:g} | {f(p['J'])} | {f(p['dJ'])} | {f(p['nll'])} | {f(p['accuracy'])} |")
-    lines.append(f"\nspearman(J, NLL) = {result['spearman']:.3f}, sign agreement = {result['sign_agreement']}, "
-                 f"spearman(J, −accuracy) = {result['spearman_accuracy']:.3f}")
+    lines.append(
+        f"\nspearman(J, NLL) = {result['spearman']:.3f}, sign agreement = {result['sign_agreement']}, "
+        f"spearman(J, −accuracy) = {result['spearman_accuracy']:.3f}"
+    )
     return "\n".join(lines) + "\n"
 
 

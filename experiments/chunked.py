@@ -26,8 +26,10 @@ def seed_rows_sharded(arrays: dict[str, np.ndarray], mesh) -> dict:
     div = shd.batch_divisor(mesh)
     if div == 1 or any(v.shape[1] % div for v in arrays.values()):
         return arrays
+
     def spec(v):
         return NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (v.ndim - 2))))
+
     return {k: shd.put_global(v, spec(v)) for k, v in arrays.items()}
 
 
@@ -55,8 +57,10 @@ def mean_nll_grad(graphdef, params, tokens_bt: np.ndarray, mask_bt: np.ndarray, 
     slices, size = row_chunks(len(tokens_bt), chunk, mesh)
     counts = [float(mask_bt[s, :-1].sum()) for s in slices]
     total = max(sum(counts), 1.0)
+
     def zeros(p):
         return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p)
+
     acc = jax.jit(zeros, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)  # on the params' shards
     add = jax.jit(lambda acc, g, w: jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), acc, g))
     for s, m in zip(slices, counts):

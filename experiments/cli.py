@@ -26,13 +26,17 @@ def _train(args, cfg) -> dict:
     from experiments.train import Trainer, make_mesh
 
     if cfg.role(args.role).hf_dir:
-        raise ConfigError(f"{args.role}.hf_dir is set: that role is loaded from its checkpoint, not trained; "
-                          f"set {args.role}.hf_dir='' to train it from scratch")
+        raise ConfigError(
+            f"{args.role}.hf_dir is set: that role is loaded from its checkpoint, not trained; "
+            f"set {args.role}.hf_dir='' to train it from scratch"
+        )
     trainer = Trainer(cfg, args.role, make_mesh(cfg))
     summary = trainer.fit(progress=not args.no_progress)
     if is_main_process():
-        print(f"{args.role}: test accuracy {summary['test_accuracy']:.3f} on {summary['n_test']} problems "
-              f"after {summary['steps']} steps in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
+        print(
+            f"{args.role}: test accuracy {summary['test_accuracy']:.3f} on {summary['n_test']} problems "
+            f"after {summary['steps']} steps in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}"
+        )
     return summary
 
 
@@ -50,8 +54,12 @@ def _protocol(args, cfg) -> dict:
     results = Protocol(cfg, progress=not args.no_progress, seeds=args.seeds).run()
     if is_main_process():
         print(rio.read_text(rio.path(cfg.run_dir) / "RESULTS.md"))
-    summary = {"results": str(rio.path(cfg.run_dir) / "results.json"), "seconds": results["seconds"], "rows": len(results["rows"]),
-               **results["headline"]}
+    summary = {
+        "results": str(rio.path(cfg.run_dir) / "results.json"),
+        "seconds": results["seconds"],
+        "rows": len(results["rows"]),
+        **results["headline"],
+    }
     if "ablation" in results:  # attacker ablation (experiments/attacker.py): per defense, paired points vs passive
         from experiments.attacker import compact
 
@@ -67,9 +75,13 @@ def _equilibrium(args, cfg) -> dict:
         print(rio.read_text(rio.path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md"))
     from experiments.equilibrium import SUMMARY_KEYS
 
-    return {"equilibrium": str(rio.path(cfg.run_dir) / "equilibrium" / "equilibrium.json"), "seconds": eq["seconds"],
-            "plots": eq["plots"], "converged": all(p["converged"] for p in eq["points"]),
-            **{k: eq[k] for k in SUMMARY_KEYS if k in eq}}
+    return {
+        "equilibrium": str(rio.path(cfg.run_dir) / "equilibrium" / "equilibrium.json"),
+        "seconds": eq["seconds"],
+        "plots": eq["plots"],
+        "converged": all(p["converged"] for p in eq["points"]),
+        **{k: eq[k] for k in SUMMARY_KEYS if k in eq},
+    }
 
 
 def _calibrate(args, cfg) -> dict:
@@ -78,12 +90,18 @@ def _calibrate(args, cfg) -> dict:
     result = Calibration(cfg, progress=not args.no_progress).run()
     if is_main_process():
         print(calibration_markdown(result))
+
     def finite(x):  # NaN -> null: the last line stays strict JSON
         return x if x == x else None
-    return {"calibration": str(rio.path(cfg.run_dir) / "calibration" / "calibration.json"),
-            "spearman": finite(result["spearman"]), "sign_agreement": finite(result["sign_agreement"]),
-            "spearman_accuracy": finite(result["spearman_accuracy"]), "seconds": result["seconds"],
-            "plots": result.get("plots", [])}
+
+    return {
+        "calibration": str(rio.path(cfg.run_dir) / "calibration" / "calibration.json"),
+        "spearman": finite(result["spearman"]),
+        "sign_agreement": finite(result["sign_agreement"]),
+        "spearman_accuracy": finite(result["spearman_accuracy"]),
+        "seconds": result["seconds"],
+        "plots": result.get("plots", []),
+    }
 
 
 def _run(args, cfg) -> dict:
@@ -132,14 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         keep_off_absent_tpu()
         enable_compilation_cache()
         initialize_distributed(cfg.distributed)
-        command = {"train": _train, "bench": _bench, "protocol": _protocol, "equilibrium": _equilibrium, "calibrate": _calibrate, "run": _run,
-                   "compile-check": _compile_check}[args.command]
+        command = {
+            "train": _train,
+            "bench": _bench,
+            "protocol": _protocol,
+            "equilibrium": _equilibrium,
+            "calibrate": _calibrate,
+            "run": _run,
+            "compile-check": _compile_check,
+        }[args.command]
         with preemption.watch_sigterm():
             summary = command(args, cfg)
     except (*USER_ERRORS, SolverDivergedError) as e:
         print(f"distgame {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # a training or distillation loss became NaN/inf: the message names role, step, quantity
+    except (
+        FloatingPointError
+    ) as e:  # a training or distillation loss became NaN/inf: the message names role, step, quantity
         kept = "checkpoints of earlier steps are kept" if args.command == "train" else "finished stages are kept"
         print(f"distgame {args.command}: diverged: {e} ({kept})", file=sys.stderr)
         return 2

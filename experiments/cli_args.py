@@ -27,31 +27,53 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distgame", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="distgame", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train (or resume) one role's model")
     train.add_argument("--role", required=True, choices=ROLES)
     _common(train)
     bench = sub.add_parser("bench", help="train-step, decode, PoE and distillation throughput, FLOPs and utilisation")
-    bench.add_argument("--compare-hf", action="store_true",
-                       help="also time the same shapes in PyTorch + transformers (the test extra), alternating, and report the ratios")
+    bench.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also time the same shapes in PyTorch + transformers (the test extra), alternating, and report the ratios",
+    )
     _common(bench)
     protocol = sub.add_parser("protocol", help="defended traces, passive/adaptive students, results table")
     protocol.add_argument("--seeds", type=int, default=None, help="override protocol.seeds")
     _common(protocol)
-    equilibrium = sub.add_parser("equilibrium", help="solve the PoE game for budgets x student tilts, with empirical checks")
+    equilibrium = sub.add_parser(
+        "equilibrium", help="solve the PoE game for budgets x student tilts, with empirical checks"
+    )
     _common(equilibrium)
-    calibrate = sub.add_parser("calibrate", help="the game's predicted J(gamma) vs the protocol's measured passive students")
+    calibrate = sub.add_parser(
+        "calibrate", help="the game's predicted J(gamma) vs the protocol's measured passive students"
+    )
     _common(calibrate)
-    run = sub.add_parser("run", help="the main job: train what is missing, protocol, equilibrium sweep, one run directory")
+    run = sub.add_parser(
+        "run", help="the main job: train what is missing, protocol, equilibrium sweep, one run directory"
+    )
     _common(run)
     show = sub.add_parser("config", help="print the resolved config with the documentation of every field")
     _common(show)
-    check = sub.add_parser("compile-check", help="compile the sharded train step for a TPU topology (needs .[tpu]) and report memory per device")
-    check.add_argument("--topology", required=True, help="TPU topology (v5e:2x4) or accelerator type (v5litepod-8, v4-32); 'local' = this machine's devices")
+    check = sub.add_parser(
+        "compile-check",
+        help="compile the sharded train step for a TPU topology (needs .[tpu]) and report memory per device",
+    )
+    check.add_argument(
+        "--topology",
+        required=True,
+        help="TPU topology (v5e:2x4) or accelerator type (v5litepod-8, v4-32); 'local' = this machine's devices",
+    )
     check.add_argument("--role", choices=ROLES, action="append", help="role(s) to compile (default: all three)")
     _common(check)
-    sub.add_parser("launch", add_help=False, help="Cloud TPU launcher: create, install, run, logs, fetch, delete, job (distgame launch ACTION --help)")
+    sub.add_parser(
+        "launch",
+        add_help=False,
+        help="Cloud TPU launcher: create, install, run, logs, fetch, delete, job (distgame launch ACTION --help)",
+    )
     return parser
 
 

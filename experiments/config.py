@@ -63,7 +63,8 @@ class TrainConfig:
     keep_checkpoints: int = _help("checkpoints kept (oldest deleted first)", 2)
     preemption_check_every: int = _help(
         "steps between checks for SIGTERM (preemption: checkpoint and stop); with several processes each "
-        "check is a one-flag all-gather (about 2 ms on CPU/gloo), so raise it when steps are very short", 1
+        "check is a one-flag all-gather (about 2 ms on CPU/gloo), so raise it when steps are very short",
+        1,
     )
     seed: int = _help("initialisation and data-order seed", 0)
 
@@ -94,7 +95,9 @@ class RoleConfig:
         "and only model.compute_dtype, model.param_dtype and model.vocab_rows (if > 0) apply; '' = train from scratch",
         "",
     )
-    hf_cache: bool = _help("save the converted HF model once as an orbax checkpoint under run_dir/ROLE/hf_converted and reuse it", True)
+    hf_cache: bool = _help(
+        "save the converted HF model once as an orbax checkpoint under run_dir/ROLE/hf_converted and reuse it", True
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +105,9 @@ class SampleConfig:
     """Decoding used for evaluation and trace generation."""
 
     max_new_tokens: int = _help("tokens generated after the prompt", 48)
-    top_p: float = _help("nucleus sampling mass of the teacher API (1.0 = off), applied after the defense and "
-                         "protocol.temperature", 1.0)
+    top_p: float = _help(
+        "nucleus sampling mass of the teacher API (1.0 = off), applied after the defense and protocol.temperature", 1.0
+    )
     batch_size: int = _help("prompts decoded together", 256)
 
     def validate(self) -> None:
@@ -124,8 +128,12 @@ class BenchConfig:
     prompt_len: int = _help("prompt tokens before decoding", 32)
     gen_len: int = _help("generated tokens per sequence", 32)
     iters: int = _help("timed repetitions per round (after one warm-up)", 5)
-    rounds: int = _help("rounds of timings, ours and PyTorch's alternating (--compare-hf); medians over rounds are reported", 2)
-    distill_steps: int = _help("distillation steps per timed call of the protocol's distil (all protocol.seeds at once)", 10)
+    rounds: int = _help(
+        "rounds of timings, ours and PyTorch's alternating (--compare-hf); medians over rounds are reported", 2
+    )
+    distill_steps: int = _help(
+        "distillation steps per timed call of the protocol's distil (all protocol.seeds at once)", 10
+    )
 
 
 DEFENSES = ("standard", "poe", "ads", "ads_fd", "strategic_poe", "strategic_ads")
@@ -176,33 +184,59 @@ class DistillConfig:
     batch_size: int = _help("traces per step", 64)
     lr: float = _help("peak AdamW learning rate", 5e-3)
     warmup_steps: int = _help("linear warmup steps", 10)
-    betas: tuple[float, ...] = _help("adaptive tilts beta_s (one adaptive student each; 0 = passive is always run)", (1.0,))
-    standardize_values: bool = _help("divide example values by their batch std before exp(beta v), so beta is unitless", True)
+    betas: tuple[float, ...] = _help(
+        "adaptive tilts beta_s (one adaptive student each; 0 = passive is always run)", (1.0,)
+    )
+    standardize_values: bool = _help(
+        "divide example values by their batch std before exp(beta v), so beta is unitless", True
+    )
     max_weight: float = _help("cap on an adaptive example weight (weights have mean 1)", 5.0)
-    averaging: str = _help("loss averaging: 'token' (mean over all target tokens) or 'sequence' (mean of per-trace means)", "token")
-    heldout: str = _help("the attacker's held-out set for g_S: 'teacher' (clean teacher traces), 'ground_truth' (reference solutions) or 'none'", "teacher")
+    averaging: str = _help(
+        "loss averaging: 'token' (mean over all target tokens) or 'sequence' (mean of per-trace means)", "token"
+    )
+    heldout: str = _help(
+        "the attacker's held-out set for g_S: 'teacher' (clean teacher traces), 'ground_truth' (reference solutions) or 'none'",
+        "teacher",
+    )
     heldout_batch: int = _help("held-out examples per adaptive step", 64)
     degeneracy_filter: bool = _help("drop traces with long repeats before training", True)
     attacks: tuple[str, ...] = _help(f"extra attacks: any of {', '.join(ATTACKS)}", ("soft_topk", "poe_inversion"))
-    attack_defenses: tuple[str, ...] = _help("defense names the extra attacks are run against (poe_inversion only ever runs against poe)", ("poe",))
-    inversion_gamma_error: float = _help("poe_inversion: the attacker's estimate of gamma is the true gamma plus this", 0.0)
+    attack_defenses: tuple[str, ...] = _help(
+        "defense names the extra attacks are run against (poe_inversion only ever runs against poe)", ("poe",)
+    )
+    inversion_gamma_error: float = _help(
+        "poe_inversion: the attacker's estimate of gamma is the true gamma plus this", 0.0
+    )
     schedule: str = _help(
         "learning rate after warmup: 'constant' (then the first N steps of a longer run are exactly an N-step run, so one "
-        "run gives the whole learning curve) or 'cosine' (decays to lr/10 at `steps`)", "constant")
+        "run gives the whole learning curve) or 'cosine' (decays to lr/10 at `steps`)",
+        "constant",
+    )
     curve: tuple[float, ...] = _help(
         "learning curve of the passive student under standard decoding: accuracy after these multiples of `steps` "
         "(one run to the largest; must include 1 and needs schedule='constant'); the plateau check is acc(2x) - acc(1x). "
-        "[] = off", (0.25, 0.5, 1.0, 2.0))
+        "[] = off",
+        (0.25, 0.5, 1.0, 2.0),
+    )
     ema: float = _help(
         "students are evaluated at the exponential moving average of their iterates with this decay (bias-corrected, "
         "horizon ~1/(1-ema) steps): at a constant lr the last iterate wanders by several points from seed to seed; "
-        "0 = the last iterate", 0.0)
+        "0 = the last iterate",
+        0.0,
+    )
     correct_pool: int = _help(
         "learnability control: a passive student per defense trained only on that defense's correct traces, exactly "
-        "this many per seed (the same count for every defense, so only which correct texts differ); 0 = off", 0)
-    finetune: str = _help("what the student trains: 'full' (every weight) or 'lora' (low-rank adapters, protocol.distill.lora)", "full")
+        "this many per seed (the same count for every defense, so only which correct texts differ); 0 = off",
+        0,
+    )
+    finetune: str = _help(
+        "what the student trains: 'full' (every weight) or 'lora' (low-rank adapters, protocol.distill.lora)", "full"
+    )
     lora: LoraConfig = _help("LoRA adapters when finetune='lora' (models/lora.py)", factory=LoraConfig)
-    attacker: AttackerConfig = _help("the adaptive students' recipe, the tuned β and the attacker ablation (experiments/attacker.py)", factory=AttackerConfig)
+    attacker: AttackerConfig = _help(
+        "the adaptive students' recipe, the tuned β and the attacker ablation (experiments/attacker.py)",
+        factory=AttackerConfig,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +266,9 @@ class ProtocolConfig:
         dc = self.distill
         for name in dc.attack_defenses:
             if name not in DEFENSES:
-                raise ConfigError(f"protocol.distill.attack_defenses: unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
+                raise ConfigError(
+                    f"protocol.distill.attack_defenses: unknown defense {name!r}; choose from {', '.join(DEFENSES)}"
+                )
         for a in dc.attacks:
             if a not in ATTACKS:
                 raise ConfigError(f"protocol.distill.attacks: unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
@@ -241,7 +277,9 @@ class ProtocolConfig:
         if dc.heldout not in ("teacher", "ground_truth", "none"):
             raise ConfigError(f"protocol.distill.heldout={dc.heldout!r} must be 'teacher', 'ground_truth' or 'none'")
         if dc.heldout == "none" and dc.betas:
-            raise ConfigError("protocol.distill.heldout='none' leaves adaptive students no held-out set; set protocol.distill.betas=[]")
+            raise ConfigError(
+                "protocol.distill.heldout='none' leaves adaptive students no held-out set; set protocol.distill.betas=[]"
+            )
         if "soft_topk" in dc.attacks or "poe_inversion" in dc.attacks:
             if self.expose_k < 1:
                 raise ConfigError("protocol.distill.attacks use exposed log-probs but protocol.expose_k=0")
@@ -256,24 +294,34 @@ class ProtocolConfig:
         if dc.schedule not in ("constant", "cosine"):
             raise ConfigError(f"protocol.distill.schedule={dc.schedule!r} must be 'constant' or 'cosine'")
         if dc.curve and (1.0 not in dc.curve or min(dc.curve) <= 0):
-            raise ConfigError(f"protocol.distill.curve={list(dc.curve)} must be positive multiples of steps including 1")
+            raise ConfigError(
+                f"protocol.distill.curve={list(dc.curve)} must be positive multiples of steps including 1"
+            )
         if not 0.0 <= dc.ema < 1.0:
             raise ConfigError(f"protocol.distill.ema={dc.ema} must be in [0, 1) (0 = evaluate the last iterate)")
         if dc.curve and dc.schedule != "constant":
-            raise ConfigError("protocol.distill.curve needs protocol.distill.schedule='constant' (with 'cosine' the first N "
-                              "steps of a longer run are not an N-step run); set protocol.distill.curve=[] or the schedule")
+            raise ConfigError(
+                "protocol.distill.curve needs protocol.distill.schedule='constant' (with 'cosine' the first N "
+                "steps of a longer run are not an N-step run); set protocol.distill.curve=[] or the schedule"
+            )
         if dc.correct_pool < 0 or dc.correct_pool > self.n_traces:
-            raise ConfigError(f"protocol.distill.correct_pool={dc.correct_pool} must be in [0, protocol.n_traces={self.n_traces}]")
+            raise ConfigError(
+                f"protocol.distill.correct_pool={dc.correct_pool} must be in [0, protocol.n_traces={self.n_traces}]"
+            )
         try:
             dc.attacker.validate("protocol.distill.attacker")
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if dc.attacker.ablation_defenses and dc.heldout == "none":
-            raise ConfigError("protocol.distill.attacker.ablation_defenses needs a held-out set; protocol.distill.heldout='none'")
+            raise ConfigError(
+                "protocol.distill.attacker.ablation_defenses needs a held-out set; protocol.distill.heldout='none'"
+            )
         for name in dc.attacker.ablation_defenses:
             if not any(name in (d.label, d.key, d.name) for d in self.defenses):
-                raise ConfigError(f"protocol.distill.attacker.ablation_defenses: {name!r} matches no defense setting; "
-                                  f"labels: {', '.join(d.label for d in self.defenses)}")
+                raise ConfigError(
+                    f"protocol.distill.attacker.ablation_defenses: {name!r} matches no defense setting; "
+                    f"labels: {', '.join(d.label for d in self.defenses)}"
+                )
         for name in ("steps", "batch_size", "heldout_batch"):
             if getattr(dc, name) < 1:
                 raise ConfigError(f"protocol.distill.{name}={getattr(dc, name)} must be >= 1")
@@ -287,21 +335,41 @@ class ProtocolConfig:
 class EquilibriumConfig:
     """The PoE game solved on the trained models (distgame equilibrium)."""
 
-    budgets: tuple[float, ...] = _help("utility budgets δ (nats/token the teacher may lose), increasing, solved at once under vmap", (0.01, 0.03, 0.1))
+    budgets: tuple[float, ...] = _help(
+        "utility budgets δ (nats/token the teacher may lose), increasing, solved at once under vmap", (0.01, 0.03, 0.1)
+    )
     betas: tuple[float, ...] = _help("student tilts beta_s (0 = passive); one solve per tilt", (0.0, 4.0))
     prefixes: int = _help("prefixes sampled from the defended teacher per budget (the student batch)", 64)
     resample_every: int = _help("iterations between prefix resamples (R)", 25)
     heldout_batch: int = _help("the adaptive student's held-out examples per resample (its g_S)", 16)
     n_eval: int = _help("reference solutions of test prompts in J (student capability loss)", 128)
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
-    empirical_check: bool = _help("at each equilibrium gamma*, sample PoE traces and distill real students (protocol.distill)", True)
+    empirical_check: bool = _help(
+        "at each equilibrium gamma*, sample PoE traces and distill real students (protocol.distill)", True
+    )
     check_seeds: int = _help("seeds of the empirical check", 1)
-    horizon: int = _help("student steps in the teacher's objective with solver.unroll_from='base' (0 = protocol.distill.steps, with the protocol's optimizer)", 0)
-    horizon_batch: int = _help("prefixes per unrolled step, drawn from the pool in a fixed order (0 = protocol.distill.batch_size)", 0)
-    estimator: str = _help("gamma's effect on which prefixes are sampled: 'score' (score-function estimator, game/sampling.py) or 'soft' (stopped)", "score")
-    capability: str = _help("what J scores on reference solutions of test prompts: 'solution' (every solution token) or 'answer' (final answer + EOS)", "solution")
-    multi_start: bool = _help("solve every budget from gamma0 in {0, gamma_max/2, gamma_max} and keep the best feasible objective", True)
-    calibration_gammas: tuple[float, ...] = _help("distgame calibrate: the PoE weights (>= 5, increasing, in [0, 1)) where the game's J is compared with the protocol's", (0.0, 0.15, 0.3, 0.45, 0.6))
+    horizon: int = _help(
+        "student steps in the teacher's objective with solver.unroll_from='base' (0 = protocol.distill.steps, with the protocol's optimizer)",
+        0,
+    )
+    horizon_batch: int = _help(
+        "prefixes per unrolled step, drawn from the pool in a fixed order (0 = protocol.distill.batch_size)", 0
+    )
+    estimator: str = _help(
+        "gamma's effect on which prefixes are sampled: 'score' (score-function estimator, game/sampling.py) or 'soft' (stopped)",
+        "score",
+    )
+    capability: str = _help(
+        "what J scores on reference solutions of test prompts: 'solution' (every solution token) or 'answer' (final answer + EOS)",
+        "solution",
+    )
+    multi_start: bool = _help(
+        "solve every budget from gamma0 in {0, gamma_max/2, gamma_max} and keep the best feasible objective", True
+    )
+    calibration_gammas: tuple[float, ...] = _help(
+        "distgame calibrate: the PoE weights (>= 5, increasing, in [0, 1)) where the game's J is compared with the protocol's",
+        (0.0, 0.15, 0.3, 0.45, 0.6),
+    )
     calibration_seeds: int = _help("distgame calibrate: protocol seeds per gamma (paired)", 3)
     calibration_game_seeds: int = _help("distgame calibrate: the game's own prefix pools per gamma", 3)
     solver: SolverConfig = _help("the min-max solver (game/solver.py documents every field)", factory=SolverConfig)
@@ -341,7 +409,9 @@ class EquilibriumConfig:
 class RunConfig:
     """What `distgame run` (the main job, `make run`) does after training."""
 
-    protocol_seeds: int = _help("seeds of the protocol inside the main job (protocol.seeds is for distgame protocol)", 1)
+    protocol_seeds: int = _help(
+        "seeds of the protocol inside the main job (protocol.seeds is for distgame protocol)", 1
+    )
     equilibrium: bool = _help("also run the equilibrium sweep", True)
 
 
@@ -352,7 +422,9 @@ class Config:
     name: str = _help("config name (set from the file name)", "default")
     run_dir: str = _help("where checkpoints, logs and results go", "runs/default")
     seed: int = _help("task-generation seed", 0)
-    task: TaskConfig = _help("the task: built-in arithmetic problems or a text dataset through TFDS", factory=TaskConfig)
+    task: TaskConfig = _help(
+        "the task: built-in arithmetic problems or a text dataset through TFDS", factory=TaskConfig
+    )
     easy_max_steps: int = _help("most steps of the 'easy' problems a role with train.data=easy sees (from 1)", 2)
     mesh: MeshConfig = _help("device mesh (over the devices of all processes)", factory=MeshConfig)
     distributed: DistributedConfig = _help(
@@ -369,7 +441,9 @@ class Config:
     sample: SampleConfig = _help("decoding", factory=SampleConfig)
     bench: BenchConfig = _help("benchmark sizes", factory=BenchConfig)
     protocol: ProtocolConfig = _help("the empirical protocol (distgame protocol)", factory=ProtocolConfig)
-    equilibrium: EquilibriumConfig = _help("the PoE game's equilibrium sweep (distgame equilibrium)", factory=EquilibriumConfig)
+    equilibrium: EquilibriumConfig = _help(
+        "the PoE game's equilibrium sweep (distgame equilibrium)", factory=EquilibriumConfig
+    )
     run: RunConfig = _help("the main job (distgame run)", factory=RunConfig)
 
     def role(self, name: str) -> RoleConfig:
@@ -398,11 +472,15 @@ class Config:
             raise ConfigError(f"easy_max_steps={self.easy_max_steps} must be >= 1")
         for role in ROLES if self.task.is_text else ():
             if self.role(role).train.data == "easy":
-                raise ConfigError(f"{role}.train.data='easy' needs a built-in task; task.name={self.task.name!r} has no step counts")
+                raise ConfigError(
+                    f"{role}.train.data='easy' needs a built-in task; task.name={self.task.name!r} has no step counts"
+                )
         for role in ROLES if self.task.name != "reasoning" else ():
             if self.role(role).train.style != "mixed":
-                raise ConfigError(f"{role}.train.style={self.role(role).train.style!r} needs task.name='reasoning' "
-                                  f"(task.name={self.task.name!r} has one text per problem)")
+                raise ConfigError(
+                    f"{role}.train.style={self.role(role).train.style!r} needs task.name='reasoning' "
+                    f"(task.name={self.task.name!r} has one text per problem)"
+                )
         self.sample.validate()
         self.protocol.validate()
         self.equilibrium.validate()
@@ -533,9 +611,13 @@ def describe(obj: Any, indent: int = 0) -> str:
             lines.append(describe(value, indent + 1))
         elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
             lines.append(f"{pad}{f.name}:  # {doc}")
-            lines += [f"{pad}  - {yaml.safe_dump(dataclasses.asdict(v), default_flow_style=True).strip()}" for v in value]
+            lines += [
+                f"{pad}  - {yaml.safe_dump(dataclasses.asdict(v), default_flow_style=True).strip()}" for v in value
+            ]
         else:
-            lines.append(f"{pad}{f.name}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}  # {doc}")
+            lines.append(
+                f"{pad}{f.name}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}  # {doc}"
+            )
     return "\n".join(lines)
 
 

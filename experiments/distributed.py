@@ -38,13 +38,16 @@ class DistributedConfig:
 
     mode: str = _help(
         "'auto': join when a coordinator is configured (here or in the environment) or on a Cloud TPU VM, "
-        "else run as one process; 'off': never call jax.distributed", "auto"
+        "else run as one process; 'off': never call jax.distributed",
+        "auto",
     )
     coordinator_address: str = _help("host:port of process 0's coordinator (empty = not set)", "")
     num_processes: int = _help("number of processes in the job (0 = not set)", 0)
     process_id: int = _help("this process's id in [0, num_processes) (-1 = not set)", -1)
     initialization_timeout: int = _help("seconds to wait for the coordinator and the other processes", 300)
-    cpu_collectives: str = _help("cross-process collectives on CPU: 'gloo', 'mpi' or 'none' (TPU/GPU ignore this)", "gloo")
+    cpu_collectives: str = _help(
+        "cross-process collectives on CPU: 'gloo', 'mpi' or 'none' (TPU/GPU ignore this)", "gloo"
+    )
 
     def validate(self) -> None:
         if self.mode not in ("auto", "off"):
@@ -52,7 +55,9 @@ class DistributedConfig:
         if self.initialization_timeout < 1:
             raise ValueError(f"distributed.initialization_timeout={self.initialization_timeout} must be >= 1 second")
         if self.cpu_collectives not in CPU_COLLECTIVES:
-            raise ValueError(f"distributed.cpu_collectives={self.cpu_collectives!r} must be one of {', '.join(CPU_COLLECTIVES)}")
+            raise ValueError(
+                f"distributed.cpu_collectives={self.cpu_collectives!r} must be one of {', '.join(CPU_COLLECTIVES)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +123,15 @@ def resolve(dc: DistributedConfig, env=os.environ, tpu: bool | None = None) -> R
     if address is None and num is None and pid is None:
         on_tpu = on_cloud_tpu_vm(env) if tpu is None else tpu
         return Resolved("tpu") if on_tpu else Resolved("single")
-    missing = [name for name, v in ((f"coordinator_address ({ENV_COORDINATOR})", address),
-                                    (f"num_processes ({ENV_NUM_PROCESSES})", num),
-                                    (f"process_id ({ENV_PROCESS_ID})", pid)) if v is None]
+    missing = [
+        name
+        for name, v in (
+            (f"coordinator_address ({ENV_COORDINATOR})", address),
+            (f"num_processes ({ENV_NUM_PROCESSES})", num),
+            (f"process_id ({ENV_PROCESS_ID})", pid),
+        )
+        if v is None
+    ]
     if missing:
         raise CoordinatorError(f"distributed: {', '.join(missing)} not set; a multi-process run needs all three")
     host, sep, port = address.rpartition(":")
@@ -163,8 +174,11 @@ def initialize_distributed(dc: DistributedConfig, env=os.environ) -> Resolved:
         jax.config.update("jax_cpu_collectives_implementation", dc.cpu_collectives)
     if resolved.process_id != 0:
         _wait_for_coordinator(resolved.coordinator_address, dc.initialization_timeout)
-    print(f"distgame: process {resolved.process_id}/{resolved.num_processes} joining {resolved.coordinator_address}",
-          file=sys.stderr, flush=True)
+    print(
+        f"distgame: process {resolved.process_id}/{resolved.num_processes} joining {resolved.coordinator_address}",
+        file=sys.stderr,
+        flush=True,
+    )
     jax.distributed.initialize(
         coordinator_address=resolved.coordinator_address,
         num_processes=resolved.num_processes,

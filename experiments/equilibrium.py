@@ -68,8 +68,14 @@ def student_forward(graphdef):
 
 def make_game(student, beta: float, dc, tau: float, estimator: str = "score") -> sv.Game:
     """The PoE game for one student tilt β_s (0 = passive), on the student's network."""
-    return make_poe_game(student_forward(student.graphdef), beta, tau=tau, estimator=estimator,
-                         max_weight=dc.max_weight, standardize=dc.standardize_values)
+    return make_poe_game(
+        student_forward(student.graphdef),
+        beta,
+        tau=tau,
+        estimator=estimator,
+        max_weight=dc.max_weight,
+        standardize=dc.standardize_values,
+    )
 
 
 def horizon_optimizer(dc, steps: int) -> optax.GradientTransformation:
@@ -122,7 +128,9 @@ class EquilibriumSweep:
         batch["z_proxy"] = _logits(models["proxy"], batch["tokens_bt"])
         return batch
 
-    def prefixes(self, models, gammas: np.ndarray, round_: int, heldout, steps: int, pool_seed: int | None = None) -> dict:
+    def prefixes(
+        self, models, gammas: np.ndarray, round_: int, heldout, steps: int, pool_seed: int | None = None
+    ) -> dict:
         """A pool of PoE(γ_j) prefixes for every state j, fresh problems per round (or, with
         `pool_seed`, problems generated from their own seed), with cached teacher/proxy logits,
         the sampling γ and the horizon's minibatch order: leaves [n_states, ...]."""
@@ -134,8 +142,9 @@ class EquilibriumSweep:
         nb = len(gammas)
         t, p = models["teacher"], models["proxy"]
         setup = (dfn.PoEPerRow(self.cfg.protocol.temperature), (t.spec, p.spec), (t.params, p.params), None)
-        dec = self.protocol._decode(problems * nb, setup, jax.random.key(round_),
-                                    carry_b=np.repeat(gammas.astype(np.float32), n))
+        dec = self.protocol._decode(
+            problems * nb, setup, jax.random.key(round_), carry_b=np.repeat(gammas.astype(np.float32), n)
+        )
         arrays = self.protocol._train_arrays(problems * nb, dec)
         tokens = jnp.asarray(arrays["tokens_bt"])
         batch = {
@@ -157,20 +166,43 @@ class EquilibriumSweep:
     def checkpoint_dir(self, beta: float):
         """One solver checkpoint per tilt, keyed by everything the solve depends on, so a
         changed config never resumes a stale solve."""
-        key = json.dumps([beta, to_dict(self.ec), self.cfg.protocol.temperature, to_dict(self.cfg.protocol.distill),
-                          self.cfg.seed, self.cfg.protocol.n_traces], sort_keys=True, default=str)
+        key = json.dumps(
+            [
+                beta,
+                to_dict(self.ec),
+                self.cfg.protocol.temperature,
+                to_dict(self.cfg.protocol.distill),
+                self.cfg.seed,
+                self.cfg.protocol.n_traces,
+            ],
+            sort_keys=True,
+            default=str,
+        )
         return self.dir / "checkpoints" / f"beta{beta:g}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
     def solve_beta(self, beta: float, models, eval_batch, util_batch, heldout, log) -> dict:
         scfg, optimizers = solver_setup(self.cfg)
-        game = make_game(models["student"], beta, self.cfg.protocol.distill, self.cfg.protocol.temperature,
-                         self.ec.estimator)
+        game = make_game(
+            models["student"], beta, self.cfg.protocol.distill, self.cfg.protocol.temperature, self.ec.estimator
+        )
         starts = sv.start_gammas(scfg) if self.ec.multi_start else (scfg.gamma_init,)
         deltas, gamma0 = sv.multi_start(scfg, self.ec.budgets, starts)
         ns = len(starts)
-        state = sv.init_state(game, scfg, models["student"].params, util_batch, delta=jnp.asarray(deltas, jnp.float32),
-                              optimizers=optimizers, gamma_init=jnp.asarray(gamma0, jnp.float32))
-        bar = tqdm(total=scfg.max_iters, desc=f"solve β={beta:g}", leave=False, disable=not (self.progress and is_main_process()))
+        state = sv.init_state(
+            game,
+            scfg,
+            models["student"].params,
+            util_batch,
+            delta=jnp.asarray(deltas, jnp.float32),
+            optimizers=optimizers,
+            gamma_init=jnp.asarray(gamma0, jnp.float32),
+        )
+        bar = tqdm(
+            total=scfg.max_iters,
+            desc=f"solve β={beta:g}",
+            leave=False,
+            disable=not (self.progress and is_main_process()),
+        )
         last = [time.perf_counter()]
         steps = scfg.unroll_steps if scfg.unroll_from == "base" else 1
 
@@ -192,15 +224,23 @@ class EquilibriumSweep:
             meta["seconds"], last[0] = meta.get("seconds", 0.0) + now - last[0], now
             if log is not None:
                 for j, (delta, g0) in enumerate(zip(deltas, gamma0)):
-                    log.write({"beta": beta, "delta": float(delta), "gamma0": float(g0),
-                               **{k: float(v[j]) for k, v in diag.items()}})
+                    log.write(
+                        {
+                            "beta": beta,
+                            "delta": float(delta),
+                            "gamma0": float(g0),
+                            **{k: float(v[j]) for k, v in diag.items()},
+                        }
+                    )
                 log.flush()
             bar.n = i + 1
             bar.set_postfix(gamma=np.array2string(diag["gamma"], precision=3), viol=f"{diag['violation'].max():.1e}")
 
         ckpt = SolverCheckpoint(self.checkpoint_dir(beta))
         try:
-            res = resumable_solve(game, scfg, state, batch_for, on_iteration, ckpt, optimizers, per_state_student_batch=True)
+            res = resumable_solve(
+                game, scfg, state, batch_for, on_iteration, ckpt, optimizers, per_state_student_batch=True
+            )
         except sv.SolverDivergedError as e:
             if log is not None:
                 log.write({"beta": beta, "iteration": e.iteration, "error": f"non-finite {e.quantity}"})
@@ -227,7 +267,9 @@ class EquilibriumSweep:
     def run(self) -> dict:
         start = time.perf_counter()
         models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
-        retok.require_shared_vocabulary(models, self.protocol.tokenizer, "distgame equilibrium (soft targets on teacher prefixes)")
+        retok.require_shared_vocabulary(
+            models, self.protocol.tokenizer, "distgame equilibrium (soft targets on teacher prefixes)"
+        )
         clean = self.protocol.heldout_traces(models)
         heldout = self.protocol.attacker_heldout(clean)
         eval_batch = self.reference("test", self.ec.n_eval, models, capability=self.ec.capability)
@@ -247,25 +289,46 @@ class EquilibriumSweep:
                 gamma_max, horizon = res["gamma_max"], res["horizon"]
                 for j, delta in enumerate(self.ec.budgets):
                     k = j * ns + int(best["best_start"][j])  # the state of the best start
-                    points.append({
-                        "beta": beta, "delta": delta, "gamma_star": float(best["gamma"][j]),
-                        "converged": bool(best["converged"][j]), "iterations": res["iterations"],
-                        "seconds_per_iteration": res["seconds_per_iteration"],
-                        "J": float(d["J"][k]), "U": float(d["U"][k]), "violation": float(d["violation"][k]),
-                        "mu": float(d["mu"][k]), "solver_converged_all": res["converged"],
-                        "starts": res["starts"], "gamma_by_start": best["gamma_by_start"][j].tolist(),
-                        "starts_agree": bool(best["starts_agree"][j]), "best_start": int(best["best_start"][j]),
-                    })
-                    trajectories.append({
-                        "beta": beta, "delta": delta,
-                        "gamma": [g[k] for g in res["trajectory"]["gamma"]],
-                        "mu": [m[k] for m in res["trajectory"]["mu"]],
-                    })
+                    points.append(
+                        {
+                            "beta": beta,
+                            "delta": delta,
+                            "gamma_star": float(best["gamma"][j]),
+                            "converged": bool(best["converged"][j]),
+                            "iterations": res["iterations"],
+                            "seconds_per_iteration": res["seconds_per_iteration"],
+                            "J": float(d["J"][k]),
+                            "U": float(d["U"][k]),
+                            "violation": float(d["violation"][k]),
+                            "mu": float(d["mu"][k]),
+                            "solver_converged_all": res["converged"],
+                            "starts": res["starts"],
+                            "gamma_by_start": best["gamma_by_start"][j].tolist(),
+                            "starts_agree": bool(best["starts_agree"][j]),
+                            "best_start": int(best["best_start"][j]),
+                        }
+                    )
+                    trajectories.append(
+                        {
+                            "beta": beta,
+                            "delta": delta,
+                            "gamma": [g[k] for g in res["trajectory"]["gamma"]],
+                            "mu": [m[k] for m in res["trajectory"]["mu"]],
+                        }
+                    )
         eq = {
-            "config": self.cfg.name, "budgets": list(self.ec.budgets), "betas": list(self.ec.betas),
-            "utility_ref": float(make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0).utility(0.0, util_batch)),
-            "gamma_max": gamma_max, "horizon": horizon, "estimator": self.ec.estimator, "capability": self.ec.capability,
-            "points": points, "trajectories": trajectories,
+            "config": self.cfg.name,
+            "budgets": list(self.ec.budgets),
+            "betas": list(self.ec.betas),
+            "utility_ref": float(
+                make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0).utility(0.0, util_batch)
+            ),
+            "gamma_max": gamma_max,
+            "horizon": horizon,
+            "estimator": self.ec.estimator,
+            "capability": self.ec.capability,
+            "points": points,
+            "trajectories": trajectories,
         }
         if self.ec.empirical_check:
             self.check(points, models, heldout, clean)
@@ -303,11 +366,17 @@ class EquilibriumSweep:
         tr0 = self.protocol.traces(d0, models, None)
         acc0 = np.asarray(self.protocol.student(d0, "passive", 0.0, models, tr0, heldout))
         tr = self.protocol.traces(setting_for(top["gamma_star"]), models, None)
-        acc = np.asarray(top.get("student_accuracy_values") or self.protocol.student(
-            setting_for(top["gamma_star"]), "passive", 0.0, models, tr, heldout))
+        acc = np.asarray(
+            top.get("student_accuracy_values")
+            or self.protocol.student(setting_for(top["gamma_star"]), "passive", 0.0, models, tr, heldout)
+        )
         teacher = tr["teacher_correct"].mean(-1) - tr0["teacher_correct"].mean(-1)
-        return {"delta": top["delta"], "gamma_star": top["gamma_star"],
-                "passive_change": mean_stderr(acc - acc0), "teacher_change": mean_stderr(teacher)}
+        return {
+            "delta": top["delta"],
+            "gamma_star": top["gamma_star"],
+            "passive_change": mean_stderr(acc - acc0),
+            "teacher_change": mean_stderr(teacher),
+        }
 
 
 def setting_for(gamma: float) -> DefenseSetting:
@@ -317,8 +386,15 @@ def setting_for(gamma: float) -> DefenseSetting:
     return DefenseSetting("poe", gamma) if gamma > 0 else DefenseSetting("standard")
 
 
-SUMMARY_KEYS = ("interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive", "starts_agree",
-                "check_delta_passive", "check_delta_passive_se", "check_delta_teacher")
+SUMMARY_KEYS = (
+    "interior_budgets_passive",
+    "interior_budgets_adaptive",
+    "monotone_passive",
+    "starts_agree",
+    "check_delta_passive",
+    "check_delta_passive_se",
+    "check_delta_teacher",
+)
 
 
 def summary_metrics(eq: dict) -> dict:
@@ -333,8 +409,10 @@ def summary_metrics(eq: dict) -> dict:
     adaptive_betas = [b for b in eq["betas"] if b != 0]
     passive = sorted(of([0.0]), key=lambda p: p["delta"])
     gs = [p["gamma_star"] for p in passive]
+
     def interior(pts):
         return sum(0.01 < p["gamma_star"] < gmax - 0.01 for p in pts)
+
     out = {
         "interior_budgets_passive": interior(passive),
         "interior_budgets_adaptive": interior(of(adaptive_betas[-1:])) if adaptive_betas else 0,
@@ -368,8 +446,21 @@ def equilibrium_markdown(eq: dict) -> str:
             f"{'yes' if p['converged'] else 'NO'} | "
             f"{p['iterations']} | {p['seconds_per_iteration']:.3f} | {p['J']:.4f} | {p['U']:.4f} | {pm(p.get('teacher_accuracy'))} | {pm(p.get('student_accuracy'))} |"
         )
-    summary = {k: eq[k] for k in ("interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive",
-                                   "check_delta_passive", "check_delta_passive_se", "check_delta_teacher") if k in eq}
-    lines += ["", "Summary: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items())]
+    summary = {
+        k: eq[k]
+        for k in (
+            "interior_budgets_passive",
+            "interior_budgets_adaptive",
+            "monotone_passive",
+            "check_delta_passive",
+            "check_delta_passive_se",
+            "check_delta_teacher",
+        )
+        if k in eq
+    }
+    lines += [
+        "",
+        "Summary: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items()),
+    ]
     lines += ["", "Plots: `gamma_star.png`, `frontier.png`, `gap.png`, `trajectories.png` (data in the matching CSVs)."]
     return "\n".join(lines) + "\n"

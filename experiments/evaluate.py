@@ -32,8 +32,9 @@ class Decoded:
         return [tokenizer.decode(row) for row in self.tokens_bn]
 
 
-def local_rows(start: int, batch_size: int, n: int, process_index: int | None = None,
-               process_count: int | None = None) -> np.ndarray:
+def local_rows(
+    start: int, batch_size: int, n: int, process_index: int | None = None, process_count: int | None = None
+) -> np.ndarray:
     """Indices (into the list of `n` problems) of this process's rows of the decode batch that starts at `start`:
     its contiguous share `process_slice(batch_size)` of the batch (the rows its devices hold), where the padding
     rows of a short last batch repeat the batch's first problem."""
@@ -82,7 +83,11 @@ def decode_problems(
     rows = {s: local_rows(s, batch_size, n) for s in starts}
     mine = np.unique(np.concatenate([rows[s] for s in starts])) if starts else np.zeros(0, int)
     width = _agreed_max(max((1 + len(tokenizer.encode(problems[i].prompt)) for i in mine), default=1))
-    encoded = dict(zip(mine.tolist(), zip(*encode_prompts([problems[i] for i in mine], tokenizer, width)))) if len(mine) else {}
+    encoded = (
+        dict(zip(mine.tolist(), zip(*encode_prompts([problems[i] for i in mine], tokenizer, width))))
+        if len(mine)
+        else {}
+    )
     chunks: dict[str, list[np.ndarray]] = {}
     for start in starts:
         local = rows[start]
@@ -90,7 +95,9 @@ def decode_problems(
         lens_b = np.array([encoded[i][1] for i in local.tolist()], np.int32)
         carry = None if carry_b is None else carry_b[local]
         real = min(batch_size, n - start)
-        global_in = shard_batch({"prompts_bp": prompts_bp, "lens_b": lens_b} | ({} if carry is None else {"carry": carry}), mesh)
+        global_in = shard_batch(
+            {"prompts_bp": prompts_bp, "lens_b": lens_b} | ({} if carry is None else {"carry": carry}), mesh
+        )
         out = generate(
             specs,
             params,

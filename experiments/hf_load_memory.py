@@ -72,11 +72,19 @@ def make_checkpoint(directory: pathlib.Path, layers: int) -> None:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=32768, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=4, tie_word_embeddings=False, torch_dtype="bfloat16",
+        vocab_size=32768,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
     )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(directory)
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(32000)}, unk_token="t0")).save(str(directory / "tokenizer.json"))
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(32000)}, unk_token="t0")).save(
+        str(directory / "tokenizer.json")
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -86,22 +94,31 @@ def main(argv: list[str]) -> None:
         make_checkpoint(directory, int(argv[1]) if len(argv) > 1 else 4)
     ckpt_bytes = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     root = pathlib.Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(directory)], capture_output=True, text=True, cwd=root,
-                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(directory)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
     if out.returncode:
         sys.exit(out.stderr)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     mb = 2**20
     print(f"checkpoint (safetensors, bf16)    {ckpt_bytes / mb:8.1f} MiB")
     print(f"params on the 8 devices (float32) {r['params_bytes'] / mb:8.1f} MiB")
-    print(f"peak RSS growth while loading     {r['rss_growth_bytes'] / mb:8.1f} MiB  = {r['rss_growth_bytes'] / ckpt_bytes:.2f}x checkpoint")
+    print(
+        f"peak RSS growth while loading     {r['rss_growth_bytes'] / mb:8.1f} MiB  = {r['rss_growth_bytes'] / ckpt_bytes:.2f}x checkpoint"
+    )
     over = r["rss_growth_bytes"] - r["params_bytes"]
     print(f"  of which loader overhead        {over / mb:8.1f} MiB  = {over / ckpt_bytes:.2f}x checkpoint")
     anon = r["anon_growth_bytes"] - r["params_bytes"]
     print(f"peak anonymous-memory growth      {r['anon_growth_bytes'] / mb:8.1f} MiB  (sampled every 2 ms)")
     print(f"  minus the params                {anon / mb:8.1f} MiB  = {anon / ckpt_bytes:.2f}x checkpoint")
     print(f"peak file-backed RSS growth       {r['file_mapped_peak_bytes'] / mb:8.1f} MiB  (page cache, reclaimable)")
-    print(f"peak numpy buffers (tracemalloc)  {r['numpy_peak_bytes'] / mb:8.1f} MiB  = {r['numpy_peak_bytes'] / ckpt_bytes:.2f}x checkpoint")
+    print(
+        f"peak numpy buffers (tracemalloc)  {r['numpy_peak_bytes'] / mb:8.1f} MiB  = {r['numpy_peak_bytes'] / ckpt_bytes:.2f}x checkpoint"
+    )
     print(f"largest single param (float32)    {r['largest_param_bytes'] / mb:8.1f} MiB")
     print(f"load time                         {r['seconds']:8.2f} s")
 

@@ -116,7 +116,9 @@ def load_json(source: PathLike) -> Any:
 
 def fingerprint(**parts: Any) -> str:
     """A short stable hash of the settings a stage file depends on (part of its name: changed settings, new file)."""
-    blob = json.dumps(parts, sort_keys=True, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
+    blob = json.dumps(
+        parts, sort_keys=True, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 

@@ -40,12 +40,21 @@ DPI = 130
 PASSIVE_COLOR = "tab:blue"
 ADAPTIVE_COLOR = "tab:orange"
 # Colour/marker for the passive student first, then adaptive tilts / other attacks.
-_PALETTE = [PASSIVE_COLOR, ADAPTIVE_COLOR, "tab:red", "tab:purple", "tab:green",
-            "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+_PALETTE = [
+    PASSIVE_COLOR,
+    ADAPTIVE_COLOR,
+    "tab:red",
+    "tab:purple",
+    "tab:green",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
 # Line styles for the budgets δ in the trajectory plot.
-_DASHES = ["-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)), (0, (8, 3)),
-           (0, (3, 1, 1, 1))]
+_DASHES = ["-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)), (0, (8, 3)), (0, (3, 1, 1, 1))]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -112,9 +121,18 @@ def _save(fig: Figure, path) -> None:
 
 
 def _empty_note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center",
-            fontsize=12, color="0.35", zorder=10,
-            bbox=dict(boxstyle="round,pad=0.4", fc="white", ec="0.8"))
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=12,
+        color="0.35",
+        zorder=10,
+        bbox=dict(boxstyle="round,pad=0.4", fc="white", ec="0.8"),
+    )
 
 
 def _err(values: Sequence[float]):
@@ -190,9 +208,16 @@ def _overlap(a, b) -> float:
 
 
 # Candidate label offsets (points) and alignment, nearest first.
-_SPOTS = [(7, 5, "left", "bottom"), (7, -5, "left", "top"), (-7, 5, "right", "bottom"),
-          (-7, -5, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"),
-          (10, 0, "left", "center"), (-10, 0, "right", "center")]
+_SPOTS = [
+    (7, 5, "left", "bottom"),
+    (7, -5, "left", "top"),
+    (-7, 5, "right", "bottom"),
+    (-7, -5, "right", "top"),
+    (0, 9, "center", "bottom"),
+    (0, -9, "center", "top"),
+    (10, 0, "left", "center"),
+    (-10, 0, "right", "center"),
+]
 
 
 def _place_labels(fig: Figure, ax, items: Sequence[tuple[str, tuple[float, float], dict]]) -> list:
@@ -220,19 +245,25 @@ def _place_labels(fig: Figure, ax, items: Sequence[tuple[str, tuple[float, float
                 ann.set_va(va)
                 bb = ann.get_window_extent(renderer)
                 area = max(bb.width * bb.height, 1.0)
-                inside = ((obstacles[:, 0] > bb.x0 - pad) & (obstacles[:, 0] < bb.x1 + pad)
-                          & (obstacles[:, 1] > bb.y0 - pad) & (obstacles[:, 1] < bb.y1 + pad))
-                score = (float(inside.sum())
-                         + 1000.0 * sum(_overlap(bb, o) for o in blocked) / area
-                         + 1000.0 * (1.0 - _overlap(bb, ab) / area)
-                         + 4.0 * ring + 0.3 * rank)
+                inside = (
+                    (obstacles[:, 0] > bb.x0 - pad)
+                    & (obstacles[:, 0] < bb.x1 + pad)
+                    & (obstacles[:, 1] > bb.y0 - pad)
+                    & (obstacles[:, 1] < bb.y1 + pad)
+                )
+                score = (
+                    float(inside.sum())
+                    + 1000.0 * sum(_overlap(bb, o) for o in blocked) / area
+                    + 1000.0 * (1.0 - _overlap(bb, ab) / area)
+                    + 4.0 * ring
+                    + 0.3 * rank
+                )
                 if best is None or score < best[0]:
                     best = (score, ann.xyann, ha, va, ring)
         _, off, ha, va, ring = best
         ann.remove()
         arrow = dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=1, shrinkB=4) if ring else None
-        ann = ax.annotate(text, xy, xytext=off, textcoords="offset points", ha=ha, va=va,
-                          arrowprops=arrow, **kw)
+        ann = ax.annotate(text, xy, xytext=off, textcoords="offset points", ha=ha, va=va, arrowprops=arrow, **kw)
         blocked.append(ann.get_window_extent(renderer))
         anns.append(ann)
     return anns
@@ -250,7 +281,7 @@ def _paths(out_dir, stem: str) -> tuple[epath.Path, epath.Path]:
 def _student_kinds(rows: Sequence[Mapping]) -> list[str]:
     kinds: list[str] = []
     for row in rows:
-        for k in (row.get("students") or {}):
+        for k in row.get("students") or {}:
             if k not in kinds:
                 kinds.append(k)
     if "passive" in kinds:
@@ -330,12 +361,25 @@ def plot_protocol(results: Mapping, out_dir) -> list[epath.Path]:
         if pts:
             x, y = max(pts.values(), key=lambda p: p[1])
             labels.append((str(row.get("label", "")), (x, y), dict(fontsize=9, color="0.15")))
-    for role, color, marker, name in (("passive", PASSIVE_COLOR, "o", "passive student"),
-                                      ("adaptive", ADAPTIVE_COLOR, "s", f"{adaptive_name} student")):
+    for role, color, marker, name in (
+        ("passive", PASSIVE_COLOR, "o", "passive student"),
+        ("adaptive", ADAPTIVE_COLOR, "s", f"{adaptive_name} student"),
+    ):
         xs, ys, xe, ye = series[role]
         if xs:
-            ax.errorbar(xs, ys, xerr=_err(xe), yerr=_err(ye), fmt=marker, color=color,
-                        ms=7, capsize=3, elinewidth=1.2, label=name, zorder=3)
+            ax.errorbar(
+                xs,
+                ys,
+                xerr=_err(xe),
+                yerr=_err(ye),
+                fmt=marker,
+                color=color,
+                ms=7,
+                capsize=3,
+                elinewidth=1.2,
+                label=name,
+                zorder=3,
+            )
     if not (series["passive"][0] or series["adaptive"][0]):
         _empty_note(ax, "no results")
     else:
@@ -357,11 +401,21 @@ def _eq_points(eq: Mapping) -> list[dict]:
     for p in eq.get("points") or []:
         t_mean, t_se = _stat(p.get("teacher_accuracy"))
         s_mean, s_se = _stat(p.get("student_accuracy"))
-        pts.append(dict(beta=_num(p.get("beta")), delta=_num(p.get("delta")),
-                        gamma_star=_num(p.get("gamma_star")),
-                        converged=bool(p.get("converged", True)),
-                        iterations=p.get("iterations"), J=_num(p.get("J")), U=_num(p.get("U")),
-                        t_mean=t_mean, t_se=t_se, s_mean=s_mean, s_se=s_se))
+        pts.append(
+            dict(
+                beta=_num(p.get("beta")),
+                delta=_num(p.get("delta")),
+                gamma_star=_num(p.get("gamma_star")),
+                converged=bool(p.get("converged", True)),
+                iterations=p.get("iterations"),
+                J=_num(p.get("J")),
+                U=_num(p.get("U")),
+                t_mean=t_mean,
+                t_se=t_se,
+                s_mean=s_mean,
+                s_se=s_se,
+            )
+        )
     return pts
 
 
@@ -380,9 +434,14 @@ def _all_betas(eq: Mapping, pts: list[dict]) -> list[float]:
 
 def _plot_gamma_star(pts, styles, out_dir) -> list[epath.Path]:
     png, csv_path = _paths(out_dir, "gamma_star")
-    _write_csv(csv_path, ["beta", "delta", "gamma_star", "converged", "iterations", "J", "U"],
-               [[p["beta"], p["delta"], p["gamma_star"], p["converged"], p["iterations"],
-                 p["J"], p["U"]] for p in sorted(pts, key=lambda p: (p["beta"], p["delta"]))])
+    _write_csv(
+        csv_path,
+        ["beta", "delta", "gamma_star", "converged", "iterations", "J", "U"],
+        [
+            [p["beta"], p["delta"], p["gamma_star"], p["converged"], p["iterations"], p["J"], p["U"]]
+            for p in sorted(pts, key=lambda p: (p["beta"], p["delta"]))
+        ],
+    )
     fig, (ax,) = _new_figure()
     any_hollow = False
     for beta, group in _by_beta(pts).items():
@@ -392,13 +451,29 @@ def _plot_gamma_star(pts, styles, out_dir) -> list[epath.Path]:
         good = [p for p in group if _finite(p["delta"], p["gamma_star"])]
         if not good:
             continue
-        ax.plot([p["delta"] for p in good], [p["gamma_star"] for p in good], color=color,
-                lw=1.8, marker=marker, ms=7, label=_beta_label(beta))
+        ax.plot(
+            [p["delta"] for p in good],
+            [p["gamma_star"] for p in good],
+            color=color,
+            lw=1.8,
+            marker=marker,
+            ms=7,
+            label=_beta_label(beta),
+        )
         hollow = [p for p in good if not p["converged"]]
         if hollow:
             any_hollow = True
-            ax.plot([p["delta"] for p in hollow], [p["gamma_star"] for p in hollow], ls="none",
-                    marker=marker, ms=7, mfc="white", mec=color, mew=1.8, zorder=4)
+            ax.plot(
+                [p["delta"] for p in hollow],
+                [p["gamma_star"] for p in hollow],
+                ls="none",
+                marker=marker,
+                ms=7,
+                mfc="white",
+                mec=color,
+                mew=1.8,
+                zorder=4,
+            )
     handles, labels = ax.get_legend_handles_labels()
     if any_hollow:
         handles.append(Line2D([], [], ls="none", marker="o", mfc="white", mec="0.3", ms=7))
@@ -417,10 +492,14 @@ def _plot_gamma_star(pts, styles, out_dir) -> list[epath.Path]:
 
 def _plot_frontier(pts, styles, out_dir) -> list[epath.Path]:
     png, csv_path = _paths(out_dir, "frontier")
-    _write_csv(csv_path, ["beta", "delta", "teacher_mean", "teacher_stderr",
-                          "student_mean", "student_stderr"],
-               [[p["beta"], p["delta"], p["t_mean"], p["t_se"], p["s_mean"], p["s_se"]]
-                for p in sorted(pts, key=lambda p: (p["beta"], p["delta"]))])
+    _write_csv(
+        csv_path,
+        ["beta", "delta", "teacher_mean", "teacher_stderr", "student_mean", "student_stderr"],
+        [
+            [p["beta"], p["delta"], p["t_mean"], p["t_se"], p["s_mean"], p["s_se"]]
+            for p in sorted(pts, key=lambda p: (p["beta"], p["delta"]))
+        ],
+    )
     fig, (ax,) = _new_figure((7.5, 5.5))
     labels = []
     for beta, group in _by_beta(pts).items():
@@ -432,9 +511,19 @@ def _plot_frontier(pts, styles, out_dir) -> list[epath.Path]:
             continue
         xs = [_pct(p["t_mean"]) for p in good]
         ys = [_pct(p["s_mean"]) for p in good]
-        ax.errorbar(xs, ys, xerr=_err([_pct(p["t_se"]) for p in good]),
-                    yerr=_err([_pct(p["s_se"]) for p in good]), color=color, marker=marker,
-                    ms=7, lw=1.6, capsize=3, elinewidth=1.0, label=_beta_label(beta))
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=_err([_pct(p["t_se"]) for p in good]),
+            yerr=_err([_pct(p["s_se"]) for p in good]),
+            color=color,
+            marker=marker,
+            ms=7,
+            lw=1.6,
+            capsize=3,
+            elinewidth=1.0,
+            label=_beta_label(beta),
+        )
         for p, x, y in zip(good, xs, ys):
             if math.isfinite(p["delta"]):
                 labels.append((f"δ={p['delta']:g}", (x, y), dict(fontsize=8.5, color=color)))
@@ -445,8 +534,9 @@ def _plot_frontier(pts, styles, out_dir) -> list[epath.Path]:
     ax.margins(x=0.15, y=0.12)
     ax.set_xlabel("teacher accuracy (%)")
     ax.set_ylabel("student accuracy (%)")
-    ax.set_title("Equilibrium frontier: teacher utility vs student capability\n"
-                 "(one point per utility budget δ, nats/token)")
+    ax.set_title(
+        "Equilibrium frontier: teacher utility vs student capability\n(one point per utility budget δ, nats/token)"
+    )
     _place_labels(fig, ax, labels)
     _save(fig, png)
     return [png, csv_path]
@@ -467,12 +557,24 @@ def _plot_gap(pts, betas, styles, out_dir) -> list[epath.Path]:
                 continue
             pm, pse = (base["s_mean"], base["s_se"]) if base else (math.nan, math.nan)
             gap = _pct(a["s_mean"] - pm)
-            gap_se = _pct(math.sqrt(a["s_se"] ** 2 + pse ** 2))
+            gap_se = _pct(math.sqrt(a["s_se"] ** 2 + pse**2))
             table.append([d, b, a["s_mean"], a["s_se"], pm, pse, gap, gap_se])
             if math.isfinite(gap):
                 bars[b].append((di, gap, gap_se))
-    _write_csv(csv_path, ["delta", "beta", "adaptive_mean", "adaptive_stderr", "passive_mean",
-                          "passive_stderr", "gap_pp", "gap_stderr_pp"], table)
+    _write_csv(
+        csv_path,
+        [
+            "delta",
+            "beta",
+            "adaptive_mean",
+            "adaptive_stderr",
+            "passive_mean",
+            "passive_stderr",
+            "gap_pp",
+            "gap_stderr_pp",
+        ],
+        table,
+    )
 
     fig, (ax,) = _new_figure()
     ax.axhline(0.0, color="0.2", lw=1.0, zorder=2)
@@ -484,10 +586,20 @@ def _plot_gap(pts, betas, styles, out_dir) -> list[epath.Path]:
             continue
         color, _ = styles[b]
         xs = [di + width * (k - (n - 1) / 2) for di, _, _ in bars[b]]
-        ax.bar(xs, [g for _, g, _ in bars[b]], width=width * 0.92, color=color, alpha=0.85,
-               yerr=_err([e for _, _, e in bars[b]]), capsize=3, label=_beta_label(b),
-               edgecolor="0.2", linewidth=0.6, zorder=3,
-               error_kw=dict(ecolor="0.25", elinewidth=1.1, capthick=1.1))
+        ax.bar(
+            xs,
+            [g for _, g, _ in bars[b]],
+            width=width * 0.92,
+            color=color,
+            alpha=0.85,
+            yerr=_err([e for _, _, e in bars[b]]),
+            capsize=3,
+            label=_beta_label(b),
+            edgecolor="0.2",
+            linewidth=0.6,
+            zorder=3,
+            error_kw=dict(ecolor="0.25", elinewidth=1.1, capthick=1.1),
+        )
         drawn = True
     ax.set_xticks(range(len(deltas)))
     ax.set_xticklabels([f"δ={d:g}" for d in deltas])
@@ -498,8 +610,7 @@ def _plot_gap(pts, betas, styles, out_dir) -> list[epath.Path]:
     elif not drawn:
         _empty_note(ax, "no finite accuracies")
     else:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9,
-                  title="student")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9, title="student")
     ax.set_xlim(-0.6, max(len(deltas), 1) - 0.4)
     if not drawn:
         ax.set_ylim(-1.0, 1.0)
@@ -515,15 +626,19 @@ def _plot_trajectories(eq, styles, out_dir) -> list[epath.Path]:
     png, csv_path = _paths(out_dir, "trajectories")
     runs = []
     for t in eq.get("trajectories") or []:
-        runs.append((_num(t.get("beta")), _num(t.get("delta")),
-                     [_num(v) for v in (t.get("gamma") or [])],
-                     [_num(v) for v in (t.get("mu") or [])]))
+        runs.append(
+            (
+                _num(t.get("beta")),
+                _num(t.get("delta")),
+                [_num(v) for v in (t.get("gamma") or [])],
+                [_num(v) for v in (t.get("mu") or [])],
+            )
+        )
     runs.sort(key=lambda r: (r[0], r[1]))
     table = []
     for beta, delta, g, mu in runs:
         for it in range(max(len(g), len(mu))):
-            table.append([beta, delta, it, g[it] if it < len(g) else None,
-                          mu[it] if it < len(mu) else None])
+            table.append([beta, delta, it, g[it] if it < len(g) else None, mu[it] if it < len(mu) else None])
     _write_csv(csv_path, ["beta", "delta", "iteration", "gamma", "mu"], table)
 
     fig, (ax_g, ax_m) = _new_figure((8.0, 6.5), nrows=2, sharex=True)
@@ -535,18 +650,37 @@ def _plot_trajectories(eq, styles, out_dir) -> list[epath.Path]:
         for ax, ys in ((ax_g, g), (ax_m, mu)):
             pts = [(i, y) for i, y in enumerate(ys) if math.isfinite(y)]
             if pts:
-                ax.plot([i for i, _ in pts], [y for _, y in pts], color=color, lw=1.6,
-                        ls=dash[delta], label=f"{_beta_label(beta)}, δ={delta:g}")
+                ax.plot(
+                    [i for i, _ in pts],
+                    [y for _, y in pts],
+                    color=color,
+                    lw=1.6,
+                    ls=dash[delta],
+                    label=f"{_beta_label(beta)}, δ={delta:g}",
+                )
     if runs:
         betas_seen = sorted({b for b, _, _, _ in runs}, key=lambda b: (not math.isfinite(b), b))
         by_beta = [Line2D([], [], color=styles.get(b, ("0.3",))[0], lw=2.2) for b in betas_seen]
         by_delta = [Line2D([], [], color="0.25", lw=1.6, ls=dash[d]) for d in deltas]
-        first = ax_g.legend(by_beta, [_beta_label(b) for b in betas_seen], title="student (colour)",
-                            loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9,
-                            framealpha=0.9)
+        first = ax_g.legend(
+            by_beta,
+            [_beta_label(b) for b in betas_seen],
+            title="student (colour)",
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            fontsize=9,
+            framealpha=0.9,
+        )
         ax_g.add_artist(first)
-        ax_m.legend(by_delta, [f"δ={d:g}" for d in deltas], title="budget δ (nats/token)",
-                    loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, framealpha=0.9)
+        ax_m.legend(
+            by_delta,
+            [f"δ={d:g}" for d in deltas],
+            title="budget δ (nats/token)",
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            fontsize=9,
+            framealpha=0.9,
+        )
     else:
         _empty_note(ax_g, "no trajectories recorded")
     ax_g.set_ylabel("γ (PoE weight)")
@@ -592,8 +726,16 @@ def plot_learning_curve(results: Mapping, out_dir) -> list[epath.Path]:
     _write_csv(csv_path, ["steps", "passive_mean", "passive_stderr"], points)
     fig, (ax,) = _new_figure((6.5, 4.5))
     steps, means, ses = zip(*points)
-    ax.errorbar(steps, [_pct(m) for m in means], yerr=_err([_pct(s) for s in ses]), fmt="o-", color=PASSIVE_COLOR,
-                ms=6, capsize=3, label=f"passive student on {row.get('label', 'standard')} traces")
+    ax.errorbar(
+        steps,
+        [_pct(m) for m in means],
+        yerr=_err([_pct(s) for s in ses]),
+        fmt="o-",
+        color=PASSIVE_COLOR,
+        ms=6,
+        capsize=3,
+        label=f"passive student on {row.get('label', 'standard')} traces",
+    )
     if results.get("distill_steps"):
         ax.axvline(results["distill_steps"], color="0.5", ls="--", lw=1, label="steps in the results table")
     ax.set_xscale("log", base=2)

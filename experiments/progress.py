@@ -27,8 +27,16 @@ class LineProgress:
     """The subset of tqdm's interface the project uses (iterate, `update`, assign `n`, `set_postfix`,
     `close`, context manager), written as at most LINES + 1 plain lines per bar."""
 
-    def __init__(self, iterable: Iterable | None = None, desc: str | None = None, total: float | None = None,
-                 initial: float = 0, disable: bool = False, file=None, **_ignored: Any):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        desc: str | None = None,
+        total: float | None = None,
+        initial: float = 0,
+        disable: bool = False,
+        file=None,
+        **_ignored: Any,
+    ):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
@@ -45,7 +53,9 @@ class LineProgress:
     def _log(self) -> None:
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         count = f"{self.n:g}/{self.total:g}" if self.total is not None else f"{self.n:g}"
-        line = f"{self.desc}: {count}{pct} {time.monotonic() - self.start:.0f}s" + (f" {self.postfix}" if self.postfix else "")
+        line = f"{self.desc}: {count}{pct} {time.monotonic() - self.start:.0f}s" + (
+            f" {self.postfix}" if self.postfix else ""
+        )
         print(line, file=self.file or sys.stderr, flush=True)
         self.logged_n, self.logged_tenth, self.logged_at = self.n, self._tenth(self.n), time.monotonic()
 

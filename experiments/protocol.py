@@ -115,15 +115,21 @@ def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
     elif hasattr(task_tokenizer, "get_vocab"):
         task_vocab = task_tokenizer.get_vocab(with_added_tokens=True)
     else:
-        raise ConfigError(f"{role}.hf_dir: cannot compare the task tokenizer {task_tokenizer!r} with its tokenizer.json")
+        raise ConfigError(
+            f"{role}.hf_dir: cannot compare the task tokenizer {task_tokenizer!r} with its tokenizer.json"
+        )
     hf_vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
     if task_vocab != hf_vocab:
         diff = sorted(set(task_vocab.items()) ^ set(hf_vocab.items()))[:3]
         raise ConfigError(
             f"{role}.hf_dir: its tokenizer.json ({len(hf_vocab)} tokens) is not the task's tokenizer "
             f"({len(task_vocab)} tokens; e.g. {diff} differ); the task must be tokenized with the model's tokenizer"
-            + ("; PoE and ADS mix the teacher's and the proxy's logits id by id, so the proxy needs the teacher's (= the "
-               "task's) vocabulary" if role == "proxy" else "")
+            + (
+                "; PoE and ADS mix the teacher's and the proxy's logits id by id, so the proxy needs the teacher's (= the "
+                "task's) vocabulary"
+                if role == "proxy"
+                else ""
+            )
         )
 
 
@@ -169,8 +175,12 @@ def cost_model(d: DefenseSetting, models: dict[str, RoleModel], context: int) ->
         "strategic_ads": (2, f_t + 3 * f_p),
         "ads_fd": (3, f_t + 2 * f_p),
     }[d.name]
-    return {"forward_passes_per_token": passes, "flops_per_token": flops, "flops_ratio": flops / f_t,
-            "poe_wallclock_bound": 1.10 * (1 + f_p / f_t)}
+    return {
+        "forward_passes_per_token": passes,
+        "flops_per_token": flops,
+        "flops_ratio": flops / f_t,
+        "poe_wallclock_bound": 1.10 * (1 + f_p / f_t),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -219,8 +229,10 @@ def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: 
 
 def entropy_summary(ent: float, below: float, n: float, top_below: float = 0.9) -> dict:
     """The sums of :func:`entropy_sums` as means over the positions (nan when there are none)."""
+
     def mean(x):
         return x / n if n else float("nan")
+
     return {"entropy_nats": mean(ent), f"share_top_below_{top_below:g}": mean(below), "positions": int(n)}
 
 
@@ -240,11 +252,15 @@ def correct_pool(train: dict[str, np.ndarray], correct_sb: np.ndarray, pool: int
     defenses is about which correct texts they contain, not how many."""
     have = correct_sb.sum(-1)
     if have.min() < pool:
-        raise ConfigError(f"protocol.distill.correct_pool={pool}: {label} has only {int(have.min())} correct traces in a "
-                          f"seed (of {correct_sb.shape[-1]}); lower correct_pool or raise protocol.n_traces")
+        raise ConfigError(
+            f"protocol.distill.correct_pool={pool}: {label} has only {int(have.min())} correct traces in a "
+            f"seed (of {correct_sb.shape[-1]}); lower correct_pool or raise protocol.n_traces"
+        )
     idx_sp = np.stack([np.flatnonzero(c)[:pool] for c in correct_sb])
+
     def take(v):
         return np.take_along_axis(v, idx_sp.reshape(idx_sp.shape + (1,) * (v.ndim - 2)), axis=1)
+
     return {k: take(v) for k, v in train.items()}, pool
 
 
@@ -261,7 +277,9 @@ def _student_logp(graphdef, params, tokens_bt):
 def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
     warmup = min(dc.warmup_steps, dc.steps - 1)
     if dc.schedule == "constant":
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, dc.lr, warmup), optax.constant_schedule(dc.lr)], [warmup])
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, dc.lr, warmup), optax.constant_schedule(dc.lr)], [warmup]
+        )
     else:
         schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, dc.steps, dc.lr * 0.1)
     return float32_moments(optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0))  # bf16 params: moments stay f32
@@ -279,9 +297,11 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
     with respect to the adapters, the student's actual parameters)."""
     tx = distill_optimizer(dc)
     if dc.finetune == "lora":
+
         def params_of(tp, base):
             return lora.merge(base, tp, dc.lora)
     else:
+
         def params_of(tp, base):
             return tp
 
@@ -290,12 +310,22 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
     def loss_fn(tp, base, batch, beta, heldout, proxy_params, gamma):
         mask_bt = batch["loss_mask_bt"][:, :-1]
         if recipe is not None:  # passive and adaptive students: values, weights, averaging in one place
+
             def token_loss(p):
                 return (-tfm.token_logprobs(graphdef, params_of(p, base), batch["tokens_bt"]), mask_bt)
+
             def held(p):
                 return masked_nll(graphdef, params_of(p, base), heldout["tokens_bt"], heldout["loss_mask_bt"])
-            return stu.recipe_loss(recipe, beta, token_loss, tp, heldout_loss_fn=held,
-                                   weights_b=batch.get("weights_b"), shuffle_u_b=batch.get("shuffle_u_b"))
+
+            return stu.recipe_loss(
+                recipe,
+                beta,
+                token_loss,
+                tp,
+                heldout_loss_fn=held,
+                weights_b=batch.get("weights_b"),
+                shuffle_u_b=batch.get("shuffle_u_b"),
+            )
         params = params_of(tp, base)
         target_lp = batch["topk_logprob_btk"][:, :-1]
         ids = batch["topk_ids_btk"][:, :-1]
@@ -304,13 +334,17 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
             z_p_k = jnp.take_along_axis(z_p, ids, axis=-1)
             target_lp = stu.invert_poe(target_lp, z_p_k, gamma, tau)
         logp_btv = _student_logp(graphdef, params, batch["tokens_bt"])
-        return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging), {"ess_fraction": jnp.float32(1.0)}
+        return stu.soft_target_loss(logp_btv, ids, target_lp, mask_bt, None, dc.averaging), {
+            "ess_fraction": jnp.float32(1.0)
+        }
 
     reverse_only = recipe is None or not recipe.weighted  # weighted recipes take example values with jax.jvp
 
     def step(tp, opt_state, base, batch, beta, heldout, proxy_params, gamma):
         with tfm.reverse_mode_only(reverse_only):  # attention's hand-written backward where nothing needs jvp
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(tp, base, batch, beta, heldout, proxy_params, gamma)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                tp, base, batch, beta, heldout, proxy_params, gamma
+            )
         updates, opt_state = tx.update(grads, opt_state, tp)
         return optax.apply_updates(tp, updates), opt_state, loss, aux
 
@@ -350,22 +384,34 @@ def distil(
         trained = jax.vmap(lambda k: lora.init_adapters(base.params, base.cfg, dc.lora, k))(keys)
         frozen = base.params
     else:
+
         def stack(x):
             return jnp.broadcast_to(x, (seeds,) + x.shape)
+
         trained, frozen = jax.tree.map(lambda x: jnp.array(stack(x)), base.params), None
     opt_state = jax.vmap(distill_optimizer(dc).init)(trained)
     # vmap's init leaves the step counters off the params' mesh; the step returns them on it. Place them there
     # up front so the first and later calls share one compiled step (otherwise the step compiles twice).
     mesh = getattr(jax.tree.leaves(base.params)[0].sharding, "mesh", None)
     if mesh is not None:
+
         def on_mesh(x):
-            return x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+            return (
+                x
+                if getattr(x.sharding, "mesh", None) == mesh
+                else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+            )
+
         opt_state = jax.tree.map(on_mesh, opt_state)
     n = traces["tokens_bt"].shape[1]
     n_h = heldout["tokens_bt"].shape[0]
     rngs = [np.random.default_rng([s, 17]) for s in range(seeds)]
     total = max(snapshots) if snapshots else dc.steps
-    merged = (lambda tp: jax.vmap(lambda t: lora.merge(base.params, t, dc.lora))(tp)) if dc.finetune == "lora" else (lambda tp: tp)
+    merged = (
+        (lambda tp: jax.vmap(lambda t: lora.merge(base.params, t, dc.lora))(tp))
+        if dc.finetune == "lora"
+        else (lambda tp: tp)
+    )
     kept = {}
     feeder = attacker.RecipeFeeder(base, dc, kind, traces, heldout, seeds)
     ess = 0.0
@@ -374,12 +420,16 @@ def distil(
     bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
     for i in bar:
         idx = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
-        batch = {k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()}
+        batch = {
+            k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()
+        }
         batch.update(feeder.extras(i, trained, frozen, idx, beta))
         h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
         held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
         batch, held = seed_rows_sharded(batch, mesh), seed_rows_sharded(held, mesh)
-        trained, opt_state, loss, aux = step(trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma))
+        trained, opt_state, loss, aux = step(
+            trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma)
+        )
         ess = ess + aux["ess_fraction"]
         first_bad = _first_bad(first_bad, loss, i)
         average.update(trained)
@@ -390,15 +440,16 @@ def distil(
     first_bad = shd.to_host(first_bad)
     if np.any(first_bad >= 0):
         s = int(np.argmax(first_bad >= 0))
-        raise FloatingPointError(f"{desc}: the distillation loss of seed {s} stopped being finite at step {first_bad[s] + 1} "
-                                 f"of {total}; lower protocol.distill.lr (now {dc.lr:g})")
+        raise FloatingPointError(
+            f"{desc}: the distillation loss of seed {s} stopped being finite at step {first_bad[s] + 1} "
+            f"of {total}; lower protocol.distill.lr (now {dc.lr:g})"
+        )
     return [kept[n] for n in snapshots] if snapshots else merged(average.value(trained))
 
 
 @jax.jit
 def _first_bad(first_bad_s, loss_s, i):
     return jnp.where((first_bad_s < 0) & ~jnp.isfinite(loss_s), i, first_bad_s)
-
 
 
 # ---------------------------------------------------------------------------
@@ -415,8 +466,12 @@ class Protocol:
         self.tokenizer = self.task.tokenizer
         self.mesh = make_mesh(cfg)
         # the world every stage depends on: task, models and the API's sampler (top-p, length) besides τ
-        self.task_fp = fingerprint(task=cfg.task.identity(), seed=cfg.seed, models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")},
-                                   sample=(cfg.sample.top_p, cfg.sample.max_new_tokens))
+        self.task_fp = fingerprint(
+            task=cfg.task.identity(),
+            seed=cfg.seed,
+            models={r: dataclasses.asdict(cfg.role(r)) for r in ("teacher", "proxy", "student")},
+            sample=(cfg.sample.top_p, cfg.sample.max_new_tokens),
+        )
         self.validation_problems, self.heldout_tag = None, ""  # set by attacker_heldout when the attacker tunes β
         self.student_tokenizer = None  # set by run() for an HF student with its own tokenizer (retokenize.py)
 
@@ -424,9 +479,20 @@ class Protocol:
     def _decode(self, problems, d_setup, rng, greedy=False, expose_k=0, carry_b=None) -> Decoded:
         combiner, specs, params, tangents = d_setup
         return decode_problems(
-            problems, self.tokenizer, specs, params, self.mesh, combiner=combiner,
-            max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size,
-            greedy=greedy, top_p=self.cfg.sample.top_p, rng=rng, expose_k=expose_k, tangents=tangents, carry_b=carry_b,
+            problems,
+            self.tokenizer,
+            specs,
+            params,
+            self.mesh,
+            combiner=combiner,
+            max_new_tokens=self.cfg.sample.max_new_tokens,
+            batch_size=self.cfg.sample.batch_size,
+            greedy=greedy,
+            top_p=self.cfg.sample.top_p,
+            rng=rng,
+            expose_k=expose_k,
+            tangents=tangents,
+            carry_b=carry_b,
         )
 
     def _student_arrays(self, models, problems, decoded: Decoded) -> dict[str, np.ndarray]:
@@ -466,7 +532,11 @@ class Protocol:
         slices, size = row_chunks(len(tokens), self.pc.distill.heldout_batch, self.mesh)
         for s in slices:
             x, m = padded(tokens[s, :-1], size), padded(mask[s], size, fill=0)
-            out = sums(t.params, shd.put_global(x, shd.batch_sharding(self.mesh)), shd.put_global(m, shd.batch_sharding(self.mesh)))
+            out = sums(
+                t.params,
+                shd.put_global(x, shd.batch_sharding(self.mesh)),
+                shd.put_global(m, shd.batch_sharding(self.mesh)),
+            )
             total += np.array([float(shd.to_host(v)) for v in out])
         return entropy_summary(*total)
 
@@ -474,12 +544,21 @@ class Protocol:
         """g_P: the gradient of the proxy's mean NLL on the clean held-out traces (in chunks of
         protocol.distill.heldout_batch rows, so a 3B proxy's full-vocabulary logits never exist for all at once)."""
         proxy = models["proxy"]
-        return mean_nll_grad(proxy.graphdef, proxy.params, heldout["tokens_bt"], heldout["loss_mask_bt"], self.mesh,
-                             self.pc.distill.heldout_batch)
+        return mean_nll_grad(
+            proxy.graphdef,
+            proxy.params,
+            heldout["tokens_bt"],
+            heldout["loss_mask_bt"],
+            self.mesh,
+            self.pc.distill.heldout_batch,
+        )
 
     def traces(self, d: DefenseSetting, models, g_P) -> dict:
         """Training traces for every seed and the defended teacher's test accuracy per seed."""
-        path = self.dir / f"traces-{d.key}-{fingerprint(t=self.task_fp, d=d, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.npz"
+        path = (
+            self.dir
+            / f"traces-{d.key}-{fingerprint(t=self.task_fp, d=d, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.npz"
+        )
         if path.exists():
             return rio.load_npz(path)
         setup = defense_setup(d, models, g_P, self.pc.temperature)
@@ -489,7 +568,9 @@ class Protocol:
         dec = self._decode(train_problems * self.seeds, setup, jax.random.key(1), expose_k=self.pc.expose_k)
         arrays = self._train_arrays(train_problems * self.seeds, dec)
         test = self._decode(test_problems * self.seeds, setup, jax.random.key(2))
-        correct = correct_mask(test_problems * self.seeds, test.texts(self.tokenizer), self.task.is_correct).reshape(self.seeds, -1)
+        correct = correct_mask(test_problems * self.seeds, test.texts(self.tokenizer), self.task.is_correct).reshape(
+            self.seeds, -1
+        )
         lens = dec.lengths_b.reshape(self.seeds, -1)
         keep = np.asarray(stu.degenerate_mask(dec.tokens_bn, dec.lengths_b)).reshape(self.seeds, -1)
         texts = dec.texts(self.tokenizer)
@@ -508,10 +589,22 @@ class Protocol:
         combiner, specs, params, tangents = defense_setup(d, models, g_P, self.pc.temperature)
         problems = self.task.problems("test", self.cfg.seed, self.pc.cost_batch)
         prompts, lens = encode_prompts(problems, self.tokenizer, None)
+
         def run():
-            return generate(specs, params, prompts, lens, jax.random.key(0), combiner=combiner,
-                            max_new_tokens=self.cfg.sample.max_new_tokens, eos_id=-1, pad_id=self.tokenizer.pad_id,
-                            greedy=False, tangents=tangents)["tokens_bn"]
+            return generate(
+                specs,
+                params,
+                prompts,
+                lens,
+                jax.random.key(0),
+                combiner=combiner,
+                max_new_tokens=self.cfg.sample.max_new_tokens,
+                eos_id=-1,
+                pad_id=self.tokenizer.pad_id,
+                greedy=False,
+                tangents=tangents,
+            )["tokens_bn"]
+
         jax.block_until_ready(run())
         times = []
         for _ in range(3):
@@ -532,24 +625,49 @@ class Protocol:
         dc = self.pc.distill
         with_curve = kind == "passive" and d.name == "standard" and bool(dc.curve)
         # Recipe kinds are keyed by their resolved recipe, so attacker settings invalidate only the students they change.
-        dc_key = dataclasses.replace(dc, betas=(), attacks=(), attack_defenses=(), attacker=attacker.AttackerConfig(),
-                                     curve=dc.curve if with_curve else (), correct_pool=dc.correct_pool if kind == "correct_only" else 0)
-        path = self.dir / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.json"
+        dc_key = dataclasses.replace(
+            dc,
+            betas=(),
+            attacks=(),
+            attack_defenses=(),
+            attacker=attacker.AttackerConfig(),
+            curve=dc.curve if with_curve else (),
+            correct_pool=dc.correct_pool if kind == "correct_only" else 0,
+        )
+        path = (
+            self.dir
+            / f"student-{d.key}-{attacker.kind_label(kind)}-b{beta:g}-{fingerprint(t=self.task_fp, d=d, dc=dc_key, r=attacker.recipe_of(kind, dc), h=self.heldout_tag, s=self.seeds, p=dataclasses.replace(self.pc, distill=None, defenses=()))}.json"
+        )
         if path.exists():
             return rio.load_json(path)
-        train = retok.student_rows(traces)  # the teacher's rows, or their re-encoding for a student with its own tokenizer
+        train = retok.student_rows(
+            traces
+        )  # the teacher's rows, or their re-encoding for a student with its own tokenizer
         if dc.degeneracy_filter:
             train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
         gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
         record = {"defense": d.label, "kind": kind if isinstance(kind, str) else dataclasses.asdict(kind), "beta": beta}
         if kind == "correct_only":
-            train, record["pool"] = correct_pool(train, traces["trace_correct"] & traces["keep"], dc.correct_pool, d.label)
+            train, record["pool"] = correct_pool(
+                train, traces["trace_correct"] & traces["keep"], dc.correct_pool, d.label
+            )
         snapshots = tuple(sorted({max(1, round(f * dc.steps)) for f in dc.curve})) if with_curve else ()
         stats: dict = {}
         params = distil(
-            models["student"], train, heldout, dc, "passive" if kind == "correct_only" else kind, beta, self.seeds,
-            models["proxy"], gamma, self.pc.temperature, self.progress, desc=f"distill {attacker.kind_label(kind)} on {d.label}",
-            snapshots=snapshots, stats=stats,
+            models["student"],
+            train,
+            heldout,
+            dc,
+            "passive" if kind == "correct_only" else kind,
+            beta,
+            self.seeds,
+            models["proxy"],
+            gamma,
+            self.pc.temperature,
+            self.progress,
+            desc=f"distill {attacker.kind_label(kind)} on {d.label}",
+            snapshots=snapshots,
+            stats=stats,
         )
         test_problems = self.task.problems("test", self.cfg.seed)
         if with_curve:
@@ -570,8 +688,15 @@ class Protocol:
         accs = []
         for s in range(self.seeds):
             p_s = jax.tree.map(lambda x: x[s], params)
-            dec = decode_problems(problems, tok, (spec,), (p_s,), self.mesh,
-                                  max_new_tokens=self.cfg.sample.max_new_tokens, batch_size=self.cfg.sample.batch_size)
+            dec = decode_problems(
+                problems,
+                tok,
+                (spec,),
+                (p_s,),
+                self.mesh,
+                max_new_tokens=self.cfg.sample.max_new_tokens,
+                batch_size=self.cfg.sample.batch_size,
+            )
             accs.append(float(correct_mask(problems, dec.texts(tok), self.task.is_correct).mean()))
         return accs
 
@@ -579,7 +704,9 @@ class Protocol:
         """The attacker's held-out set for g_S; while it tunes β (attacker.py) a validation split of
         its prompts is kept out of it (`self.validation_problems`)."""
         problems = self.task.problems("heldout", self.cfg.seed)
-        if self.pc.distill.heldout == "ground_truth" and self.student_tokenizer is not None:  # its own tokens, cut at max_len
+        if (
+            self.pc.distill.heldout == "ground_truth" and self.student_tokenizer is not None
+        ):  # its own tokens, cut at max_len
             held = encode_truncated(problems, self.student_tokenizer, self.cfg.task.max_len)
         elif self.pc.distill.heldout == "ground_truth":
             data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
@@ -709,16 +836,28 @@ def headline(results: dict) -> dict:
         if one in curve and str(2 * int(one)) in curve:
             out["plateau_delta_points"] = 100 * (curve[str(2 * int(one))]["mean"] - curve[one]["mean"])
         out["learning_curve"] = {n: 100 * curve[n]["mean"] for n in steps}
-    useful = [r for r in rows if r is not base and "paired_delta" in r and "passive" in r["paired_delta"]
-              and r["paired_delta"]["teacher"]["mean"] >= -0.05]
+    useful = [
+        r
+        for r in rows
+        if r is not base
+        and "paired_delta" in r
+        and "passive" in r["paired_delta"]
+        and r["paired_delta"]["teacher"]["mean"] >= -0.05
+    ]
     if useful:
         r = min(useful, key=lambda r: r["paired_delta"]["passive"]["mean"])
         pd = r["paired_delta"]
-        info = {"defense": r["label"], "delta_teacher": 100 * pd["teacher"]["mean"],
-                "delta_passive": 100 * pd["passive"]["mean"], "delta_passive_se": 100 * pd["passive"]["stderr"]}
+        info = {
+            "defense": r["label"],
+            "delta_teacher": 100 * pd["teacher"]["mean"],
+            "delta_passive": 100 * pd["passive"]["mean"],
+            "delta_passive_se": 100 * pd["passive"]["stderr"],
+        }
         if "correct_only" in pd:
-            info.update(delta_passive_correct_only=100 * pd["correct_only"]["mean"],
-                        delta_passive_correct_only_se=100 * pd["correct_only"]["stderr"])
+            info.update(
+                delta_passive_correct_only=100 * pd["correct_only"]["mean"],
+                delta_passive_correct_only_se=100 * pd["correct_only"]["stderr"],
+            )
         out["informative"] = info
     return out
 
@@ -728,7 +867,12 @@ def headline(results: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 
-TEXT_COLUMNS = {"valid": "valid reasoning (%)", "checks": "checks/trace", "fused": "fused lines/trace", "times": "× lines/trace"}
+TEXT_COLUMNS = {
+    "valid": "valid reasoning (%)",
+    "checks": "checks/trace",
+    "fused": "fused lines/trace",
+    "times": "× lines/trace",
+}
 """Per-trace text features of the reasoning task (:func:`experiments.tasks.reasoning.text_features`) and their column."""
 
 
@@ -738,11 +882,25 @@ def results_markdown(results: dict) -> str:
     for r in rows:
         kinds += [k for k in r["students"] if k not in kinds]
     paired = any("paired_delta" in r for r in rows)
-    paired_kinds = [k for k in ("teacher", "passive", "correct_only") if any(k in r.get("paired_delta", {}) for r in rows)]
+    paired_kinds = [
+        k for k in ("teacher", "passive", "correct_only") if any(k in r.get("paired_delta", {}) for r in rows)
+    ]
     texts = [k for k in TEXT_COLUMNS if all(f"trace_{k}" in r for r in rows)]
-    head = ["defense", "teacher acc (%)"] + [f"{k} (%)" for k in kinds] + [f"Δ {k}, paired (pts)" for k in paired_kinds] + [
-        "rel. gain", "fwd passes/token", "FLOPs ratio", "wall-clock ratio", "trace acc (%)", "trace len", "degenerate (%)"] + (
-        [TEXT_COLUMNS[k] for k in texts])
+    head = (
+        ["defense", "teacher acc (%)"]
+        + [f"{k} (%)" for k in kinds]
+        + [f"Δ {k}, paired (pts)" for k in paired_kinds]
+        + [
+            "rel. gain",
+            "fwd passes/token",
+            "FLOPs ratio",
+            "wall-clock ratio",
+            "trace acc (%)",
+            "trace len",
+            "degenerate (%)",
+        ]
+        + ([TEXT_COLUMNS[k] for k in texts])
+    )
     lines = [
         "# Results: passive vs adaptive students under antidistillation defenses",
         "",
@@ -750,8 +908,12 @@ def results_markdown(results: dict) -> str:
         f"{results['n_test']} test problems; {results['n_traces']} training traces per seed sampled at "
         f"τ={results['temperature']:g}. Accuracies are exact final answers; the teacher is decoded with the "
         "same defended sampler as the traces, students greedily. Relative gain = (adaptive − passive) / passive."
-        + (" Δ paired = per-seed change vs standard (seed s of every defense shares the student's data order "
-           "and the sampling keys), mean ± SE over seeds." if paired else ""),
+        + (
+            " Δ paired = per-seed change vs standard (seed s of every defense shares the student's data order "
+            "and the sampling keys), mean ± SE over seeds."
+            if paired
+            else ""
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -760,40 +922,62 @@ def results_markdown(results: dict) -> str:
         c = r["cost"]
         gain = r.get("relative_gain")
         delta = r.get("paired_delta", {})
-        cells = [r["label"], pm(r["teacher_accuracy"])] + [pm(r["students"].get(k)) for k in kinds] + [
-            pm(delta.get(k), signed=True) for k in paired_kinds] + [
-            "–" if gain is None or not np.isfinite(gain) else f"{100 * gain:+.0f}%",
-            str(c["forward_passes_per_token"]),
-            f"{c['flops_ratio']:.2f}×",
-            f"{c['wallclock_ratio']:.2f}×",
-            "–" if "trace_accuracy" not in r else f"{100 * r['trace_accuracy']:.1f}",
-            f"{r['mean_trace_length']:.1f}",
-            f"{100 * r['degeneracy_rate']:.1f}",
-        ] + [f"{100 * r['trace_valid']:.1f}" if k == "valid" else f"{r[f'trace_{k}']:.2f}" for k in texts]
+        cells = (
+            [r["label"], pm(r["teacher_accuracy"])]
+            + [pm(r["students"].get(k)) for k in kinds]
+            + [pm(delta.get(k), signed=True) for k in paired_kinds]
+            + [
+                "–" if gain is None or not np.isfinite(gain) else f"{100 * gain:+.0f}%",
+                str(c["forward_passes_per_token"]),
+                f"{c['flops_ratio']:.2f}×",
+                f"{c['wallclock_ratio']:.2f}×",
+                "–" if "trace_accuracy" not in r else f"{100 * r['trace_accuracy']:.1f}",
+                f"{r['mean_trace_length']:.1f}",
+                f"{100 * r['degeneracy_rate']:.1f}",
+            ]
+            + [f"{100 * r['trace_valid']:.1f}" if k == "valid" else f"{r[f'trace_{k}']:.2f}" for k in texts]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     poe = [r for r in rows if r["defense"] == "poe"]
     if poe:
         bound = poe[0]["cost"]["poe_wallclock_bound"]
         worst = max(r["cost"]["wallclock_ratio"] for r in poe)
-        lines += ["", f"PoE wall-clock ratio {worst:.2f}× vs the bound 1.10 × (1 + proxy/teacher FLOPs) = {bound:.2f}× "
-                  f"({'within' if worst <= bound else 'ABOVE'} bound)."]
+        lines += [
+            "",
+            f"PoE wall-clock ratio {worst:.2f}× vs the bound 1.10 × (1 + proxy/teacher FLOPs) = {bound:.2f}× "
+            f"({'within' if worst <= bound else 'ABOVE'} bound).",
+        ]
     world, head_ = results.get("world"), results.get("headline", {})
     if world:
-        lines += ["", f"The world: the standard teacher's next-token entropy at τ=1 on its own traces is {world['entropy_nats']:.3f} "
-                  f"nats per token; {100 * world['share_top_below_0.9']:.1f}% of positions have a top probability below 0.9."]
+        lines += [
+            "",
+            f"The world: the standard teacher's next-token entropy at τ=1 on its own traces is {world['entropy_nats']:.3f} "
+            f"nats per token; {100 * world['share_top_below_0.9']:.1f}% of positions have a top probability below 0.9.",
+        ]
     if "learning_curve" in head_:
         curve = ", ".join(f"{n} steps {v:.1f}%" for n, v in head_["learning_curve"].items())
-        lines += ["", f"Passive student under standard decoding, one run: {curve}"
-                  + (f" (2× the table's steps changes it by {head_['plateau_delta_points']:+.1f} points)."
-                     if "plateau_delta_points" in head_ else ".") + " Plot: `learning_curve.png`."]
+        lines += [
+            "",
+            f"Passive student under standard decoding, one run: {curve}"
+            + (
+                f" (2× the table's steps changes it by {head_['plateau_delta_points']:+.1f} points)."
+                if "plateau_delta_points" in head_
+                else "."
+            )
+            + " Plot: `learning_curve.png`.",
+        ]
     info = head_.get("informative")
     if info:
-        text = (f"Informative setting (largest paired passive loss with the teacher losing ≤ 5 points): {info['defense']}: "
-                f"teacher {info['delta_teacher']:+.1f}, passive {info['delta_passive']:+.1f} ± {info['delta_passive_se']:.1f} points")
+        text = (
+            f"Informative setting (largest paired passive loss with the teacher losing ≤ 5 points): {info['defense']}: "
+            f"teacher {info['delta_teacher']:+.1f}, passive {info['delta_passive']:+.1f} ± {info['delta_passive_se']:.1f} points"
+        )
         if "delta_passive_correct_only" in info:
-            text += (f", passive on correct traces only {info['delta_passive_correct_only']:+.1f} ± "
-                     f"{info['delta_passive_correct_only_se']:.1f} (same number of correct traces per defense: what is left "
-                     f"is the learnability of the correct texts)")
+            text += (
+                f", passive on correct traces only {info['delta_passive_correct_only']:+.1f} ± "
+                f"{info['delta_passive_correct_only_se']:.1f} (same number of correct traces per defense: what is left "
+                f"is the learnability of the correct texts)"
+            )
         lines += ["", text + "."]
     lines += ["", f"Finished in {results['seconds']:.0f}s. Plot: `teacher_vs_student.png`."]
     return "\n".join(lines) + "\n" + attacker.ablation_markdown(results)

@@ -37,7 +37,9 @@ def ended_with_eos(tokens_bn: np.ndarray, lengths_b: np.ndarray, eos_id: int) ->
     return (lengths_b > 0) & (last == eos_id)
 
 
-def encode_traces(problems: Sequence, texts: Sequence[str], ended_b: np.ndarray, tokenizer, max_len: int) -> dict[str, np.ndarray]:
+def encode_traces(
+    problems: Sequence, texts: Sequence[str], ended_b: np.ndarray, tokenizer, max_len: int
+) -> dict[str, np.ndarray]:
     """Right-padded ``[BOS + prompt + trace (+ EOS if the teacher stopped)]`` rows in `tokenizer`'s ids, cut at
     `max_len`; ``loss_mask_bt[t] = 1`` iff ``tokens_bt[t+1]`` is a trace token (the layout of
     ``protocol.assemble``). Prompt and trace are encoded separately, as the task encodes prompt and solution."""
@@ -68,21 +70,29 @@ def token_level_keys(cfg: Config) -> list[str]:
     """The settings that would give the student the teacher's per-token log-probs (as `key=value` strings)."""
     dc = cfg.protocol.distill
     defenses = {d.name for d in cfg.protocol.defenses}
-    attacks = [a for a in dc.attacks if any(n in defenses for n in dc.attack_defenses)
-               and (a != "poe_inversion" or ("poe" in defenses and "poe" in dc.attack_defenses))]
+    attacks = [
+        a
+        for a in dc.attacks
+        if any(n in defenses for n in dc.attack_defenses)
+        and (a != "poe_inversion" or ("poe" in defenses and "poe" in dc.attack_defenses))
+    ]
     return [f"protocol.distill.attacks={attacks}"] if attacks else []
 
 
 def refuse_token_level(cfg: Config, student_vocab: int, teacher_vocab: int, what: str = "") -> None:
     """One line naming the keys when a run across vocabularies asks for token-level teacher targets; `what`
     names a whole command that needs them (the equilibrium game's soft targets)."""
-    tail = (f": the student's tokenizer (student.hf_dir, {student_vocab} tokens) is not the teacher's ({teacher_vocab} "
-            f"tokens), so traces reach it as text and per-token teacher log-probs mean nothing to it")
+    tail = (
+        f": the student's tokenizer (student.hf_dir, {student_vocab} tokens) is not the teacher's ({teacher_vocab} "
+        f"tokens), so traces reach it as text and per-token teacher log-probs mean nothing to it"
+    )
     if what:
         raise ConfigError(f"{what} needs the student to share the teacher's vocabulary{tail}")
     keys = token_level_keys(cfg)
     if keys:
-        raise ConfigError(f"{', '.join(keys)} need the teacher's per-token log-probs{tail}; set protocol.distill.attacks=[]")
+        raise ConfigError(
+            f"{', '.join(keys)} need the teacher's per-token log-probs{tail}; set protocol.distill.attacks=[]"
+        )
 
 
 def require_shared_vocabulary(models: dict, task_tokenizer, what: str) -> None:

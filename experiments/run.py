@@ -22,8 +22,12 @@ def main_job(cfg: Config, progress: bool = True) -> dict:
     trained = time.perf_counter() - start
     results = Protocol(cfg, progress=progress, seeds=cfg.run.protocol_seeds).run()
     text = results_markdown(results)
-    summary = {"run_dir": str(run_dir if rio.is_remote(run_dir) else run_dir.absolute()), "results": str(run_dir / "RESULTS.md"),
-               "protocol_seconds": results["seconds"], "models_seconds": round(trained, 1)}
+    summary = {
+        "run_dir": str(run_dir if rio.is_remote(run_dir) else run_dir.absolute()),
+        "results": str(run_dir / "RESULTS.md"),
+        "protocol_seconds": results["seconds"],
+        "models_seconds": round(trained, 1),
+    }
     if cfg.run.equilibrium:
         eq = EquilibriumSweep(cfg, progress=progress).run()
         text += "\n" + equilibrium_markdown(eq)

@@ -60,10 +60,19 @@ def resumable_solve(
     resumes (bitwise: the batches depend only on the iteration and meta)."""
     listen = preemption.checkpointed() if checkpoint is not None else contextlib.nullcontext()
     with listen:
-        result = sv.solve(game, cfg, state, batch_for, callback=on_iteration, optimizers=optimizers,
-                          per_state_student_batch=per_state_student_batch, checkpoint=checkpoint,
-                          should_stop=preemption.stop_requested if checkpoint is not None else None)
+        result = sv.solve(
+            game,
+            cfg,
+            state,
+            batch_for,
+            callback=on_iteration,
+            optimizers=optimizers,
+            per_state_student_batch=per_state_student_batch,
+            checkpoint=checkpoint,
+            should_stop=preemption.stop_requested if checkpoint is not None else None,
+        )
     if result.stopped:
-        raise preemption.Preempted(f"solver preempted after iteration {result.iterations}; "
-                                   f"state saved in {checkpoint.directory}")
+        raise preemption.Preempted(
+            f"solver preempted after iteration {result.iterations}; state saved in {checkpoint.directory}"
+        )
     return result

@@ -28,7 +28,12 @@ import time
 import numpy as np
 
 NAMES = ("distill", "poe", "standard", "train")
-MEASURES = ("distill_steps_per_s", "poe_decode_tokens_per_s", "standard_decode_tokens_per_s", "teacher_train_steps_per_s")
+MEASURES = (
+    "distill_steps_per_s",
+    "poe_decode_tokens_per_s",
+    "standard_decode_tokens_per_s",
+    "teacher_train_steps_per_s",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -53,18 +58,39 @@ def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: 
     task = build_task(cfg.task)
     tok = task.tokenizer
     vocab = tok.vocab_size
-    models = {r: init_role_model(cfg.role(r), vocab, mesh, cfg.rules, i) for i, r in enumerate(("teacher", "proxy", "student"))}
+    models = {
+        r: init_role_model(cfg.role(r), vocab, mesh, cfg.rules, i)
+        for i, r in enumerate(("teacher", "proxy", "student"))
+    }
     pc = cfg.protocol
     dc = dataclasses.replace(pc.distill, steps=distill_steps)
     seeds, n, t = pc.seeds, min(pc.n_traces, 1024), cfg.task.max_len
     rng = np.random.default_rng(1)
-    traces = {"tokens_bt": rng.integers(3, vocab, (seeds, n, t), dtype=np.int32), "loss_mask_bt": np.ones((seeds, n, t), np.float32),
-              "topk_ids_btk": np.zeros((seeds, n, t, 1), np.int32), "topk_logprob_btk": np.zeros((seeds, n, t, 1), np.float32)}
-    heldout = {"tokens_bt": rng.integers(3, vocab, (256, t), dtype=np.int32), "loss_mask_bt": np.ones((256, t), np.float32)}
+    traces = {
+        "tokens_bt": rng.integers(3, vocab, (seeds, n, t), dtype=np.int32),
+        "loss_mask_bt": np.ones((seeds, n, t), np.float32),
+        "topk_ids_btk": np.zeros((seeds, n, t, 1), np.int32),
+        "topk_logprob_btk": np.zeros((seeds, n, t, 1), np.float32),
+    }
+    heldout = {
+        "tokens_bt": rng.integers(3, vocab, (256, t), dtype=np.int32),
+        "loss_mask_bt": np.ones((256, t), np.float32),
+    }
 
     def distill():
-        return P.distil(models["student"], traces, heldout, dc, "passive", 0.0, seeds, models["proxy"], 0.0,
-                        pc.temperature, progress=False)
+        return P.distil(
+            models["student"],
+            traces,
+            heldout,
+            dc,
+            "passive",
+            0.0,
+            seeds,
+            models["proxy"],
+            0.0,
+            pc.temperature,
+            progress=False,
+        )
 
     strengths = [d.strength for d in pc.defenses if d.name == "poe"]
     poe = DefenseSetting("poe", strength=max(strengths) if strengths else 0.5)
@@ -74,15 +100,31 @@ def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: 
 
     def decoder(setting):
         combiner, specs, params, tangents = P.defense_setup(setting, models, None, pc.temperature)
-        return lambda: generate(specs, params, prompts, lens, jax.random.key(0), combiner=combiner, max_new_tokens=new_tokens,
-                                eos_id=-1, pad_id=tok.pad_id, greedy=False, tangents=tangents)["tokens_bn"]
+        return lambda: generate(
+            specs,
+            params,
+            prompts,
+            lens,
+            jax.random.key(0),
+            combiner=combiner,
+            max_new_tokens=new_tokens,
+            eos_id=-1,
+            pad_id=tok.pad_id,
+            greedy=False,
+            tangents=tangents,
+        )["tokens_bn"]
 
     from experiments.train import Trainer
     from models import sharding as shd
 
     trainer = Trainer(cfg, "teacher", mesh, task=task)  # the teacher's own training step (make run trains it first)
-    batch = shd.shard_batch({"tokens_bt": rng.integers(3, vocab, (cfg.teacher.train.batch_size, t), dtype=np.int32),
-                             "loss_mask_bt": np.ones((cfg.teacher.train.batch_size, t), np.float32)}, mesh)
+    batch = shd.shard_batch(
+        {
+            "tokens_bt": rng.integers(3, vocab, (cfg.teacher.train.batch_size, t), dtype=np.int32),
+            "loss_mask_bt": np.ones((cfg.teacher.train.batch_size, t), np.float32),
+        },
+        mesh,
+    )
 
     def train():
         for _ in range(train_steps):
@@ -99,7 +141,12 @@ def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: 
         jax.block_until_ready(fns[name]())
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         work = {"distill": distill_steps, "train": train_steps}.get(name, len(problems) * new_tokens)
-        print(json.dumps({"name": name, "seconds": seconds, "per_s": work / seconds, "per_cpu_s": work / cpu}, allow_nan=False), flush=True)
+        print(
+            json.dumps(
+                {"name": name, "seconds": seconds, "per_s": work / seconds, "per_cpu_s": work / cpu}, allow_nan=False
+            ),
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -110,10 +157,20 @@ def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: 
 class Worker:
     def __init__(self, label: str, checkout: pathlib.Path, args):
         env = dict(os.environ, PYTHONPATH=str(checkout))
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "--config", args.config,
-               "--distill-steps", str(args.distill_steps), *args.overrides]
+        cmd = [
+            sys.executable,
+            str(pathlib.Path(__file__).resolve()),
+            "--worker",
+            "--config",
+            args.config,
+            "--distill-steps",
+            str(args.distill_steps),
+            *args.overrides,
+        ]
         self.label = label
-        self.proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=checkout, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def wait_ready(self):
         for line in self.proc.stdout:
@@ -149,29 +206,51 @@ def compare(args) -> dict:
     finally:
         for w in workers.values():
             w.close()
+
     def med(label, m, field):
         return float(np.median([x[field] for x in samples[label][m]]))
+
     keys = dict(zip(NAMES, MEASURES))
-    report = {"base": str(pathlib.Path(args.base).resolve()), "ours": str(ours), "rounds": args.rounds, "config": args.config}
+    report = {
+        "base": str(pathlib.Path(args.base).resolve()),
+        "ours": str(ours),
+        "rounds": args.rounds,
+        "config": args.config,
+    }
     for m, key in keys.items():
         base, mine = med("base", m, "per_s"), med("ours", m, "per_s")
         base_cpu, mine_cpu = med("base", m, "per_cpu_s"), med("ours", m, "per_cpu_s")
-        report[key] = {"base": base, "ours": mine, "ratio": mine / base,
-                       # work per CPU-second: the figure least disturbed by other jobs on a shared machine
-                       "base_per_cpu_s": base_cpu, "ours_per_cpu_s": mine_cpu, "cpu_ratio": mine_cpu / base_cpu,
-                       "rounds_base": [x["per_s"] for x in samples["base"][m]], "rounds_ours": [x["per_s"] for x in samples["ours"][m]]}
+        report[key] = {
+            "base": base,
+            "ours": mine,
+            "ratio": mine / base,
+            # work per CPU-second: the figure least disturbed by other jobs on a shared machine
+            "base_per_cpu_s": base_cpu,
+            "ours_per_cpu_s": mine_cpu,
+            "cpu_ratio": mine_cpu / base_cpu,
+            "rounds_base": [x["per_s"] for x in samples["base"][m]],
+            "rounds_ours": [x["per_s"] for x in samples["ours"][m]],
+        }
     return report
 
 
 def format_report(r: dict) -> str:
-    lines = [f"speed_compare: {r['ours']} (ours) vs {r['base']} (base), config {r['config']}, medians of {r['rounds']} "
-             "alternating rounds"]
-    units = {"distill_steps_per_s": "distillation steps/s (all seeds)", "poe_decode_tokens_per_s": "PoE decode tokens/s",
-             "standard_decode_tokens_per_s": "standard decode tokens/s", "teacher_train_steps_per_s": "teacher train steps/s"}
+    lines = [
+        f"speed_compare: {r['ours']} (ours) vs {r['base']} (base), config {r['config']}, medians of {r['rounds']} "
+        "alternating rounds"
+    ]
+    units = {
+        "distill_steps_per_s": "distillation steps/s (all seeds)",
+        "poe_decode_tokens_per_s": "PoE decode tokens/s",
+        "standard_decode_tokens_per_s": "standard decode tokens/s",
+        "teacher_train_steps_per_s": "teacher train steps/s",
+    }
     for key, label in units.items():
         m = r[key]
-        lines.append(f"  {label:34s} base {m['base']:>10,.2f}  ours {m['ours']:>10,.2f}  -> {m['ratio']:.2f}x  "
-                     f"(per CPU-second: {m['cpu_ratio']:.2f}x)")
+        lines.append(
+            f"  {label:34s} base {m['base']:>10,.2f}  ours {m['ours']:>10,.2f}  -> {m['ratio']:.2f}x  "
+            f"(per CPU-second: {m['cpu_ratio']:.2f}x)"
+        )
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransform
     copies of the params, gradients and params are cast to float32 before the update and the updates back to
     the gradients' dtype. For float32 params every cast is a no-op, so the state tree and the checkpoints are
     those of `tx` itself. Why: a bfloat16 second moment loses the small (1 - b2) increments it averages."""
+
     def to32(tree):
         return jax.tree.map(lambda x: x.astype(jnp.float32) if hasattr(x, "astype") else x, tree)
 
@@ -107,7 +108,9 @@ def abstract_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict
 def init_role_model(rc: RoleConfig, vocab_size: int, mesh: Mesh, rules: dict, seed: int) -> RoleModel:
     """Build the model abstractly, derive shardings from the rule table, then init each shard in place."""
     model = abstract_role_model(rc, vocab_size, mesh, rules, seed)
-    model.params = shd.create_sharded(lambda: tfm.split_params(tfm.build(rc.model, vocab_size, seed))[1], model.param_shardings)
+    model.params = shd.create_sharded(
+        lambda: tfm.split_params(tfm.build(rc.model, vocab_size, seed))[1], model.param_shardings
+    )
     return model
 
 
@@ -170,8 +173,9 @@ class Trainer:
         tc = self.tc
         n = tc.n_examples or self.cfg.task.n_train
         easy = self.cfg.easy_max_steps if tc.data == "easy" else None
-        return self.task.training_rows(self.cfg.seed, n, with_solution=tc.data != "prompts", easy_max_steps=easy,
-                                       style=tc.style)
+        return self.task.training_rows(
+            self.cfg.seed, n, with_solution=tc.data != "prompts", easy_max_steps=easy, style=tc.style
+        )
 
     def batch_at(self, data: RowSource, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the global batch at `step`; deterministic in (seed, step), so a
@@ -206,7 +210,9 @@ class Trainer:
         data = self.training_data()
         log = rio.JsonlLog(self.role_dir / "metrics.jsonl") if main else None
         write = log.write if main else (lambda record: None)
-        bar = tqdm(total=self.tc.steps, initial=step, desc=f"train {self.role}", disable=not (progress and main), leave=False)
+        bar = tqdm(
+            total=self.tc.steps, initial=step, desc=f"train {self.role}", disable=not (progress and main), leave=False
+        )
         tokens_since, t_last = 0, time.perf_counter()
         try:
             with preemption.checkpointed():  # SIGTERM: save at this step, then stop
@@ -223,15 +229,29 @@ class Trainer:
                         if not np.isfinite(loss):
                             raise FloatingPointError(f"{self.role}: loss became {loss} at step {step}; lower train.lr")
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                        write({"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s})
+                        write(
+                            {
+                                "step": step,
+                                "loss": loss,
+                                "grad_norm": float(metrics["grad_norm"]),
+                                "tokens_per_s": tok_s,
+                            }
+                        )
                     bar.update(1)
                     if self.tc.eval_every and step % self.tc.eval_every == 0 and step < self.tc.steps:
                         acc = self.test_accuracy(self.tc.eval_size)
                         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", acc=f"{acc:.3f}")
                         write({"step": step, "test_accuracy": acc, "n": self.tc.eval_size})
-                    preempted = (step < self.tc.steps and step % self.tc.preemption_check_every == 0
-                                 and preemption.stop_requested())  # same decision on every process
-                    if preempted or step == self.tc.steps or (self.tc.checkpoint_every and step % self.tc.checkpoint_every == 0):
+                    preempted = (
+                        step < self.tc.steps
+                        and step % self.tc.preemption_check_every == 0
+                        and preemption.stop_requested()
+                    )  # same decision on every process
+                    if (
+                        preempted
+                        or step == self.tc.steps
+                        or (self.tc.checkpoint_every and step % self.tc.checkpoint_every == 0)
+                    ):
                         ckpt.save(step, self.state, {"role": self.role, "step": step})
                     if log is not None:
                         log.flush()
@@ -264,14 +284,18 @@ class Trainer:
 def load_role_params(cfg: Config, role: str, mesh: Mesh, vocab_size: int) -> RoleModel:
     """Restore a trained role's params (only) onto the mesh from its latest checkpoint."""
     rc = cfg.role(role)
-    model = abstract_role_model(rc, vocab_size, mesh, cfg.rules, rc.train.seed)  # no init: the checkpoint has the values
+    model = abstract_role_model(
+        rc, vocab_size, mesh, cfg.rules, rc.train.seed
+    )  # no init: the checkpoint has the values
     tx = make_optimizer(rc.train)
     rep = shd.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, model.params)
     opt_shardings = opt_state_shardings(tx, model.params, model.param_shardings, rep)
     target = {
         "params": model.params,
-        "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings),
+        "opt_state": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_shardings
+        ),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
     }
     ckpt = Checkpointer(rio.path(cfg.run_dir) / role / "checkpoints", create=False)

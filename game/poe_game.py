@@ -52,8 +52,16 @@ def select_minibatch(batch: dict, t) -> dict:
     return out
 
 
-def make_poe_game(forward: Forward, beta: float = 0.0, *, tau: float = 1.0, estimator: str = "score",
-                  baseline: bool = True, max_weight: float | None = 10.0, standardize: bool = False) -> Game:
+def make_poe_game(
+    forward: Forward,
+    beta: float = 0.0,
+    *,
+    tau: float = 1.0,
+    estimator: str = "score",
+    baseline: bool = True,
+    max_weight: float | None = 10.0,
+    standardize: bool = False,
+) -> Game:
     """The PoE game for one student tilt β_s (0 = passive).
 
     - L_D: the distillation loss of game/sampling.py (`estimator` 'score': soft targets
@@ -69,8 +77,16 @@ def make_poe_game(forward: Forward, beta: float = 0.0, *, tau: float = 1.0, esti
     def per_example(theta, gamma, batch, est):
         logq_btv = jax.nn.log_softmax(forward(theta, batch["tokens_bt"][:, :-1]), axis=-1)
         return sampling.distillation_ce(
-            logq_btv, batch["z_teacher"], batch["z_proxy"], batch["tokens_bt"][:, 1:], batch["loss_mask_bt"][:, :-1],
-            gamma, tau, estimator=est, gamma_sample=batch.get("gamma_sample"), baseline=baseline,
+            logq_btv,
+            batch["z_teacher"],
+            batch["z_proxy"],
+            batch["tokens_bt"][:, 1:],
+            batch["loss_mask_bt"][:, :-1],
+            gamma,
+            tau,
+            estimator=est,
+            gamma_sample=batch.get("gamma_sample"),
+            baseline=baseline,
         )
 
     def student_loss(theta, gamma, batch):

@@ -80,8 +80,18 @@ def surrogate_ce(ce_bt, weights_bt, mask_bt, baseline: bool = True):
     return jnp.sum(term_bt * mask_bt, -1) / jnp.maximum(jnp.sum(mask_bt, -1), 1.0)
 
 
-def distillation_ce(logq_btv, z_teacher_btv, z_proxy_btv, tokens_next_bt, mask_bt, gamma, tau: float = 1.0,
-                    estimator: str = "score", gamma_sample=None, baseline: bool = True):
+def distillation_ce(
+    logq_btv,
+    z_teacher_btv,
+    z_proxy_btv,
+    tokens_next_bt,
+    mask_bt,
+    gamma,
+    tau: float = 1.0,
+    estimator: str = "score",
+    gamma_sample=None,
+    baseline: bool = True,
+):
     """Per-example distillation loss [B] of a student with log-probs `logq_btv` on prefixes
     sampled from PoE(γ_s), `tokens_next_bt[:, t]` the sampled token at position t (the
     target of logits t), cached teacher/proxy logits at the same positions.

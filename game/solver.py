@@ -174,12 +174,8 @@ class SolverConfig:
         0.0,
     )
     student_optimizer: str = _help("student optax optimizer: 'adam' or 'sgd'", "adam")
-    teacher_optimizer: str = _help(
-        "teacher optax optimizer for 'alternating'/'simultaneous': 'sgd' or 'adam'", "sgd"
-    )
-    dual_optimizer: str = _help(
-        "dual optax optimizer for 'alternating'/'simultaneous': 'sgd' or 'adam'", "sgd"
-    )
+    teacher_optimizer: str = _help("teacher optax optimizer for 'alternating'/'simultaneous': 'sgd' or 'adam'", "sgd")
+    dual_optimizer: str = _help("dual optax optimizer for 'alternating'/'simultaneous': 'sgd' or 'adam'", "sgd")
     optimistic_variant: str = _help(
         "teacher and dual optimizer under algorithm='optimistic': 'ogd' = "
         "optax.optimistic_gradient_descent, 'adam' = optax.optimistic_adam_v2",
@@ -190,9 +186,7 @@ class SolverConfig:
         "projection",
     )
     gamma_max: float = _help("upper bound on the PoE weight, in (0, 1)", 0.95)
-    gamma_init: float = _help(
-        "initial γ, in [0, gamma_max] (strictly inside for gamma_param='sigmoid')", 0.05
-    )
+    gamma_init: float = _help("initial γ, in [0, gamma_max] (strictly inside for gamma_param='sigmoid')", 0.05)
     delta: float = _help(
         "default utility budget δ >= 0 in nats/token (init_state may override it per state, "
         "e.g. a vector of budgets solved at once under vmap)",
@@ -214,8 +208,7 @@ class SolverConfig:
     )
     tol_gamma: float = _help("convergence: |Δγ| per iteration below this", 1e-5)
     tol_violation: float = _help(
-        "convergence: constraint violation U(0)−U(γ)−δ and dual stationarity "
-        "|μ − max(0, μ + ∂ψ/∂μ)| below this",
+        "convergence: constraint violation U(0)−U(γ)−δ and dual stationarity |μ − max(0, μ + ∂ψ/∂μ)| below this",
         1e-4,
     )
     tol_grad: float = _help(
@@ -224,8 +217,7 @@ class SolverConfig:
         1e-3,
     )
     tol_student_grad: float = _help(
-        "convergence: student gradient norm below this (inf = not checked, e.g. for "
-        "stochastic batches)",
+        "convergence: student gradient norm below this (inf = not checked, e.g. for stochastic batches)",
         math.inf,
     )
     patience: int = _help("convergence: consecutive iterations meeting every tolerance (>= 1)", 10)
@@ -264,8 +256,16 @@ class SolverConfig:
                 bad("gamma_init", "must lie in (0, gamma_max) when gamma_param='sigmoid'")
         elif not 0.0 <= self.gamma_init <= self.gamma_max:
             bad("gamma_init", "must lie in [0, gamma_max]")
-        for name in ("delta", "mu_init", "penalty", "lr_decay", "tol_gamma", "tol_violation", "tol_grad",
-                     "tol_student_grad"):
+        for name in (
+            "delta",
+            "mu_init",
+            "penalty",
+            "lr_decay",
+            "tol_gamma",
+            "tol_violation",
+            "tol_grad",
+            "tol_student_grad",
+        ):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 bad(name, "must be >= 0")
         return self
@@ -293,8 +293,10 @@ def make_player_optimizer(name: str, lr: float, decay: float = 0.0) -> optax.Gra
     with step size lr / (1 + decay·t). Optax minimises; a maximising player feeds it the
     negated gradient."""
     if decay:
+
         def lr(count, lr0=lr):
             return lr0 / (1.0 + decay * count)
+
     if name == "sgd":
         return optax.sgd(lr)
     if name == "adam":
@@ -395,8 +397,9 @@ def init_state(
         raise ValueError(f"delta={delta} must be >= 0")
     if cfg.violation_scale == "relative" and not isinstance(delta, jax.core.Tracer) and bool(jnp.any(delta <= 0)):
         raise ValueError(f"delta={delta} must be > 0 with violation_scale='relative'")
-    gamma0 = jnp.broadcast_to(jnp.asarray(cfg.gamma_init if gamma_init is None else gamma_init,
-                                          dtype=jnp.result_type(float)), delta.shape)
+    gamma0 = jnp.broadcast_to(
+        jnp.asarray(cfg.gamma_init if gamma_init is None else gamma_init, dtype=jnp.result_type(float)), delta.shape
+    )
     u0 = jnp.asarray(game.utility(jnp.zeros((), jnp.result_type(float)), util_batch))
 
     def one(d, g0):
@@ -465,14 +468,22 @@ def horizon_student(game: Game, tx: optax.GradientTransformation, theta0: PyTree
 def student_response(game: Game, cfg: SolverConfig, theta, gamma, student_batch, optimizers: Optimizers | None = None):
     """θ_T(γ) as `cfg.unroll_from` defines it (see the module docstring)."""
     if cfg.unroll_from == "base":
-        tx = (optimizers.unroll if optimizers is not None and optimizers.unroll is not None
-              else make_unroll_optimizer(cfg.unroll_optimizer, cfg.effective_unroll_lr))
+        tx = (
+            optimizers.unroll
+            if optimizers is not None and optimizers.unroll is not None
+            else make_unroll_optimizer(cfg.unroll_optimizer, cfg.effective_unroll_lr)
+        )
         return horizon_student(game, tx, theta, gamma, student_batch, cfg.unroll_steps)
     return unrolled_student(game, theta, gamma, student_batch, cfg.unroll_steps, cfg.effective_unroll_lr)
 
 
 def capability_hypergradient(
-    game: Game, cfg: SolverConfig, theta: PyTree, gamma, student_batch, eval_batch,
+    game: Game,
+    cfg: SolverConfig,
+    theta: PyTree,
+    gamma,
+    student_batch,
+    eval_batch,
     optimizers: Optimizers | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(J(θ_T(γ)), dJ(θ_T(γ))/dγ) with θ_T the student's response; forward mode in the scalar γ."""
@@ -502,7 +513,16 @@ def augmented_term(v, mu, penalty: float):
 
 
 def teacher_lagrangian(
-    game: Game, cfg: SolverConfig, theta, gamma, mu, delta, utility_ref, student_batch, eval_batch, util_batch,
+    game: Game,
+    cfg: SolverConfig,
+    theta,
+    gamma,
+    mu,
+    delta,
+    utility_ref,
+    student_batch,
+    eval_batch,
+    util_batch,
     optimizers: Optimizers | None = None,
 ) -> tuple[jax.Array, jax.Array, dict]:
     """(L, ∂L/∂γ, aux) of the teacher's (augmented) Lagrangian
@@ -542,11 +562,10 @@ def check_converged(history_window: Sequence[dict], cfg: SolverConfig) -> bool:
     tol_student_grad when finite). For batched (vmapped-budget) diagnostics every budget
     must meet them. The step carries the same rule as `state.streak` and reports it as
     diagnostics['converged']."""
-    window = list(history_window)[-cfg.patience:]
+    window = list(history_window)[-cfg.patience :]
     if len(window) < cfg.patience:
         return False
-    return all(bool(np.all(meets_tolerances({k: np.asarray(v) for k, v in d.items()}, cfg)))
-               for d in window)
+    return all(bool(np.all(meets_tolerances({k: np.asarray(v) for k, v in d.items()}, cfg))) for d in window)
 
 
 # ---------------------------------------------------------------------------
@@ -555,9 +574,26 @@ def check_converged(history_window: Sequence[dict], cfg: SolverConfig) -> bool:
 
 
 DIAGNOSTIC_KEYS = (
-    "iteration", "student_loss", "student_grad_norm", "student_param_norm", "J", "lagrangian",
-    "teacher_grad", "teacher_grad_norm", "teacher_stationarity", "gamma", "delta_gamma", "U",
-    "violation", "utility_drop", "dual_grad", "dual_grad_norm", "dual_stationarity", "mu", "streak", "converged",
+    "iteration",
+    "student_loss",
+    "student_grad_norm",
+    "student_param_norm",
+    "J",
+    "lagrangian",
+    "teacher_grad",
+    "teacher_grad_norm",
+    "teacher_stationarity",
+    "gamma",
+    "delta_gamma",
+    "U",
+    "violation",
+    "utility_drop",
+    "dual_grad",
+    "dual_grad_norm",
+    "dual_stationarity",
+    "mu",
+    "streak",
+    "converged",
 )
 
 
@@ -580,15 +616,25 @@ def student_update(game: Game, cfg: SolverConfig, opt: Optimizers, theta, opt_st
     return theta, opt_state, losses[-1], gnorms[-1]
 
 
-def teacher_update(game: Game, cfg: SolverConfig, opt: Optimizers, state: SolverState, theta,
-                   student_batch, eval_batch, util_batch):
+def teacher_update(
+    game: Game, cfg: SolverConfig, opt: Optimizers, state: SolverState, theta, student_batch, eval_batch, util_batch
+):
     """The teacher's move: one ascent step on the Lagrangian in γ at the student's θ.
     Returns (new teacher parameter, its optimizer state, γ_new, diagnostics)."""
     sg = jax.lax.stop_gradient
     gamma_old = gamma_from_param(state.teacher_param, cfg)
     lag, dlag_dgamma, aux = teacher_lagrangian(
-        game, cfg, sg(theta), gamma_old, sg(state.mu), state.delta, state.utility_ref,
-        student_batch, eval_batch, util_batch, opt,
+        game,
+        cfg,
+        sg(theta),
+        gamma_old,
+        sg(state.mu),
+        state.delta,
+        state.utility_ref,
+        student_batch,
+        eval_batch,
+        util_batch,
+        opt,
     )
     if cfg.gamma_param == "sigmoid":
         dgamma_dparam = jax.grad(lambda p: gamma_from_param(p, cfg))(state.teacher_param)
@@ -604,13 +650,20 @@ def teacher_update(game: Game, cfg: SolverConfig, opt: Optimizers, state: Solver
         param_new = jnp.clip(param_new, 0.0, cfg.gamma_max)
     gamma_new = gamma_from_param(param_new, cfg)
     diag = {
-        "J": aux["J"], "lagrangian": lag, "teacher_grad": dlag_dgamma, "teacher_grad_norm": jnp.abs(g_param),
-        "teacher_stationarity": stationarity, "gamma": gamma_new, "delta_gamma": jnp.abs(gamma_new - gamma_old),
+        "J": aux["J"],
+        "lagrangian": lag,
+        "teacher_grad": dlag_dgamma,
+        "teacher_grad_norm": jnp.abs(g_param),
+        "teacher_stationarity": stationarity,
+        "gamma": gamma_new,
+        "delta_gamma": jnp.abs(gamma_new - gamma_old),
     }
     return param_new, teacher_os, gamma_new, aux["violation"], diag
 
 
-def dual_update(game: Game, cfg: SolverConfig, opt: Optimizers, state: SolverState, gamma_new, violation_old, util_batch):
+def dual_update(
+    game: Game, cfg: SolverConfig, opt: Optimizers, state: SolverState, gamma_new, violation_old, util_batch
+):
     """The dual's move: one ascent step along ∂ψ/∂μ, projected to μ >= 0. 'alternating'
     sees the teacher's new γ, the others the violation at the old one.
     Returns (μ_new, its optimizer state, diagnostics)."""
@@ -621,8 +674,12 @@ def dual_update(game: Game, cfg: SolverConfig, opt: Optimizers, state: SolverSta
     upd, dual_os = opt.dual.update(-dpsi_dmu, state.dual_opt_state, state.mu)
     mu_new = jnp.maximum(optax.apply_updates(state.mu, upd), 0.0)
     diag = {
-        "U": U_new, "violation": v_new, "utility_drop": state.utility_ref - U_new, "dual_grad": dpsi_dmu,
-        "dual_grad_norm": jnp.abs(dpsi_dmu), "dual_stationarity": jnp.abs(state.mu - jnp.maximum(state.mu + dpsi_dmu, 0.0)),
+        "U": U_new,
+        "violation": v_new,
+        "utility_drop": state.utility_ref - U_new,
+        "dual_grad": dpsi_dmu,
+        "dual_grad_norm": jnp.abs(dpsi_dmu),
+        "dual_stationarity": jnp.abs(state.mu - jnp.maximum(state.mu + dpsi_dmu, 0.0)),
         "mu": mu_new,
     }
     return mu_new, dual_os, diag
@@ -658,27 +715,45 @@ def solver_step(
     opt = optimizers or make_optimizers(cfg)
     gamma_old = gamma_from_param(state.teacher_param, cfg)
     theta_new, student_os, loss, gnorm = student_update(
-        game, cfg, opt, state.theta, state.student_opt_state, gamma_old, student_batch)
+        game, cfg, opt, state.theta, state.student_opt_state, gamma_old, student_batch
+    )
     theta_for_teacher = state.theta if cfg.algorithm == "simultaneous" else theta_new
     param_new, teacher_os, gamma_new, v_old, t_diag = teacher_update(
-        game, cfg, opt, state, theta_for_teacher, student_batch, eval_batch, util_batch)
+        game, cfg, opt, state, theta_for_teacher, student_batch, eval_batch, util_batch
+    )
     mu_new, dual_os, d_diag = dual_update(game, cfg, opt, state, gamma_new, v_old, util_batch)
 
-    diag = {"iteration": state.iteration, "student_loss": loss, "student_grad_norm": gnorm,
-            "student_param_norm": tree_norm(theta_new), **t_diag, **d_diag}
+    diag = {
+        "iteration": state.iteration,
+        "student_loss": loss,
+        "student_grad_norm": gnorm,
+        "student_param_norm": tree_norm(theta_new),
+        **t_diag,
+        **d_diag,
+    }
     streak = jnp.where(meets_tolerances(diag, cfg), state.streak + 1, 0).astype(jnp.int32)
     diag["streak"] = streak
     diag["converged"] = streak >= cfg.patience
     new_state = SolverState(
-        theta=theta_new, student_opt_state=student_os, teacher_param=param_new, teacher_opt_state=teacher_os,
-        mu=mu_new, dual_opt_state=dual_os, delta=state.delta, utility_ref=state.utility_ref,
-        iteration=state.iteration + 1, streak=streak,
+        theta=theta_new,
+        student_opt_state=student_os,
+        teacher_param=param_new,
+        teacher_opt_state=teacher_os,
+        mu=mu_new,
+        dual_opt_state=dual_os,
+        delta=state.delta,
+        utility_ref=state.utility_ref,
+        iteration=state.iteration + 1,
+        streak=streak,
     )
     return new_state, diag
 
 
 def make_step(
-    game: Game, cfg: SolverConfig, batched: bool = False, optimizers: Optimizers | None = None,
+    game: Game,
+    cfg: SolverConfig,
+    batched: bool = False,
+    optimizers: Optimizers | None = None,
     per_state_student_batch: bool = False,
 ) -> Callable:
     """A pure `step(state, student_batch, eval_batch, util_batch) -> (state, diagnostics)`
@@ -723,6 +798,7 @@ def best_of_starts(diag: dict, n_starts: int, cfg: SolverConfig, agree_tol: floa
     numpy arrays over budgets: 'best_start', 'gamma', 'J', 'violation', 'converged',
     'starts_agree' (every start's γ within agree_tol of the best, and all converged),
     'gamma_spread' (max − min γ over starts) and 'gamma_by_start' (budgets × starts)."""
+
     def per(key):
         return np.asarray(diag[key]).reshape(-1, n_starts)
 
@@ -826,7 +902,9 @@ def solve(
     if jit:
         step = _jitted_step(game, cfg, batched, optimizers, per_state_student_batch)
     else:
-        step = make_step(game, cfg, batched=batched, optimizers=optimizers, per_state_student_batch=per_state_student_batch)
+        step = make_step(
+            game, cfg, batched=batched, optimizers=optimizers, per_state_student_batch=per_state_student_batch
+        )
     get = batches if callable(batches) else (lambda i, state, meta, previous: batches)
     meta: dict = {"iteration": 0, "done": False, "converged": False, "diag": {}}
     if checkpoint is not None and (restored := checkpoint.restore(state)) is not None:

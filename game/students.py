@@ -83,9 +83,7 @@ def _tangents(params: Any, g: Any) -> Any:
     return jax.tree.map(one, params, g)
 
 
-def example_values(
-    per_example_loss: Callable[..., jax.Array], params: Any, g: Any, *args: Any
-) -> jax.Array:
+def example_values(per_example_loss: Callable[..., jax.Array], params: Any, g: Any, *args: Any) -> jax.Array:
     """``v_b = ⟨∇_θ ℓ_b(θ), g⟩`` exactly, by ONE forward-mode pass.
 
     ``per_example_loss(params, *args) -> [B]``; ``g`` is a pytree like
@@ -201,9 +199,7 @@ def adaptive_weights(
     if v.ndim != 1:
         raise ValueError(f"adaptive_weights expects v_b of shape [B], got {v.shape}")
     if max_weight is not None and not (max_weight >= 1.0):
-        raise ValueError(
-            f"adaptive_weights max_weight={max_weight} must be >= 1 (weights have mean 1)"
-        )
+        raise ValueError(f"adaptive_weights max_weight={max_weight} must be >= 1 (weights have mean 1)")
     B = v.shape[0]
     m = jnp.ones((B,), bool) if mask_b is None else jnp.asarray(mask_b, bool)
     n = jnp.sum(m).astype(jnp.float32)
@@ -298,9 +294,7 @@ def soft_target_loss(
     ids. Aggregated exactly as ``weighted_nll`` (CE in place of -logp).
     """
     tgt = jax.nn.softmax(jnp.asarray(target_logp_btk, jnp.float32), axis=-1)
-    s = jnp.take_along_axis(
-        jnp.asarray(student_logp_btv, jnp.float32), jnp.asarray(target_ids_btk, jnp.int32), axis=-1
-    )
+    s = jnp.take_along_axis(jnp.asarray(student_logp_btv, jnp.float32), jnp.asarray(target_ids_btk, jnp.int32), axis=-1)
     m = jnp.asarray(mask_bt, bool)
     ce = jnp.where(m, -jnp.sum(tgt * s, axis=-1), 0.0)
     return weighted_nll(-ce, m, weights_b, averaging)
@@ -337,8 +331,11 @@ def degenerate_mask(
             f"max_repeat_ngram={max_repeat_ngram}, min_repeats={min_repeats}"
         )
     return _degenerate_mask(
-        jnp.asarray(tokens_bt), jnp.asarray(lens_b, jnp.int32),
-        int(max_repeat_ngram), int(min_repeats), tuple(int(i) for i in junk_ids),
+        jnp.asarray(tokens_bt),
+        jnp.asarray(lens_b, jnp.int32),
+        int(max_repeat_ngram),
+        int(min_repeats),
+        tuple(int(i) for i in junk_ids),
     )
 
 
@@ -368,9 +365,7 @@ def _degenerate_mask(t, lens_b, max_repeat_ngram, min_repeats, junk_ids):
 # ----------------------------------------------------------------------------
 
 
-def invert_poe(
-    logp_gamma: jax.Array, z_proxy: jax.Array, gamma: Any, temperature: Any = 1.0
-) -> jax.Array:
+def invert_poe(logp_gamma: jax.Array, z_proxy: jax.Array, gamma: Any, temperature: Any = 1.0) -> jax.Array:
     """Undo PoE(γ) with the attacker's own proxy: recover teacher log-probs.
 
     From ``log p_γ = ((1-γ) z_T + γ z_P)/τ - C`` it follows that
@@ -386,9 +381,7 @@ def invert_poe(
     lg = jnp.asarray(logp_gamma, jnp.float32)
     zp = jnp.asarray(z_proxy, jnp.float32)
     if lg.shape != zp.shape:
-        raise ValueError(
-            f"invert_poe: logp_gamma {lg.shape} and z_proxy {zp.shape} must cover the same ids"
-        )
+        raise ValueError(f"invert_poe: logp_gamma {lg.shape} and z_proxy {zp.shape} must cover the same ids")
     g = jnp.asarray(gamma, jnp.float32)
     g = g.reshape(g.shape + (1,) * (lg.ndim - g.ndim))
     tau = jnp.asarray(temperature, jnp.float32)
@@ -493,13 +486,23 @@ PASSIVE_RECIPE = Recipe(weighting="none")
 # GSM8K/MATH. "LoRA parameters only" is the protocol's `finetune='lora'` (values and g are
 # then taken w.r.t. the adapters).
 REFERENCE_RECIPE = Recipe(
-    weighting="exp", value="fd", sign=-1, fd_eps=0.01, fd_dtype="bfloat16", refresh_every=0,
-    standardize=False, clamp=10.0, max_weight=None, averaging="sequence",
+    weighting="exp",
+    value="fd",
+    sign=-1,
+    fd_eps=0.01,
+    fd_dtype="bfloat16",
+    refresh_every=0,
+    standardize=False,
+    clamp=10.0,
+    max_weight=None,
+    averaging="sequence",
 )
 REFERENCE_BETA = 0.5
 
 
-def recipe_scores(recipe: Recipe, per_example_loss: Callable[..., jax.Array], params: Any, g: Any, *args: Any) -> jax.Array:
+def recipe_scores(
+    recipe: Recipe, per_example_loss: Callable[..., jax.Array], params: Any, g: Any, *args: Any
+) -> jax.Array:
     """The score ``a_b`` the recipe exponentiates (before standardising / clamping / β).
 
     ``sign · v_b`` with v the exact JVP value (``value="jvp"``) or its central
@@ -601,6 +604,7 @@ def recipe_loss(
         if heldout_loss_fn is None:
             raise ValueError("recipe_loss: a per-batch weighted recipe needs heldout_loss_fn (for g)")
         g = jax.grad(heldout_loss_fn)(params)
+
         def per_example(p):
             if value_loss_fn is not None:
                 return value_loss_fn(p)

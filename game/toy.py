@@ -59,22 +59,32 @@ class ToySpec:
         zp = np.asarray(self.proxy_logits, np.float64)
         if zt.shape != zp.shape or zt.ndim != 2:
             raise ValueError(f"teacher {zt.shape} and proxy {zp.shape} logits must share shape (C, V)")
-        return (zt, zp, np.asarray(self.correct, np.int64), np.asarray(self.student_weights, np.float64),
-                np.asarray(self.eval_weights, np.float64), np.asarray(self.util_weights, np.float64))
+        return (
+            zt,
+            zp,
+            np.asarray(self.correct, np.int64),
+            np.asarray(self.student_weights, np.float64),
+            np.asarray(self.eval_weights, np.float64),
+            np.asarray(self.util_weights, np.float64),
+        )
 
 
 def default_toy_spec() -> ToySpec:
     """4 contexts × 5 outcomes, correct outcome 0; the teacher is confident and right,
     the proxy less so. U(0)−U(γ) grows from 0 to ≈1.12 nats at γ_max = 0.8."""
     return ToySpec(
-        teacher_logits=((4.0, 1.0, 0.5, 0.0, -0.5),
-                        (3.0, 2.0, 0.0, -1.0, 0.0),
-                        (2.5, 0.0, 1.5, 0.5, -1.0),
-                        (3.5, 0.5, 0.0, 1.0, 0.0)),
-        proxy_logits=((1.0, 2.0, 0.5, 0.0, 0.0),
-                      (0.5, 1.0, 1.5, 0.0, -0.5),
-                      (0.0, 0.5, 2.0, 1.0, 0.0),
-                      (1.5, 0.0, 0.5, 2.5, 0.5)),
+        teacher_logits=(
+            (4.0, 1.0, 0.5, 0.0, -0.5),
+            (3.0, 2.0, 0.0, -1.0, 0.0),
+            (2.5, 0.0, 1.5, 0.5, -1.0),
+            (3.5, 0.5, 0.0, 1.0, 0.0),
+        ),
+        proxy_logits=(
+            (1.0, 2.0, 0.5, 0.0, 0.0),
+            (0.5, 1.0, 1.5, 0.0, -0.5),
+            (0.0, 0.5, 2.0, 1.0, 0.0),
+            (1.5, 0.0, 0.5, 2.5, 0.5),
+        ),
         correct=(0, 0, 0, 0),
         student_weights=(0.25, 0.25, 0.25, 0.25),
         eval_weights=(0.4, 0.1, 0.3, 0.2),
@@ -198,13 +208,16 @@ def _golden_max(f: Callable[[float], float], a: float, b: float, tol: float) -> 
     return 0.5 * (a + b)
 
 
-def feasible_gamma_bound(spec: ToySpec, delta: float, gamma_max: float | None = None,
-                         grid: int = 20001, tol: float = 1e-12) -> float:
+def feasible_gamma_bound(
+    spec: ToySpec, delta: float, gamma_max: float | None = None, grid: int = 20001, tol: float = 1e-12
+) -> float:
     """Largest γ ∈ [0, γ_max] with U(0) − U(γ) <= δ (the drop is convex in γ and 0 at 0,
     so the feasible set is an interval [0, b]); grid scan, then bisection to `tol`."""
     gm = spec.gamma_max if gamma_max is None else gamma_max
+
     def drop(g):
         return float(toy_curves(spec, g)["utility_drop"][0]) - delta
+
     gs = np.linspace(0.0, gm, grid)
     viol = toy_curves(spec, gs)["utility_drop"] - delta
     over = np.nonzero(viol > 0)[0]
@@ -223,8 +236,9 @@ def feasible_gamma_bound(spec: ToySpec, delta: float, gamma_max: float | None = 
     return lo
 
 
-def exact_gamma_star(spec: ToySpec | None, delta: float, gamma_max: float | None = None,
-                     grid: int = 20001, tol: float = 1e-10) -> float:
+def exact_gamma_star(
+    spec: ToySpec | None, delta: float, gamma_max: float | None = None, grid: int = 20001, tol: float = 1e-10
+) -> float:
     """Stackelberg γ* of the toy for budget δ, in float64 numpy without the solver:
     argmax of J(p_γ) over the feasible interval [0, b(δ)] (dense grid, then golden-section
     refinement of the best grid bracket; endpoints compared explicitly)."""
@@ -234,8 +248,10 @@ def exact_gamma_star(spec: ToySpec | None, delta: float, gamma_max: float | None
     b = feasible_gamma_bound(spec, delta, gamma_max)
     if b == 0.0:
         return 0.0
+
     def J(g):
         return float(toy_curves(spec, g)["J"][0])
+
     gs = np.linspace(0.0, b, grid)
     Js = toy_curves(spec, gs)["J"]
     i = int(np.argmax(Js))
@@ -272,8 +288,7 @@ def bilinear_game() -> BilinearGame:
     return BilinearGame()
 
 
-def run_bilinear(algorithm: str, lr: float = 0.1, num_steps: int = 500, x0: float = 1.0,
-                 y0: float = 1.0) -> np.ndarray:
+def run_bilinear(algorithm: str, lr: float = 0.1, num_steps: int = 500, x0: float = 1.0, y0: float = 1.0) -> np.ndarray:
     """Play min_x max_y x·y with the solver's optax player optimizers and return the
     distance to the equilibrium after each step (length num_steps + 1).
 

@@ -60,12 +60,34 @@ def _table() -> dict[str, Slice]:
     rows = {
         # v4 and v5p names count TensorCores (2 per chip); multi-host slices have 4 chips per host.
         "v4": [("v4-8", "2x2x1"), ("v4-16", "2x2x2"), ("v4-32", "2x2x4"), ("v4-64", "2x4x4"), ("v4-128", "4x4x4")],
-        "v5p": [("v5p-8", "2x2x1"), ("v5p-16", "2x2x2"), ("v5p-32", "2x2x4"), ("v5p-64", "2x4x4"), ("v5p-128", "4x4x4")],
+        "v5p": [
+            ("v5p-8", "2x2x1"),
+            ("v5p-16", "2x2x2"),
+            ("v5p-32", "2x2x4"),
+            ("v5p-64", "2x4x4"),
+            ("v5p-128", "4x4x4"),
+        ],
         # v5e and v6e names count chips; up to 8 chips on one host, 4 per host beyond that.
-        "v5e": [("v5litepod-1", "1x1"), ("v5litepod-4", "2x2"), ("v5litepod-8", "2x4"), ("v5litepod-16", "4x4"),
-                ("v5litepod-32", "4x8"), ("v5litepod-64", "8x8"), ("v5litepod-128", "8x16"), ("v5litepod-256", "16x16")],
-        "v6e": [("v6e-1", "1x1"), ("v6e-4", "2x2"), ("v6e-8", "2x4"), ("v6e-16", "4x4"), ("v6e-32", "4x8"),
-                ("v6e-64", "8x8"), ("v6e-128", "8x16"), ("v6e-256", "16x16")],
+        "v5e": [
+            ("v5litepod-1", "1x1"),
+            ("v5litepod-4", "2x2"),
+            ("v5litepod-8", "2x4"),
+            ("v5litepod-16", "4x4"),
+            ("v5litepod-32", "4x8"),
+            ("v5litepod-64", "8x8"),
+            ("v5litepod-128", "8x16"),
+            ("v5litepod-256", "16x16"),
+        ],
+        "v6e": [
+            ("v6e-1", "1x1"),
+            ("v6e-4", "2x2"),
+            ("v6e-8", "2x4"),
+            ("v6e-16", "4x4"),
+            ("v6e-32", "4x8"),
+            ("v6e-64", "8x8"),
+            ("v6e-128", "8x16"),
+            ("v6e-256", "16x16"),
+        ],
     }
     table = {}
     for gen, entries in rows.items():
@@ -88,9 +110,7 @@ def lookup(accelerator_type: str) -> Slice:
         return ACCELERATORS[name]
     close = difflib.get_close_matches(accelerator_type, [*ACCELERATORS, *ALIASES], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise LaunchError(
-        f"unknown accelerator type {accelerator_type!r}{hint}; known: {', '.join(ACCELERATORS)}"
-    )
+    raise LaunchError(f"unknown accelerator type {accelerator_type!r}{hint}; known: {', '.join(ACCELERATORS)}")
 
 
 def by_topology(topology: str) -> Slice:

@@ -56,9 +56,11 @@ GIB = 2**30
 def libtpu_missing_message() -> str | None:
     if importlib.util.find_spec("libtpu") is not None:
         return None
-    return (f"compile-check for a TPU topology needs libtpu (about 0.7 GB installed), which is not installed: "
-            f"pip install -e '.[tpu]' (jax[tpu]=={jax.__version__}); it runs on a CPU-only machine, "
-            "or use --topology local for this machine's devices")
+    return (
+        f"compile-check for a TPU topology needs libtpu (about 0.7 GB installed), which is not installed: "
+        f"pip install -e '.[tpu]' (jax[tpu]=={jax.__version__}); it runs on a CPU-only machine, "
+        "or use --topology local for this machine's devices"
+    )
 
 
 def topology_devices(slice_: Slice) -> list:
@@ -79,8 +81,10 @@ def topology_devices(slice_: Slice) -> list:
     except jax.errors.JaxRuntimeError as e:
         if "lockfile" not in str(e):
             raise
-        raise LaunchError("libtpu is in use by another process (/tmp/libtpu_lockfile); wait for it to finish, or, on a "
-                          "machine without TPUs, set ALLOW_MULTIPLE_LIBTPU_LOAD=1") from None
+        raise LaunchError(
+            "libtpu is in use by another process (/tmp/libtpu_lockfile); wait for it to finish, or, on a "
+            "machine without TPUs, set ALLOW_MULTIPLE_LIBTPU_LOAD=1"
+        ) from None
     return list(desc.devices)
 
 
@@ -124,7 +128,9 @@ def compile_train_step(cfg: Config, role: str, mesh):
     """Lower and compile `role`'s train step on abstract, sharded state (nothing is allocated)."""
     rc = cfg.role(role)
     if rc.train.batch_size % shd.batch_divisor(mesh):
-        raise LaunchError(f"{role}.train.batch_size={rc.train.batch_size} is not divisible by mesh data*fsdp = {shd.batch_divisor(mesh)}")
+        raise LaunchError(
+            f"{role}.train.batch_size={rc.train.batch_size} is not divisible by mesh data*fsdp = {shd.batch_divisor(mesh)}"
+        )
     model, vocab = _abstract_model(cfg, role, mesh)
     graphdef, params, param_shardings = model.graphdef, model.params, model.param_shardings
     tx = make_optimizer(rc.train)
@@ -136,8 +142,10 @@ def compile_train_step(cfg: Config, role: str, mesh):
     }
     # Rows as Trainer.training_data makes them: int32 tokens and a float32 loss mask, task.max_len wide.
     shape = (rc.train.batch_size, cfg.task.max_len)
-    batch = {"tokens_bt": _batch(shape, np.int32, shd.batch_sharding(mesh)),
-             "loss_mask_bt": _batch(shape, np.float32, shd.batch_sharding(mesh))}
+    batch = {
+        "tokens_bt": _batch(shape, np.int32, shd.batch_sharding(mesh)),
+        "loss_mask_bt": _batch(shape, np.float32, shd.batch_sharding(mesh)),
+    }
     step = make_train_step(graphdef, tx, state_shardings, mesh)
     return step.lower(state, batch).compile(), tfm.param_count(params), vocab
 
@@ -159,12 +167,27 @@ def compile_decode(cfg: Config, mesh):
     p = max(1, cfg.task.max_len - cfg.sample.max_new_tokens)  # the prompt budget of a row
     rng = jax.eval_shape(lambda: jax.random.key(0))
     compiled = generate.lower(
-        specs, params, _batch((b, p), np.int32, shd.batch_sharding(mesh, 2)), _batch((b,), np.int32, shd.batch_sharding(mesh, 1)),
-        _batch(rng.shape, rng.dtype, shd.replicated(mesh)), combiner=combiner, max_new_tokens=cfg.sample.max_new_tokens,
-        eos_id=0, pad_id=0, greedy=False, top_p=cfg.sample.top_p, expose_k=cfg.protocol.expose_k, tangents=tangents,
+        specs,
+        params,
+        _batch((b, p), np.int32, shd.batch_sharding(mesh, 2)),
+        _batch((b,), np.int32, shd.batch_sharding(mesh, 1)),
+        _batch(rng.shape, rng.dtype, shd.replicated(mesh)),
+        combiner=combiner,
+        max_new_tokens=cfg.sample.max_new_tokens,
+        eos_id=0,
+        pad_id=0,
+        greedy=False,
+        top_p=cfg.sample.top_p,
+        expose_k=cfg.protocol.expose_k,
+        tangents=tangents,
     ).compile()
     n_params = sum(tfm.param_count(m.params) for m in models.values())
-    return compiled, n_params, f"{d.label} decode, {b} prompts x ({p} + {cfg.sample.max_new_tokens}) tokens", (b, p + cfg.sample.max_new_tokens)
+    return (
+        compiled,
+        n_params,
+        f"{d.label} decode, {b} prompts x ({p} + {cfg.sample.max_new_tokens}) tokens",
+        (b, p + cfg.sample.max_new_tokens),
+    )
 
 
 def compile_proxy_gradient(cfg: Config, mesh):
@@ -191,33 +214,55 @@ def compile_distill_step(cfg: Config, mesh):
     step = make_distill_step(student.graphdef, None, dc, kind, cfg.protocol.temperature)
     rep = shd.replicated(mesh)
     if dc.finetune == "lora":
-        trained = jax.eval_shape(lambda: jax.vmap(lambda k: lora.init_adapters(student.params, student.cfg, dc.lora, k))(
-            jax.random.split(jax.random.key(0), seeds)))
+        trained = jax.eval_shape(
+            lambda: jax.vmap(lambda k: lora.init_adapters(student.params, student.cfg, dc.lora, k))(
+                jax.random.split(jax.random.key(0), seeds)
+            )
+        )
         trained = jax.tree.map(lambda x: _batch(x.shape, x.dtype, rep), trained)  # adapters are small: replicated
         frozen = student.params
     else:  # every seed's copy of the student, sharded like the student
-        trained = jax.tree.map(lambda x: _batch((seeds, *x.shape), x.dtype, NamedSharding(mesh, PartitionSpec(None, *x.sharding.spec))),
-                               student.params)
+        trained = jax.tree.map(
+            lambda x: _batch((seeds, *x.shape), x.dtype, NamedSharding(mesh, PartitionSpec(None, *x.sharding.spec))),
+            student.params,
+        )
         frozen = None
     opt = jax.eval_shape(jax.vmap(distill_optimizer(dc).init), trained)
     opt = jax.tree.map(lambda x, s=None: _batch(x.shape, x.dtype, rep), opt)
     t = cfg.task.max_len  # the widest a batch gets (protocol.trim_columns cuts unused columns)
+
     # placed as protocol.distil places them (protocol.seed_rows_sharded: rows over the batch axes when they divide)
     def rows(n):
         return {k: _batch((seeds, n, t), dt, rep) for k, dt in (("tokens_bt", np.int32), ("loss_mask_bt", np.float32))}
+
     div = shd.batch_divisor(mesh)
+
     def sharded(d):
-        return d if div == 1 or any(v.shape[1] % div for v in d.values()) else {
-            k: _batch(v.shape, v.dtype, NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (len(v.shape) - 2)))))
-            for k, v in d.items()}
-    batch = rows(dc.batch_size) | {"topk_ids_btk": _batch((seeds, dc.batch_size, t, 1), np.int32, rep),
-                                   "topk_logprob_btk": _batch((seeds, dc.batch_size, t, 1), np.float32, rep)}
+        return (
+            d
+            if div == 1 or any(v.shape[1] % div for v in d.values())
+            else {
+                k: _batch(
+                    v.shape,
+                    v.dtype,
+                    NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (len(v.shape) - 2)))),
+                )
+                for k, v in d.items()
+            }
+        )
+
+    batch = rows(dc.batch_size) | {
+        "topk_ids_btk": _batch((seeds, dc.batch_size, t, 1), np.int32, rep),
+        "topk_logprob_btk": _batch((seeds, dc.batch_size, t, 1), np.float32, rep),
+    }
     batch, held = sharded(batch), sharded(rows(dc.heldout_batch))
     scalar = _batch((), np.float32, rep)
     compiled = step.lower(trained, opt, frozen, batch, scalar, held, None, scalar).compile()
     n_trained = tfm.param_count(jax.tree.map(lambda x: x, trained)) // seeds
-    what = (f"{kind} distillation step ({dc.finetune}{f' r={dc.lora.rank}' if dc.finetune == 'lora' else ''}, "
-            f"{n_trained:,} trained params per seed), {seeds} seeds x {dc.batch_size} x {t}")
+    what = (
+        f"{kind} distillation step ({dc.finetune}{f' r={dc.lora.rank}' if dc.finetune == 'lora' else ''}, "
+        f"{n_trained:,} trained params per seed), {seeds} seeds x {dc.batch_size} x {t}"
+    )
     return compiled, tfm.param_count(student.params), what, (dc.batch_size, t)
 
 
@@ -244,8 +289,12 @@ def _out_of_memory(role: str, error: Exception) -> dict | None:
     need = re.search(r"\(([\d.]+)([KMGT])\)", text)
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     first = next((line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), text.splitlines()[0])
-    return {"role": role, "fits": False, "error": first.strip()[:300],
-            "temp_bytes_needed": None if need is None else int(float(need.group(1)) * scale[need.group(2)])}
+    return {
+        "role": role,
+        "fits": False,
+        "error": first.strip()[:300],
+        "temp_bytes_needed": None if need is None else int(float(need.group(1)) * scale[need.group(2)]),
+    }
 
 
 def role_report(cfg: Config, role: str, mesh) -> dict:
@@ -271,8 +320,14 @@ def role_report(cfg: Config, role: str, mesh) -> dict:
     args, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     xla_flops, xla_bytes = _flops(compiled), _cost(compiled, "bytes accessed")
     peak = device_peaks.lookup(mesh.devices.flat[0].device_kind)
-    roof = device_peaks.roofline(xla_flops or model_flops, xla_bytes, peak) if peak and (xla_flops or model_flops) else None
-    if roof and model_flops:  # the model's own FLOPs at that bound, over the peak: the most MFU this step can show there
+    roof = (
+        device_peaks.roofline(xla_flops or model_flops, xla_bytes, peak)
+        if peak and (xla_flops or model_flops)
+        else None
+    )
+    if (
+        roof and model_flops
+    ):  # the model's own FLOPs at that bound, over the peak: the most MFU this step can show there
         roof["max_mfu"] = model_flops / roof["roofline_bound_s"] / peak.bf16_flops_per_s
     return {
         "role": role,
@@ -310,7 +365,9 @@ def run_compile_check(cfg: Config, topology: str, roles: tuple[str, ...] = ROLES
         "hosts": 1 if slice_ is None else slice_.hosts,
         "mesh": dict(mesh.shape),
         "hbm_bytes_per_device": None if slice_ is None else int(slice_.hbm_gib * GIB),
-        "roles": [_fits(role_report(cfg, role, mesh), None if slice_ is None else slice_.hbm_gib * GIB) for role in roles],
+        "roles": [
+            _fits(role_report(cfg, role, mesh), None if slice_ is None else slice_.hbm_gib * GIB) for role in roles
+        ],
     }
 
 
@@ -322,17 +379,25 @@ def _fits(report: dict, hbm: float | None) -> dict:
 
 def format_report(r: dict) -> str:
     where = f"{r['accelerator']} ({r['topology']})" if r["accelerator"] else "local devices"
-    lines = [f"compile-check: config {r['config']} on {where}: {r['devices']} x {r['device_kind']}, "
-             f"{r['hosts']} host(s), mesh {r['mesh']}"]
+    lines = [
+        f"compile-check: config {r['config']} on {where}: {r['devices']} x {r['device_kind']}, "
+        f"{r['hosts']} host(s), mesh {r['mesh']}"
+    ]
     hbm = r["hbm_bytes_per_device"]
     for x in r["roles"]:
         if "error" in x:
-            need = "" if x["temp_bytes_needed"] is None else f": needs {x['temp_bytes_needed'] / GIB:,.1f} GiB of temporaries"
+            need = (
+                ""
+                if x["temp_bytes_needed"] is None
+                else f": needs {x['temp_bytes_needed'] / GIB:,.1f} GiB of temporaries"
+            )
             lines.append(f"  {x['role']:<8} DOES NOT FIT{need} ({x['error']})")
             continue
         fit = ""
         if hbm:
-            fit = f" = {x['peak_bytes_estimate'] / hbm:.0%} of {hbm / GIB:g} GiB HBM" + (" (DOES NOT FIT)" if x["peak_bytes_estimate"] > hbm else "")
+            fit = f" = {x['peak_bytes_estimate'] / hbm:.0%} of {hbm / GIB:g} GiB HBM" + (
+                " (DOES NOT FIT)" if x["peak_bytes_estimate"] > hbm else ""
+            )
         flops = f"{x['xla_flops_per_device'] / 1e9:,.1f}" if x["xla_flops_per_device"] is not None else "n/a"
         model = "" if x["model_flops_per_device"] is None else f", model {x['model_flops_per_device'] / 1e9:,.1f}"
         lines.append(

@@ -64,25 +64,64 @@ def create_commands(target: Target, slice_: Slice, runtime_version: str, provisi
     _check(_RUNTIME, runtime_version, "--runtime-version", slice_.runtime_version)
     capacity = {"on-demand": [], "spot": ["--spot"], "reserved": ["--reserved"]}[provisioning]
     if not target.queued:
-        return [["gcloud", "compute", "tpus", "tpu-vm", "create", target.name, *target.flags,
-                 f"--accelerator-type={slice_.accelerator_type}", f"--version={runtime_version}", *capacity]]
+        return [
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "create",
+                target.name,
+                *target.flags,
+                f"--accelerator-type={slice_.accelerator_type}",
+                f"--version={runtime_version}",
+                *capacity,
+            ]
+        ]
     return [
-        ["gcloud", "compute", "tpus", "queued-resources", "create", target.name, *target.flags,
-         f"--accelerator-type={slice_.accelerator_type}", f"--runtime-version={runtime_version}",
-         f"--node-id={target.name}", *capacity],
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "create",
+            target.name,
+            *target.flags,
+            f"--accelerator-type={slice_.accelerator_type}",
+            f"--runtime-version={runtime_version}",
+            f"--node-id={target.name}",
+            *capacity,
+        ],
         describe_command(target),
     ]
 
 
 def describe_command(target: Target) -> list[str]:
-    return ["gcloud", "compute", "tpus", "queued-resources", "describe", target.name, *target.flags,
-            "--format=value(state.state)"]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "describe",
+        target.name,
+        *target.flags,
+        "--format=value(state.state)",
+    ]
 
 
 def ssh(target: Target, worker: str, script: str) -> list[str]:
     assert "\n" not in script, "remote scripts are single lines"
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", target.name, f"--worker={worker}", *target.flags,
-            f"--command={script}"]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        target.name,
+        f"--worker={worker}",
+        *target.flags,
+        f"--command={script}",
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +134,17 @@ class LocalSource:
     def commands(self, target: Target) -> list[list[str]]:
         return [
             ["git", "-C", self.repo, "archive", "--format=tar.gz", f"--output={self.archive}", "HEAD"],
-            ["gcloud", "compute", "tpus", "tpu-vm", "scp", self.archive, f"{target.name}:{REMOTE_ARCHIVE}",
-             "--worker=all", *target.flags],
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "scp",
+                self.archive,
+                f"{target.name}:{REMOTE_ARCHIVE}",
+                "--worker=all",
+                *target.flags,
+            ],
         ]
 
     def unpack(self) -> str:
@@ -113,14 +161,18 @@ class GitSource:
     def __post_init__(self):
         for what, value in (("--git-url", self.url), ("--git-ref", self.ref)):
             if not value or value.startswith("-") or any(c in value for c in "\n\r\0"):
-                raise LaunchError(f"{what} {value!r} is not valid (it may not be empty, start with '-' or contain newlines)")
+                raise LaunchError(
+                    f"{what} {value!r} is not valid (it may not be empty, start with '-' or contain newlines)"
+                )
 
     def commands(self, target: Target) -> list[list[str]]:
         return []
 
     def unpack(self) -> str:
-        return (f"rm -rf {REMOTE_DIR} && git clone --quiet -- {shlex.quote(self.url)} {REMOTE_DIR} && "
-                f"git -C {REMOTE_DIR} checkout --quiet {shlex.quote(self.ref)}")
+        return (
+            f"rm -rf {REMOTE_DIR} && git clone --quiet -- {shlex.quote(self.url)} {REMOTE_DIR} && "
+            f"git -C {REMOTE_DIR} checkout --quiet {shlex.quote(self.ref)}"
+        )
 
 
 def install_commands(target: Target, source: LocalSource | GitSource, python: str = "3.11") -> list[list[str]]:
@@ -130,16 +182,18 @@ def install_commands(target: Target, source: LocalSource | GitSource, python: st
     (installed with the system pip) provides the interpreter and the venv.
     """
     _check(_PYTHON, python, "--python", "3.11")
-    script = " && ".join([
-        "set -euo pipefail",
-        source.unpack(),
-        "python3 -m pip install --user --quiet --upgrade uv",
-        f"rm -rf {REMOTE_VENV}",
-        f"{UV} venv --quiet --python {python} {REMOTE_VENV}",
-        f"cd {REMOTE_DIR}",
-        f"{UV} pip install --quiet --python ../{REMOTE_VENV}/bin/python -e '.[tpu]'",
-        f"../{REMOTE_VENV}/bin/distgame --help > /dev/null",
-    ])
+    script = " && ".join(
+        [
+            "set -euo pipefail",
+            source.unpack(),
+            "python3 -m pip install --user --quiet --upgrade uv",
+            f"rm -rf {REMOTE_VENV}",
+            f"{UV} venv --quiet --python {python} {REMOTE_VENV}",
+            f"cd {REMOTE_DIR}",
+            f"{UV} pip install --quiet --python ../{REMOTE_VENV}/bin/python -e '.[tpu]'",
+            f"../{REMOTE_VENV}/bin/distgame --help > /dev/null",
+        ]
+    )
     return [*source.commands(target), ssh(target, "all", script)]
 
 
@@ -166,17 +220,21 @@ def run_command(target: Target, job: str, distgame_args: list[str], env: dict[st
     assignments = [shlex.quote(f"{k}={v}") for k, v in {"PYTHONUNBUFFERED": "1", **env}.items()]
     program = " ".join(["env", *assignments, f"../{REMOTE_VENV}/bin/distgame", *map(shlex.quote, distgame_args)])
     inner = f"{program}; echo $? > logs/{job}.exit"
-    script = (f"cd {REMOTE_DIR} && mkdir -p logs && rm -f logs/{job}.exit logs/{job}.pid && "
-              f"{{ setsid nohup bash -c {shlex.quote(inner)} > logs/{job}.log 2>&1 < /dev/null & echo $! > logs/{job}.pid; }}")
+    script = (
+        f"cd {REMOTE_DIR} && mkdir -p logs && rm -f logs/{job}.exit logs/{job}.pid && "
+        f"{{ setsid nohup bash -c {shlex.quote(inner)} > logs/{job}.log 2>&1 < /dev/null & echo $! > logs/{job}.pid; }}"
+    )
     return ssh(target, "all", script)
 
 
 def logs_command(target: Target, job: str) -> list[str]:
     """Stream worker 0's (process 0's) log until the job ends; exit with the job's status."""
     check_job(job)
-    script = (f"cd {REMOTE_DIR} && {{ test -f logs/{job}.pid || {{ echo 'no job {job} on worker 0' >&2; exit 2; }}; }} && "
-              f"tail -n +1 -F --pid=\"$(cat logs/{job}.pid)\" logs/{job}.log; "
-              f"exit \"$(cat logs/{job}.exit 2>/dev/null || echo 1)\"")
+    script = (
+        f"cd {REMOTE_DIR} && {{ test -f logs/{job}.pid || {{ echo 'no job {job} on worker 0' >&2; exit 2; }}; }} && "
+        f'tail -n +1 -F --pid="$(cat logs/{job}.pid)" logs/{job}.log; '
+        f'exit "$(cat logs/{job}.exit 2>/dev/null || echo 1)"'
+    )
     return ssh(target, "0", script)
 
 
@@ -186,13 +244,35 @@ def fetch_command(target: Target, run_dir: str, dest: str) -> list[str]:
         return ["gcloud", "storage", "cp", "--recursive", run_dir.rstrip("/"), dest]
     # scp lets the worker's shell expand remote paths, so only plain relative paths are allowed here.
     if not _RUN_DIR.fullmatch(run_dir) or ".." in run_dir.split("/"):
-        raise LaunchError(f"run_dir={run_dir!r}: fetch needs a plain path relative to the project "
-                          "(letters, digits, '_', '-', '.', '/') or a gs:// path")
-    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", f"{target.name}:{REMOTE_DIR}/{run_dir.rstrip('/')}",
-            dest, "--worker=0", *target.flags]
+        raise LaunchError(
+            f"run_dir={run_dir!r}: fetch needs a plain path relative to the project "
+            "(letters, digits, '_', '-', '.', '/') or a gs:// path"
+        )
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "scp",
+        "--recurse",
+        f"{target.name}:{REMOTE_DIR}/{run_dir.rstrip('/')}",
+        dest,
+        "--worker=0",
+        *target.flags,
+    ]
 
 
 def delete_command(target: Target) -> list[str]:
     if target.queued:  # --force also deletes the node the queued resource created
-        return ["gcloud", "compute", "tpus", "queued-resources", "delete", target.name, *target.flags, "--force", "--quiet"]
+        return [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "delete",
+            target.name,
+            *target.flags,
+            "--force",
+            "--quiet",
+        ]
     return ["gcloud", "compute", "tpus", "tpu-vm", "delete", target.name, *target.flags, "--quiet"]

@@ -39,34 +39,60 @@ class StepFailed(RuntimeError):
 
 
 def build_parser(prog: str = "python -m launch.tpu") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     for action in ACTIONS:
         p = sub.add_parser(action, help=f"{action} (see the module docstring)")
         p.add_argument("--name", required=True, help="TPU name (also the queued resource's); lowercase, digits, '-'")
         p.add_argument("--zone", required=True, help="e.g. us-central2-b (v4), us-west4-a (v5e), us-east5-a (v5p)")
         p.add_argument("--project", default=None, help="Google Cloud project (default: gcloud's configured project)")
-        p.add_argument("--queued", action="store_true", help="use a queued resource (waits for capacity) instead of a TPU VM")
+        p.add_argument(
+            "--queued", action="store_true", help="use a queued resource (waits for capacity) instead of a TPU VM"
+        )
         p.add_argument("--dry-run", action="store_true", help="print the commands, one per line, and run nothing")
         if action in ("create", "run", "job"):
             p.add_argument("--accelerator", required=True, help="accelerator type, e.g. v5litepod-8, v4-32, v5p-64")
         if action in ("create", "job"):
-            p.add_argument("--runtime-version", default=None, help="TPU software version (default: the table's for the generation)")
+            p.add_argument(
+                "--runtime-version", default=None, help="TPU software version (default: the table's for the generation)"
+            )
             capacity = p.add_mutually_exclusive_group()
             capacity.add_argument("--spot", action="store_true", help="spot capacity (cheaper, can be preempted)")
             capacity.add_argument("--reserved", action="store_true", help="use the project's reservation")
             p.add_argument("--wait-minutes", type=float, default=180.0, help="queued resource: give up after this long")
         if action in ("install", "job"):
-            p.add_argument("--git-url", default=None, help="clone this repository on the workers instead of copying the local checkout")
+            p.add_argument(
+                "--git-url",
+                default=None,
+                help="clone this repository on the workers instead of copying the local checkout",
+            )
             p.add_argument("--git-ref", default="main", help="branch, tag or commit to check out with --git-url")
-            p.add_argument("--repo", default=str(REPO_ROOT), help="local checkout whose committed HEAD is copied (without --git-url)")
+            p.add_argument(
+                "--repo",
+                default=str(REPO_ROOT),
+                help="local checkout whose committed HEAD is copied (without --git-url)",
+            )
             p.add_argument("--python", default="3.11", help="Python version of the workers' virtualenv")
         if action in ("run", "logs", "job"):
-            p.add_argument("--job", default=None, help="job name for logs/JOB.log on the workers (default: the distgame subcommand)")
+            p.add_argument(
+                "--job",
+                default=None,
+                help="job name for logs/JOB.log on the workers (default: the distgame subcommand)",
+            )
         if action in ("run", "job"):
-            p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for distgame (repeatable)")
+            p.add_argument(
+                "--env",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="extra environment for distgame (repeatable)",
+            )
         if action in ("fetch", "job"):
-            p.add_argument("--to", default=None, help="local destination directory (default: the run_dir's parent, e.g. runs)")
+            p.add_argument(
+                "--to", default=None, help="local destination directory (default: the run_dir's parent, e.g. runs)"
+            )
         if action == "job":
             p.add_argument("--delete", action="store_true", help="delete the TPU at the end, even if a step failed")
     return parser
@@ -97,7 +123,9 @@ def check_fits(cfg, slice_) -> None:
     for role in ("teacher", "proxy", "student"):
         bs = cfg.role(role).train.batch_size
         if bs % (data * fsdp):
-            raise LaunchError(f"config {cfg.name!r}: {role}.train.batch_size={bs} is not divisible by data*fsdp = {data * fsdp} on {slice_.accelerator_type}")
+            raise LaunchError(
+                f"config {cfg.name!r}: {role}.train.batch_size={bs} is not divisible by data*fsdp = {data * fsdp} on {slice_.accelerator_type}"
+            )
 
 
 def plan(opts, distgame_args: list[str]) -> list[tuple[str, list[str]]]:
@@ -112,7 +140,9 @@ def plan(opts, distgame_args: list[str]) -> list[tuple[str, list[str]]]:
         if slice_ is not None:
             check_fits(cfg, slice_)
     if action in ("logs",) and job is None:
-        raise LaunchError("logs needs --job (the distgame subcommand the job ran, e.g. protocol) or the command after '--'")
+        raise LaunchError(
+            "logs needs --job (the distgame subcommand the job ran, e.g. protocol) or the command after '--'"
+        )
     steps: list[tuple[str, list[str]]] = []
     if action in ("create", "job"):
         provisioning = "spot" if opts.spot else "reserved" if opts.reserved else "on-demand"
@@ -131,7 +161,9 @@ def plan(opts, distgame_args: list[str]) -> list[tuple[str, list[str]]]:
         steps.append(("status", gcloud.logs_command(target, job)))
     if action in ("fetch", "job"):
         # By default the run directory lands at the same relative path here: runs/NAME (gs://bucket/runs/NAME too).
-        relative = cfg.run_dir.removeprefix("gs://").split("/", 1)[-1] if cfg.run_dir.startswith("gs://") else cfg.run_dir
+        relative = (
+            cfg.run_dir.removeprefix("gs://").split("/", 1)[-1] if cfg.run_dir.startswith("gs://") else cfg.run_dir
+        )
         dest = opts.to or str(pathlib.PurePosixPath(relative.rstrip("/")).parent)
         steps += [("do", ["mkdir", "-p", dest]), ("fetch", gcloud.fetch_command(target, cfg.run_dir, dest))]
     if action == "delete" or (action == "job" and opts.delete):
@@ -199,9 +231,14 @@ def execute(steps, opts) -> int:
 def _warn_uncommitted(steps) -> None:
     for _, argv in steps:
         if argv[:1] == ["git"]:
-            out = subprocess.run(["git", "-C", argv[2], "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+            out = subprocess.run(
+                ["git", "-C", argv[2], "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            )
             if out.stdout.strip():
-                print("launch: warning: uncommitted changes are not shipped (the workers get the committed HEAD)", file=sys.stderr)
+                print(
+                    "launch: warning: uncommitted changes are not shipped (the workers get the committed HEAD)",
+                    file=sys.stderr,
+                )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m launch.tpu") -> int:

@@ -41,8 +41,11 @@ def first_nonfinite(tree: Any) -> str | None:
 
     One jitted reduction over every leaf; on a mesh the flags come back replicated, so every process of a
     multi-process run reaches the same answer (and raises together)."""
-    flat = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    flat = [
+        (path, x)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     if not flat:
         return None
     leaves = [x for _, x in flat]
@@ -67,7 +70,9 @@ class Checkpointer:
         require_finite: bool = True,
     ):
         # epath keeps gs://BUCKET/... intact (pathlib would fold it into gs:/BUCKET); local paths are made absolute.
-        self.directory = epath.Path(directory) if "://" in os.fspath(directory) else epath.Path(os.path.abspath(directory))
+        self.directory = (
+            epath.Path(directory) if "://" in os.fspath(directory) else epath.Path(os.path.abspath(directory))
+        )
         if not create and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {str(self.directory)!r} does not exist; train the model first")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
@@ -98,9 +103,7 @@ class Checkpointer:
         try:
             restored = self.manager.restore(
                 step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                ),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
             )
         except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointError(

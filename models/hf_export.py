@@ -75,14 +75,20 @@ def hf_config(cfg: tfm.ModelConfig, rows: int, family: str) -> dict:
 
 
 def export_hf(
-    params: tfm.Params, cfg: tfm.ModelConfig, directory: str | os.PathLike, family: str,
-    tokenizer_json: str | None = None, dtype: Any = np.float32,
+    params: tfm.Params,
+    cfg: tfm.ModelConfig,
+    directory: str | os.PathLike,
+    family: str,
+    tokenizer_json: str | None = None,
+    dtype: Any = np.float32,
 ) -> epath.Path:
     """Write `params` (our layout) as an HF `family` checkpoint in `directory`."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+
     def host(x):
         return np.asarray(jax.device_get(x), np.float32)
+
     rows, d = params["embed_vd"].shape
     hf = hf_config(cfg, rows, family)
     tensors: dict[str, np.ndarray] = {}
@@ -112,7 +118,9 @@ def export_hf(
         tensors["lm_head.weight"] = host(params["unembed_dv"]).T
     elif cfg.scale_tied_logits:
         tensors["lm_head.weight"] = embed * cfg.d_model**-0.5
-    write_safetensors(directory / "model.safetensors", {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()})
+    write_safetensors(
+        directory / "model.safetensors", {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()}
+    )
     (directory / "config.json").write_text(json.dumps(hf, indent=2, allow_nan=False))
     if tokenizer_json is not None:
         (directory / "tokenizer.json").write_text(tokenizer_json)

@@ -32,8 +32,16 @@ from models import transformer as tfm
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 _DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 # Buffers some exporters store that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -126,8 +134,9 @@ def architecture(hf_dir: str, **overrides: Any) -> tuple[tfm.ModelConfig, str]:
         source = PUBLISHED_CONFIGS / f"{str(hf_dir).rstrip('/').rsplit('/', 1)[-1]}.json"
         if not source.exists():
             known = ", ".join(sorted(p.stem for p in PUBLISHED_CONFIGS.glob("*.json")))
-            raise HFLoadError(f"{hf_dir}: cannot read its config.json, and models/hf_configs/ has no {source.name} "
-                              f"(known: {known})") from None
+            raise HFLoadError(
+                f"{hf_dir}: cannot read its config.json, and models/hf_configs/ has no {source.name} (known: {known})"
+            ) from None
         hf = json.loads(source.read_text())
     return model_config_from_hf(hf, str(source), **overrides), str(source)
 
@@ -386,9 +395,11 @@ def load_hf_model(
                 value = value.T
         want = expected_flat[path]
         assert value.shape == want.shape, (path, value.shape, want.shape)
+
         # ... from which each device copies (and casts to the model's param_dtype) only its own shard.
         def shard(idx, v=value):
             return np.ascontiguousarray(v[idx], dtype=param_dtype)
+
         _set(params, path, jax.make_array_from_callback(value.shape, shardings_flat[path], shard))
         del value
 
@@ -397,7 +408,9 @@ def load_hf_model(
         used.add("lm_head.weight")  # some exporters store the tied head anyway
     extra = [k for k in ckpt.tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
     if extra:
-        raise HFLoadError(f"{directory}: checkpoint tensors not used by a {cfg.n_layers}-layer model: {sorted(extra)[:5]}")
+        raise HFLoadError(
+            f"{directory}: checkpoint tensors not used by a {cfg.n_layers}-layer model: {sorted(extra)[:5]}"
+        )
     return LoadedModel(cfg, vocab_size, graphdef, params, shardings, tokenizer)
 
 
@@ -430,7 +443,9 @@ def save_converted(loaded: LoadedModel, directory: str | os.PathLike, source: st
     (directory / "model.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
 
 
-def restore_converted(directory: str | os.PathLike, mesh, rules: dict[str, str | None] = shd.DEFAULT_RULES) -> LoadedModel:
+def restore_converted(
+    directory: str | os.PathLike, mesh, rules: dict[str, str | None] = shd.DEFAULT_RULES
+) -> LoadedModel:
     """The model `save_converted` wrote, restored straight onto its shards."""
     from models.checkpoint import Checkpointer, CheckpointError
 
@@ -440,7 +455,11 @@ def restore_converted(directory: str | os.PathLike, mesh, rules: dict[str, str |
     meta = json.loads((directory / "model.json").read_text())
     cfg = tfm.ModelConfig(**meta["model"])
     graphdef, abstract_params, shardings = _abstract_sharded(cfg, meta["vocab_size"], mesh, rules)
-    target = {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)}
+    target = {
+        "params": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings
+        )
+    }
     ckpt = Checkpointer(os.fspath(directory / "orbax"), create=False)
     try:
         state, _ = ckpt.restore(target)

@@ -23,7 +23,15 @@ from models.transformer import ModelConfig, Params
 
 # Our projection names -> how many leading dims are the input (the rest are the output).
 PROJECTIONS = {"wq_dnh": 1, "wk_dkh": 1, "wv_dkh": 1, "wo_nhd": 2, "w_gate_df": 1, "w_up_df": 1, "w_down_fd": 1}
-_MODULE = {"wq_dnh": "attn", "wk_dkh": "attn", "wv_dkh": "attn", "wo_nhd": "attn", "w_gate_df": "mlp", "w_up_df": "mlp", "w_down_fd": "mlp"}
+_MODULE = {
+    "wq_dnh": "attn",
+    "wk_dkh": "attn",
+    "wv_dkh": "attn",
+    "wo_nhd": "attn",
+    "w_gate_df": "mlp",
+    "w_up_df": "mlp",
+    "w_down_fd": "mlp",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +42,9 @@ class LoraConfig:
         default=("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd"),
         metadata={"help": f"projections that get adapters: any of {', '.join(PROJECTIONS)}"},
     )
-    layers: tuple[int, ...] = dataclasses.field(default=(), metadata={"help": "block indices with adapters (empty = all)"})
+    layers: tuple[int, ...] = dataclasses.field(
+        default=(), metadata={"help": "block indices with adapters (empty = all)"}
+    )
 
     def validate(self, n_layers: int | None, where: str = "lora") -> None:
         """`n_layers=None` checks everything but the block indices (the model may not be known yet)."""

@@ -84,6 +84,7 @@ def _run_expert(spec: ExpertSpec, params, tangent, cache, dcache, tokens_bt, pos
 
     def f32(tree):
         return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
     (logits_btv, cache), (dlogits_btv, dcache) = jax.jvp(f, (f32(params), cache), (f32(tangent), dcache))
     return (logits_btv[:, -1], dlogits_btv[:, -1]), cache, dcache
 

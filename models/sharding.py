@@ -36,14 +36,20 @@ DEFAULT_RULES: dict[str, str | None] = {
 class MeshConfig:
     """Mesh axis sizes; exactly one may be -1 (= all remaining devices)."""
 
-    data: int = dataclasses.field(default=-1, metadata={"help": "data-parallel axis size (batch split, params replicated)"})
-    fsdp: int = dataclasses.field(default=1, metadata={"help": "fully-sharded data-parallel axis (batch and params split)"})
+    data: int = dataclasses.field(
+        default=-1, metadata={"help": "data-parallel axis size (batch split, params replicated)"}
+    )
+    fsdp: int = dataclasses.field(
+        default=1, metadata={"help": "fully-sharded data-parallel axis (batch and params split)"}
+    )
     tensor: int = dataclasses.field(default=1, metadata={"help": "tensor-parallel axis (heads / mlp / vocab split)"})
 
     def shape(self, n_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
+            raise ValueError(
+                f"mesh: at most one axis may be -1, got data={self.data} fsdp={self.fsdp} tensor={self.tensor}"
+            )
         for name, size in zip(MESH_AXES, sizes):
             if size == 0 or size < -1:
                 raise ValueError(f"mesh.{name}={size} must be a positive size or -1")

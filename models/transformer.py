@@ -47,7 +47,9 @@ class ModelConfig:
     )
     scale_tied_logits: bool = dataclasses.field(
         default=True,
-        metadata={"help": "tied head only: multiply logits by d_model^-1/2 (ours, trained from scratch); false = HF Llama/Qwen"},
+        metadata={
+            "help": "tied head only: multiply logits by d_model^-1/2 (ours, trained from scratch); false = HF Llama/Qwen"
+        },
     )
     head_size: int = dataclasses.field(
         default=0, metadata={"help": "width of one attention head (0 = d_model / n_heads)"}
@@ -57,8 +59,12 @@ class ModelConfig:
     rope_scaling_factor: float = dataclasses.field(
         default=0.0, metadata={"help": "Llama-3 RoPE scaling: context extension factor (0 = no scaling)"}
     )
-    rope_low_freq_factor: float = dataclasses.field(default=1.0, metadata={"help": "Llama-3 RoPE scaling: low_freq_factor"})
-    rope_high_freq_factor: float = dataclasses.field(default=4.0, metadata={"help": "Llama-3 RoPE scaling: high_freq_factor"})
+    rope_low_freq_factor: float = dataclasses.field(
+        default=1.0, metadata={"help": "Llama-3 RoPE scaling: low_freq_factor"}
+    )
+    rope_high_freq_factor: float = dataclasses.field(
+        default=4.0, metadata={"help": "Llama-3 RoPE scaling: high_freq_factor"}
+    )
     rope_original_max_len: int = dataclasses.field(
         default=8192, metadata={"help": "Llama-3 RoPE scaling: original_max_position_embeddings"}
     )
@@ -91,7 +97,9 @@ class ModelConfig:
         if self.head_size < 0 or self.vocab_rows < 0:
             raise ValueError(f"{where}.head_size and {where}.vocab_rows must be >= 0 (0 = derived)")
         if not self.head_size and self.d_model % self.n_heads:
-            raise ValueError(f"{where}.n_heads={self.n_heads} must divide {where}.d_model={self.d_model} (or set head_size)")
+            raise ValueError(
+                f"{where}.n_heads={self.n_heads} must divide {where}.d_model={self.d_model} (or set head_size)"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{where}.n_kv_heads={self.n_kv_heads} must divide {where}.n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -128,7 +136,9 @@ def rows_matmul(x: jax.Array, w_in_out: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], *out_shape)
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int, dtype=jnp.float32) -> nnx.Param:
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int, dtype=jnp.float32
+) -> nnx.Param:
     # Drawn in float32 and rounded, so a bf16 model is exactly the rounded float32 model of the same seed.
     init = jax.nn.initializers.normal(stddev=fan_in**-0.5)
     return nnx.Param(init(rngs.params(), shape, jnp.float32).astype(dtype), logical_axes=axes)
@@ -148,11 +158,18 @@ class RMSNorm(nnx.Module):
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Rotary inverse frequencies [head_dim/2] (float32, as HF computes them), with Llama-3 scaling if set."""
     h = cfg.head_dim
-    inv_freq = (1.0 / (np.float32(cfg.rope_base) ** (np.arange(0, h, 2).astype(np.float32) / np.float32(h)))).astype(np.float32)
+    inv_freq = (1.0 / (np.float32(cfg.rope_base) ** (np.arange(0, h, 2).astype(np.float32) / np.float32(h)))).astype(
+        np.float32
+    )
     if not cfg.rope_scaling_factor:
         return inv_freq
     # Llama-3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
-    factor, lo, hi, orig = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+    factor, lo, hi, orig = (
+        cfg.rope_scaling_factor,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_original_max_len,
+    )
     wavelen = 2 * np.pi / inv_freq
     scaled = np.where(wavelen > orig / lo, inv_freq / factor, inv_freq)
     smooth = (orig / wavelen - lo) / (hi - lo)
@@ -216,8 +233,10 @@ class Attention(nnx.Module):
             k_bksh = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_bksh.astype(cache["k"].dtype), cache_index, 2)
             v_bksh = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_bksh.astype(cache["v"].dtype), cache_index, 2)
             cache = {"k": k_bksh, "v": v_bksh}
-        return rows_matmul(attend(q_btnh, k_bksh.astype(dt), v_bksh.astype(dt), mask_bts).reshape(b, t, n * h),
-                           self.wo_nhd[...].astype(dt).reshape(n * h, -1)), cache
+        return rows_matmul(
+            attend(q_btnh, k_bksh.astype(dt), v_bksh.astype(dt), mask_bts).reshape(b, t, n * h),
+            self.wo_nhd[...].astype(dt).reshape(n * h, -1),
+        ), cache
 
 
 class SwiGLU(nnx.Module):
@@ -253,7 +272,8 @@ class Transformer(nnx.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_vd = nnx.Param(
-            jax.random.normal(rngs.params(), (rows, cfg.d_model), jnp.float32).astype(pd), logical_axes=("vocab", "embed")
+            jax.random.normal(rngs.params(), (rows, cfg.d_model), jnp.float32).astype(pd),
+            logical_axes=("vocab", "embed"),
         )
         # Named attributes rather than a list keep checkpoint keys plain strings.
         for i in range(cfg.n_layers):

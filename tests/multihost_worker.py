@@ -30,8 +30,17 @@ def main(run_dir: str, overrides: list[str]) -> None:
     trainer = Trainer(cfg, "proxy", make_mesh(cfg))
     summary = trainer.fit(progress=False)
     problems = make_split(cfg.task, "test", cfg.seed, 16)
-    decoded = decode_problems(problems, trainer.tokenizer, (trainer.model.spec,), (trainer.state["params"],),
-                              trainer.mesh, max_new_tokens=8, batch_size=16, greedy=False, rng=jax.random.key(7))
+    decoded = decode_problems(
+        problems,
+        trainer.tokenizer,
+        (trainer.model.spec,),
+        (trainer.state["params"],),
+        trainer.mesh,
+        max_new_tokens=8,
+        batch_size=16,
+        greedy=False,
+        rng=jax.random.key(7),
+    )
     # Cost of the per-step preemption agreement (an all-gather of one flag across processes).
     start = time.perf_counter()
     for _ in range(20):
@@ -41,12 +50,22 @@ def main(run_dir: str, overrides: list[str]) -> None:
     if jax.process_index() == jax.process_count() - 1:
         preemption.request_stop()  # only the last process "got SIGTERM": every process must agree to stop
     agreed = preemption.stop_requested()
-    print(json.dumps({
-        "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
-        "test_accuracy": summary["test_accuracy"], "tokens": np.asarray(decoded.tokens_bn).tolist(),
-        "logprob_sum": float(np.sum(decoded.logprob_bn)), "agree_ms": agree_ms,
-        "stop_before": before, "stop_agreed": agreed,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "test_accuracy": summary["test_accuracy"],
+                "tokens": np.asarray(decoded.tokens_bn).tolist(),
+                "logprob_sum": float(np.sum(decoded.logprob_bn)),
+                "agree_ms": agree_ms,
+                "stop_before": before,
+                "stop_agreed": agreed,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ class _FakeProtocol:
 
 
 def test_tuned_student_is_selected_on_validation_only():
-    ac = A.AttackerConfig(tuned_betas=(0.0, 0.3, 1.0), ablation=("passive_token", "tuned"), ablation_defenses=("standard",))
+    ac = A.AttackerConfig(
+        tuned_betas=(0.0, 0.3, 1.0), ablation=("passive_token", "tuned"), ablation_defenses=("standard",)
+    )
     dc = DistillConfig(betas=(1.0,), attacker=ac)
     proto = _FakeProtocol(dc)
     out = A.ablation_students(proto, DefenseSetting("standard"), None, None, None)
@@ -58,7 +60,10 @@ def test_validation_split_of_the_heldout_set_never_touches_test(tmp_path):
     proto = Protocol(cfg, progress=False)
     heldout = proto.task.problems("heldout", cfg.seed)
     n = len(heldout)
-    clean = {"tokens_bt": np.arange(n)[:, None] * np.ones((1, 5), np.int32), "loss_mask_bt": np.ones((n, 5), np.float32)}
+    clean = {
+        "tokens_bt": np.arange(n)[:, None] * np.ones((1, 5), np.int32),
+        "loss_mask_bt": np.ones((n, 5), np.float32),
+    }
     held = proto.attacker_heldout(clean)
     val = proto.validation_problems
     n_val = round(cfg.protocol.distill.attacker.validation_fraction * n)
@@ -73,10 +78,21 @@ def test_validation_split_of_the_heldout_set_never_touches_test(tmp_path):
 
 
 def test_recipes_resolve_once():
-    dc = DistillConfig(standardize_values=False, max_weight=3.0, averaging="sequence",
-                       attacker=A.AttackerConfig(value_refresh=0, weighting="filter", clamp=2.0))
+    dc = DistillConfig(
+        standardize_values=False,
+        max_weight=3.0,
+        averaging="sequence",
+        attacker=A.AttackerConfig(value_refresh=0, weighting="filter", clamp=2.0),
+    )
     r = A.recipe_of("adaptive", dc)
-    assert (r.refresh_every, r.weighting, r.clamp, r.standardize, r.max_weight, r.averaging) == (0, "filter", 2.0, False, 3.0, "sequence")
+    assert (r.refresh_every, r.weighting, r.clamp, r.standardize, r.max_weight, r.averaging) == (
+        0,
+        "filter",
+        2.0,
+        False,
+        3.0,
+        "sequence",
+    )
     assert A.recipe_of("passive", dc) == dataclasses.replace(S.PASSIVE_RECIPE, averaging="sequence")
     assert A.recipe_of("soft_topk", dc) is None and A.recipe_of(S.REFERENCE_RECIPE, dc) is S.REFERENCE_RECIPE
     specs = A.ablation_specs(DistillConfig(betas=(0.5,)))
@@ -86,15 +102,18 @@ def test_recipes_resolve_once():
     assert specs["design_shuffled"][0].shuffle and specs["reference_shuffled"][0].shuffle
 
 
-@pytest.mark.parametrize("override,key", [
-    ("protocol.distill.attacker.weighting=soft", "attacker.weighting"),
-    ("protocol.distill.attacker.tuned_betas=[0.5,1.0]", "attacker.tuned_betas"),
-    ("protocol.distill.attacker.ablation_defenses=[ads]", "attacker.ablation_defenses"),
-    ("protocol.distill.attacker.ablation=[bogus]", "attacker.ablation"),
-    ("protocol.distill.attacker.validation_fraction=1.5", "attacker.validation_fraction"),
-    ("protocol.distill.attacker.value_refresh=-2", "attacker.value_refresh"),
-    ("protocol.distill.attacker.fd_dtype=int8", "attacker.fd_dtype"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("protocol.distill.attacker.weighting=soft", "attacker.weighting"),
+        ("protocol.distill.attacker.tuned_betas=[0.5,1.0]", "attacker.tuned_betas"),
+        ("protocol.distill.attacker.ablation_defenses=[ads]", "attacker.ablation_defenses"),
+        ("protocol.distill.attacker.ablation=[bogus]", "attacker.ablation"),
+        ("protocol.distill.attacker.validation_fraction=1.5", "attacker.validation_fraction"),
+        ("protocol.distill.attacker.value_refresh=-2", "attacker.value_refresh"),
+        ("protocol.distill.attacker.fd_dtype=int8", "attacker.fd_dtype"),
+    ],
+)
 def test_attacker_config_errors_name_the_key(override, key):
     base = ["protocol.defenses=[{name: standard}]", "protocol.distill.attacker.ablation_defenses=[standard]"]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -140,8 +159,10 @@ def test_dataset_level_weights_at_the_base_and_their_shuffled_control():
     ref32 = dataclasses.replace(S.REFERENCE_RECIPE, fd_dtype="float32")
     w32 = A.RecipeFeeder(base, dc, ref32, traces, heldout, seeds).extras(0, stacked, None, idx, 0.5)["weights_b"]
     g = jax.grad(lambda p: masked_nll(base.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"]))(base.params)
+
     def per_ex(p, tk, m):
         return S.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
+
     a = S.recipe_scores(ref32, per_ex, base.params, g, tokens[1], mask[1])
     want = S.recipe_weights(ref32, a, 0.5, mask[1, :, :-1].sum(-1) > 0)
     np.testing.assert_allclose(w32[1], want, rtol=1e-3, atol=1e-5)
@@ -167,20 +188,42 @@ def test_protocol_ablation_end_to_end(tmp_path):
     import sys
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "experiments.cli", *a, "--no-progress"],
-                              capture_output=True, text=True, env=env, timeout=900)
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.cli", *a, "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
+
     for role in ("teacher", "proxy", "student"):
         r = run("train", "--role", role, "--config", "ci", f"run_dir={tmp_path}")
         assert r.returncode == 0, r.stderr
-    r = run("protocol", "--config", "ci", f"run_dir={tmp_path}", "--json", "protocol.defenses=[{name: standard}]",
-            "protocol.distill.attacks=[]", "protocol.distill.betas=[2.0]",
-            "protocol.distill.attacker.ablation_defenses=[standard]", "protocol.distill.attacker.tuned_betas=[0.0, 2.0]",
-            "protocol.distill.attacker.ablation=[passive_token, design, tuned, reference, reference_shuffled]")
+    r = run(
+        "protocol",
+        "--config",
+        "ci",
+        f"run_dir={tmp_path}",
+        "--json",
+        "protocol.defenses=[{name: standard}]",
+        "protocol.distill.attacks=[]",
+        "protocol.distill.betas=[2.0]",
+        "protocol.distill.attacker.ablation_defenses=[standard]",
+        "protocol.distill.attacker.tuned_betas=[0.0, 2.0]",
+        "protocol.distill.attacker.ablation=[passive_token, design, tuned, reference, reference_shuffled]",
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     ab = summary["ablation"]["standard"]
-    for key in ("tuned_minus_passive", "tuned_minus_passive_se", "reference_minus_passive", "reference_minus_passive_se", "ess_fraction"):
+    for key in (
+        "tuned_minus_passive",
+        "tuned_minus_passive_se",
+        "reference_minus_passive",
+        "reference_minus_passive_se",
+        "ess_fraction",
+    ):
         assert key in ab, key
     assert 0 < ab["ess_fraction"] <= 1 and len(ab["tuned_betas_chosen"]) == 2
     results = json.loads(pathlib.Path(summary["results"]).read_text())
@@ -191,6 +234,8 @@ def test_protocol_ablation_end_to_end(tmp_path):
         want = 100 * np.mean(np.subtract(students[name]["accuracy"], students["passive_token"]["accuracy"]))
         assert rows[name]["minus_passive"] == pytest.approx(want)
     assert all(0 < rows[n]["ess_fraction"] <= 1 for n in ("reference", "reference_shuffled"))
-    assert students["design"]["accuracy"] == results["rows"][0]["students"]["adaptive(beta=2)"]["values"]  # reused, not retrained
+    assert (
+        students["design"]["accuracy"] == results["rows"][0]["students"]["adaptive(beta=2)"]["values"]
+    )  # reused, not retrained
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Attacker ablation" in md and "| reference |" in md

@@ -32,7 +32,9 @@ def _inputs(n=4, kv=2, b=3, t=9, h=8, seed=0):
     valid[1, :3] = False  # a left-padded row: its keys before slot 3 are masked
     causal = np.tril(np.ones((t, t), bool))
     mask = causal[None] & valid[:, None, :]
-    mask[1, :3, 0] = True  # padded queries see one key, so no row is empty (as the sampler's prefill never is for real rows)
+    mask[1, :3, 0] = (
+        True  # padded queries see one key, so no row is empty (as the sampler's prefill never is for real rows)
+    )
     return q, k, v, jnp.asarray(mask)
 
 
@@ -40,8 +42,10 @@ def _inputs(n=4, kv=2, b=3, t=9, h=8, seed=0):
 def test_attend_and_its_reverse_only_gradient_match_the_definition(n, kv):
     q, k, v, mask = _inputs(n, kv)
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)  # a loss that weighs every output
+
     def ref_loss(q, k, v):
         return jnp.sum(jnp.tanh(reference_attention(q, k, v, mask)) * w)
+
     def loss(q, k, v):
         return jnp.sum(jnp.tanh(tfm.attend(q, k, v, mask)) * w)
 
@@ -72,8 +76,10 @@ def test_model_gradient_is_the_same_with_the_hand_written_backward():
     cfg = tfm.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
     graphdef, params = tfm.split_params(tfm.build(cfg, 23, seed=0))
     tokens = jnp.asarray(np.random.default_rng(2).integers(3, 23, (4, 12)), jnp.int32)
+
     def nll(p):
         return -jnp.mean(tfm.token_logprobs(graphdef, p, tokens))
+
     plain = jax.grad(nll)(params)
     with tfm.reverse_mode_only():
         fast = jax.jit(jax.grad(nll))(params)

@@ -63,8 +63,14 @@ def test_cli_compare_hf_json(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     r = json.loads(out[-1])
     assert out[0].startswith("bench: teacher") and any("PyTorch" in line for line in out)
-    for k in ("train_speedup_vs_hf", "decode_speedup_vs_hf", "poe_cost_ratio", "poe_flop_bound",
-              "distill_passive_steps_per_s", "distill_adaptive_steps_per_s"):
+    for k in (
+        "train_speedup_vs_hf",
+        "decode_speedup_vs_hf",
+        "poe_cost_ratio",
+        "poe_flop_bound",
+        "distill_passive_steps_per_s",
+        "distill_adaptive_steps_per_s",
+    ):
         assert np.isfinite(r[k]) and r[k] > 0, k
     # same token counts on both sides: the speed-ups are the throughput ratios
     assert r["train_speedup_vs_hf"] == pytest.approx(r["train_tokens_per_s"] / r["hf_train_tokens_per_s"])
@@ -76,7 +82,9 @@ def test_cli_compare_hf_json(capsys):
 
     def flops(m):  # 2 FLOPs per multiply-add: projections, SwiGLU, attention at `context`, tied head
         d, n, k, h, f = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff
-        return m.n_layers * 2 * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * n * h * context) + 2 * d * vocab
+        return (
+            m.n_layers * 2 * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * n * h * context) + 2 * d * vocab
+        )
 
     assert r["poe_flop_bound"] == pytest.approx(1 + flops(cfg.proxy.model) / flops(cfg.teacher.model))
     assert r["train_mfu"] is None  # a CPU has no bf16 peak in the table

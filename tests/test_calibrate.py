@@ -34,9 +34,22 @@ def test_sign_agreement_counts_only_significant_pairs():
 def test_calibration_plot_writes_png_and_csv(tmp_path):
     def stat(m, s):
         return {"mean": m, "stderr": s}
-    result = {"config": "t", "spearman": 0.9, "sign_agreement": float("nan"), "points": [
-        {"gamma": g, "J": stat(1 + g, 0.01), "dJ": stat(1.0, 0.1), "nll": stat(2 + g, float("nan")),
-         "accuracy": stat(0.5 - g, 0.02)} for g in (0.0, 0.3, 0.6)]}
+
+    result = {
+        "config": "t",
+        "spearman": 0.9,
+        "sign_agreement": float("nan"),
+        "points": [
+            {
+                "gamma": g,
+                "J": stat(1 + g, 0.01),
+                "dJ": stat(1.0, 0.1),
+                "nll": stat(2 + g, float("nan")),
+                "accuracy": stat(0.5 - g, 0.02),
+            }
+            for g in (0.0, 0.3, 0.6)
+        ],
+    }
     png, csv_path = plot_calibration(result, tmp_path)
     assert png.stat().st_size > 1000
     rows = csv_path.read_text().splitlines()
@@ -46,10 +59,16 @@ def test_calibration_plot_writes_png_and_csv(tmp_path):
 
 def test_equilibrium_summary_metrics():
     def pts(beta, gs):
-        return [{"beta": beta, "delta": d, "gamma_star": g, "starts_agree": True}
-                for d, g in zip((0.01, 0.03, 0.1), gs)]
-    eq = {"betas": [0.0, 4.0], "gamma_max": 0.9, "points": pts(0.0, [0.0, 0.2, 0.5]) + pts(4.0, [0.005, 0.3, 0.895]),
-          "check": {"passive_change": {"mean": -0.04, "stderr": 0.01}, "teacher_change": {"mean": -0.01, "stderr": 0.0}}}
+        return [
+            {"beta": beta, "delta": d, "gamma_star": g, "starts_agree": True} for d, g in zip((0.01, 0.03, 0.1), gs)
+        ]
+
+    eq = {
+        "betas": [0.0, 4.0],
+        "gamma_max": 0.9,
+        "points": pts(0.0, [0.0, 0.2, 0.5]) + pts(4.0, [0.005, 0.3, 0.895]),
+        "check": {"passive_change": {"mean": -0.04, "stderr": 0.01}, "teacher_change": {"mean": -0.01, "stderr": 0.0}},
+    }
     out = summary_metrics(eq)
     assert out["interior_budgets_passive"] == 2 and out["interior_budgets_adaptive"] == 1
     assert out["monotone_passive"] == 1 and out["starts_agree"] == 1

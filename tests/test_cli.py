@@ -31,11 +31,13 @@ def test_train_resume_and_json(tmp_path):
     assert json.loads(lines[-1])["step"] == 20
 
     # Same command with more steps resumes from step 20 instead of starting over.
-    more = distgame("train", "--role", "teacher", "--config", "ci", run, "teacher.train.steps=30", "--json", "--no-progress")
+    more = distgame(
+        "train", "--role", "teacher", "--config", "ci", run, "teacher.train.steps=30", "--json", "--no-progress"
+    )
     assert more.returncode == 0, more.stderr
     assert json.loads(more.stdout.strip().splitlines()[-1])["steps"] == 30
     steps = [json.loads(line)["step"] for line in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-2:] == [25, 30] and 5 not in steps[len(lines):]
+    assert steps[-2:] == [25, 30] and 5 not in steps[len(lines) :]
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -44,17 +46,48 @@ def test_resume_continues_the_same_run(tmp_path):
     import orbax.checkpoint as ocp
 
     a, b = tmp_path / "a", tmp_path / "b"
-    assert distgame("train", "--role", "proxy", "--config", "ci", f"run_dir={a}", "proxy.train.steps=20", "--no-progress").returncode == 0
-    assert distgame("train", "--role", "proxy", "--config", "ci", f"run_dir={b}", "proxy.train.steps=20",
-                    "proxy.train.checkpoint_every=10", "--no-progress").returncode == 0
+    assert (
+        distgame(
+            "train", "--role", "proxy", "--config", "ci", f"run_dir={a}", "proxy.train.steps=20", "--no-progress"
+        ).returncode
+        == 0
+    )
+    assert (
+        distgame(
+            "train",
+            "--role",
+            "proxy",
+            "--config",
+            "ci",
+            f"run_dir={b}",
+            "proxy.train.steps=20",
+            "proxy.train.checkpoint_every=10",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
     # Remove b's final checkpoint so the re-run restarts from step 10.
     import shutil
 
     shutil.rmtree(b / "proxy" / "checkpoints" / "20")
-    assert distgame("train", "--role", "proxy", "--config", "ci", f"run_dir={b}", "proxy.train.steps=20",
-                    "proxy.train.checkpoint_every=10", "--no-progress").returncode == 0
+    assert (
+        distgame(
+            "train",
+            "--role",
+            "proxy",
+            "--config",
+            "ci",
+            f"run_dir={b}",
+            "proxy.train.steps=20",
+            "proxy.train.checkpoint_every=10",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
+
     def load(d):
         return ocp.StandardCheckpointer().restore(d / "proxy" / "checkpoints" / "20" / "state")["params"]
+
     pa, pb = load(a), load(b)
     np.testing.assert_allclose(pa["embed_vd"], pb["embed_vd"], atol=1e-6)
 
@@ -62,7 +95,10 @@ def test_resume_continues_the_same_run(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("teacher.model.d_modle=64", "unknown config key 'teacher.model.d_modle' (did you mean 'teacher.model.d_model'?)"),
+        (
+            "teacher.model.d_modle=64",
+            "unknown config key 'teacher.model.d_modle' (did you mean 'teacher.model.d_model'?)",
+        ),
         ("teacher.train.steps=ten", "teacher.train.steps='ten' must be of type int"),
         ("mesh.data=3", "mesh: data*fsdp*tensor = 3*1*1 = 3 but there are 1 devices"),
         ("teacher.train.batch_size=7", None),
@@ -74,7 +110,9 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
     env_devices = 2 if "batch_size" in override else 1
     if "batch_size" in override:
         message = "teacher.train.batch_size=7 is not divisible by mesh data*fsdp = 2"
-    result = distgame("train", "--role", "teacher", "--config", "ci", f"run_dir={tmp_path}", override, env_devices=env_devices)
+    result = distgame(
+        "train", "--role", "teacher", "--config", "ci", f"run_dir={tmp_path}", override, env_devices=env_devices
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -40,7 +40,9 @@ def test_local_compile_reports_memory_of_the_trainers_own_step():
     real = trainer.step_fn.lower(trainer.state, batch).compile().memory_analysis()
     ahead, _, _ = compile_train_step(cfg, "teacher", mesh)
     for field in ("argument", "output", "alias", "temp"):
-        assert getattr(ahead.memory_analysis(), f"{field}_size_in_bytes") == getattr(real, f"{field}_size_in_bytes"), field
+        assert getattr(ahead.memory_analysis(), f"{field}_size_in_bytes") == getattr(real, f"{field}_size_in_bytes"), (
+            field
+        )
 
 
 def test_cli_json(capsys):
@@ -54,7 +56,9 @@ def test_cli_json(capsys):
 def test_tpu_topology_without_libtpu_says_what_to_install(capsys, monkeypatch):
     if HAS_LIBTPU:  # hide it, as on a machine with the default install
         find_spec = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else find_spec(name, *a)
+        )
     assert distgame(["compile-check", "--config", "ci", "--topology", "v5e:2x4"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
@@ -73,8 +77,13 @@ def test_table_matches_libtpu_topologies():
     from jax.experimental import topologies
 
     for s in ACCELERATORS.values():
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=s.topology, chip_config_name=s.chip_config_name,
-                                               chips_per_host_bounds=s.chips_per_host_bounds, num_slices=1).devices
+        devices = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=s.topology,
+            chip_config_name=s.chip_config_name,
+            chips_per_host_bounds=s.chips_per_host_bounds,
+            num_slices=1,
+        ).devices
         assert len(devices) == s.chips and len({d.process_index for d in devices}) == s.hosts, s
 
 
@@ -97,8 +106,10 @@ def test_cli_keeps_off_an_absent_tpu_so_libtpu_stays_quiet():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    code = ("from experiments.distributed import keep_off_absent_tpu as k; switched = k(); import jax; "
-            "print(switched, jax.devices()[0].platform)")
+    code = (
+        "from experiments.distributed import keep_off_absent_tpu as k; switched = k(); import jax; "
+        "print(switched, jax.devices()[0].platform)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "cpu"]
@@ -127,8 +138,23 @@ def test_local_devices_have_no_peak_so_no_roofline():
 
 @needs_libtpu
 def test_tpu_compile_reports_flops_and_roofline_not_a_measured_mfu(capsys):
-    assert distgame(["compile-check", "--config", "ci", "mesh.data=-1", "teacher.train.batch_size=32", "--topology", "v5e:2x4",
-                     "--role", "teacher", "--json"]) == 0
+    assert (
+        distgame(
+            [
+                "compile-check",
+                "--config",
+                "ci",
+                "mesh.data=-1",
+                "teacher.train.batch_size=32",
+                "--topology",
+                "v5e:2x4",
+                "--role",
+                "teacher",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     (teacher,) = json.loads(out[-1])["roles"]
     roof = teacher["roofline"]

@@ -39,16 +39,57 @@ def byte_level_tokenizer(first: list[str], last: list[str], merges: list[tuple[s
 
 
 QWEN_TOKENIZER = byte_level_tokenizer([], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [("Ġ", "t"), ("h", "e")])
-LLAMA_TOKENIZER = byte_level_tokenizer(["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"], [],
-                                       [("Ġ", "a"), ("e", "s"), ("Ġ", "b")])
+LLAMA_TOKENIZER = byte_level_tokenizer(
+    ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"], [], [("Ġ", "a"), ("e", "s"), ("Ġ", "b")]
+)
 ROLES = {  # (family, config, tokenizer.json): Qwen2 teacher and proxy (one vocabulary, 264 rows), Llama student
-    "teacher": ("qwen2", tfm.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, qkv_bias=True,
-                                        tied_embeddings=False, rope_base=1e6, vocab_rows=264), QWEN_TOKENIZER),
-    "proxy": ("qwen2", tfm.ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, qkv_bias=True,
-                                      scale_tied_logits=False, vocab_rows=264), QWEN_TOKENIZER),
-    "student": ("llama", tfm.ModelConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, head_size=16,
-                                        scale_tied_logits=False, rope_base=5e5, rope_scaling_factor=8.0,
-                                        rope_original_max_len=32, norm_eps=1e-5, vocab_rows=264), LLAMA_TOKENIZER),
+    "teacher": (
+        "qwen2",
+        tfm.ModelConfig(
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=64,
+            qkv_bias=True,
+            tied_embeddings=False,
+            rope_base=1e6,
+            vocab_rows=264,
+        ),
+        QWEN_TOKENIZER,
+    ),
+    "proxy": (
+        "qwen2",
+        tfm.ModelConfig(
+            d_model=16,
+            n_layers=1,
+            n_heads=2,
+            n_kv_heads=1,
+            d_ff=32,
+            qkv_bias=True,
+            scale_tied_logits=False,
+            vocab_rows=264,
+        ),
+        QWEN_TOKENIZER,
+    ),
+    "student": (
+        "llama",
+        tfm.ModelConfig(
+            d_model=16,
+            n_layers=2,
+            n_heads=2,
+            n_kv_heads=1,
+            d_ff=32,
+            head_size=16,
+            scale_tied_logits=False,
+            rope_base=5e5,
+            rope_scaling_factor=8.0,
+            rope_original_max_len=32,
+            norm_eps=1e-5,
+            vocab_rows=264,
+        ),
+        LLAMA_TOKENIZER,
+    ),
 }
 
 
@@ -58,8 +99,11 @@ def trio(tmp_path_factory):
     dirs = {}
     for i, (role, (family, cfg, tok_json)) in enumerate(ROLES.items()):
         _, params = tfm.split_params(tfm.build(cfg, 262, seed=i))
-        dirs[role] = str(hf_export.export_hf(jax.device_get(params), cfg, root / role, family, tok_json,
-                                             dtype=hf_export.ml_dtypes.bfloat16))
+        dirs[role] = str(
+            hf_export.export_hf(
+                jax.device_get(params), cfg, root / role, family, tok_json, dtype=hf_export.ml_dtypes.bfloat16
+            )
+        )
     return dirs
 
 
@@ -79,17 +123,45 @@ with t.mock_gsm8k():
 
 
 def distgame(command: str, trio, run_dir, *overrides):
-    args = [command, "--config", "gsm8k_paper_tpu", f"run_dir={run_dir}", f"task.data_dir={pathlib.Path(run_dir).parent}",
-            f"task.tokenizer={trio['teacher']}/tokenizer.json", "task.max_len=320", "task.n_train=1000",
-            "task.n_heldout=4", "task.n_test=6", "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1",
-            *(f"{r}.hf_dir={trio[r]}" for r in ROLES), "proxy.model.vocab_rows=0",
-            "sample.max_new_tokens=16", "sample.batch_size=8", "protocol.seeds=1", "protocol.n_traces=8",
-            "protocol.cost_batch=8", "protocol.defenses=[{name: standard}, {name: poe, strength: 0.6}]",
-            "protocol.distill.steps=2", "protocol.distill.batch_size=8", "protocol.distill.heldout_batch=4",
-            "protocol.distill.lora.rank=8", "protocol.distill.lora.alpha=8.0", *overrides, "--no-progress"]
+    args = [
+        command,
+        "--config",
+        "gsm8k_paper_tpu",
+        f"run_dir={run_dir}",
+        f"task.data_dir={pathlib.Path(run_dir).parent}",
+        f"task.tokenizer={trio['teacher']}/tokenizer.json",
+        "task.max_len=320",
+        "task.n_train=1000",
+        "task.n_heldout=4",
+        "task.n_test=6",
+        "mesh.data=-1",
+        "mesh.fsdp=1",
+        "mesh.tensor=1",
+        *(f"{r}.hf_dir={trio[r]}" for r in ROLES),
+        "proxy.model.vocab_rows=0",
+        "sample.max_new_tokens=16",
+        "sample.batch_size=8",
+        "protocol.seeds=1",
+        "protocol.n_traces=8",
+        "protocol.cost_batch=8",
+        "protocol.defenses=[{name: standard}, {name: poe, strength: 0.6}]",
+        "protocol.distill.steps=2",
+        "protocol.distill.batch_size=8",
+        "protocol.distill.heldout_batch=4",
+        "protocol.distill.lora.rank=8",
+        "protocol.distill.lora.alpha=8.0",
+        *overrides,
+        "--no-progress",
+    ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-c", _DRIVER, str(HERE), *args], capture_output=True, text=True,
-                          env=env, timeout=900, cwd=HERE.parent)
+    return subprocess.run(
+        [sys.executable, "-c", _DRIVER, str(HERE), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=HERE.parent,
+    )
 
 
 def test_retokenized_traces_are_the_same_text_and_keep_the_answer_checkable():
@@ -104,8 +176,12 @@ def test_retokenized_traces_are_the_same_text_and_keep_the_answer_checkable():
     teacher = retok.wrap_hf_tokenizer(Tokenizer.from_str(QWEN_TOKENIZER), "qwen")
     student = retok.wrap_hf_tokenizer(Tokenizer.from_str(LLAMA_TOKENIZER), "llama")
     rows = t.TRAIN[:6]
-    problems = [TextProblem(f"Question: {r['question']}\nAnswer:", " " + r["answer"],
-                            r["answer"].rsplit("#### ", 1)[1].replace(",", "")) for r in rows]
+    problems = [
+        TextProblem(
+            f"Question: {r['question']}\nAnswer:", " " + r["answer"], r["answer"].rsplit("#### ", 1)[1].replace(",", "")
+        )
+        for r in rows
+    ]
     # What the sampler returns: the solution's teacher ids + EOS, then PAD; the last row hits the token budget.
     ids = [teacher.encode(p.solution) + [teacher.eos_id] for p in problems]
     ids[-1] = ids[-1][:-6]
@@ -163,14 +239,23 @@ def test_protocol_end_to_end_across_tokenizers(trio, tmp_path):
 @pytest.mark.parametrize("case", ["soft_topk", "proxy_vocabulary", "equilibrium"])
 def test_what_cannot_cross_vocabularies_is_one_line(trio, tmp_path, case):
     command, overrides, message = {
-        "soft_topk": ("protocol", ["protocol.expose_k=2", "protocol.distill.attacks=[soft_topk]",
-                                   "protocol.distill.attack_defenses=[poe]"],
-                      "protocol.distill.attacks=['soft_topk'] need the teacher's per-token log-probs: the student's "
-                      "tokenizer (student.hf_dir, 262 tokens) is not the teacher's (261 tokens)"),
-        "proxy_vocabulary": ("protocol", ["proxy.hf_dir=" + str(tmp_path / "proxy_llama_vocab")],
-                             "proxy.hf_dir: its tokenizer.json (262 tokens) is not the task's tokenizer"),
-        "equilibrium": ("equilibrium", [], "distgame equilibrium (soft targets on teacher prefixes) needs the student to "
-                                           "share the teacher's vocabulary"),
+        "soft_topk": (
+            "protocol",
+            ["protocol.expose_k=2", "protocol.distill.attacks=[soft_topk]", "protocol.distill.attack_defenses=[poe]"],
+            "protocol.distill.attacks=['soft_topk'] need the teacher's per-token log-probs: the student's "
+            "tokenizer (student.hf_dir, 262 tokens) is not the teacher's (261 tokens)",
+        ),
+        "proxy_vocabulary": (
+            "protocol",
+            ["proxy.hf_dir=" + str(tmp_path / "proxy_llama_vocab")],
+            "proxy.hf_dir: its tokenizer.json (262 tokens) is not the task's tokenizer",
+        ),
+        "equilibrium": (
+            "equilibrium",
+            [],
+            "distgame equilibrium (soft targets on teacher prefixes) needs the student to "
+            "share the teacher's vocabulary",
+        ),
     }[case]
     if case == "proxy_vocabulary":  # the proxy checkpoint with the student's tokenizer
         shutil.copytree(trio["proxy"], tmp_path / "proxy_llama_vocab")

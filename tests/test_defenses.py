@@ -67,9 +67,7 @@ def test_poe_temperature_formula(logits, tau):
     want = np_log_softmax(((1 - gamma) * z_T.astype(np.float64) + gamma * z_P) / tau)
     got = D.poe_logprobs(z_T, z_P, gamma, tau)
     np.testing.assert_allclose(got, want, atol=2e-6)
-    np.testing.assert_allclose(
-        np_log_softmax(D.PoE(gamma, tau).logits((z_T, z_P), ())), want, atol=2e-6
-    )
+    np.testing.assert_allclose(np_log_softmax(D.PoE(gamma, tau).logits((z_T, z_P), ())), want, atol=2e-6)
 
 
 def test_poe_per_row_gamma_and_gradient_in_gamma(logits):
@@ -126,9 +124,7 @@ def test_strategic_poe_hand_computed_three_steps():
             np.testing.assert_allclose(np_log_softmax(lg[i]), want, atol=1e-5)
         if step < 3:
             carry = comb.update((z_T, z_P), carry, tokens[step])
-    np.testing.assert_allclose(
-        carry, [2 * math.log(2) - math.log(3), -2 * math.log(3) + math.log(2)], rtol=1e-5
-    )
+    np.testing.assert_allclose(carry, [2 * math.log(2) - math.log(3), -2 * math.log(3) + math.log(2)], rtol=1e-5)
 
 
 def test_strategic_increment_ignores_temperature(logits):
@@ -178,8 +174,10 @@ def heldout_nll(params, x, y):
 @pytest.fixture(scope="module")
 def proxy():
     rng = np.random.default_rng(2)
+
     def f(*s):
         return jnp.asarray(rng.normal(size=s), jnp.float32)
+
     params = {"w1": f(D_IN, H), "b1": 0.1 * f(H), "w2": f(H, V), "b2": 0.1 * f(V)}
     x_ho, y_ho = f(16, D_IN), jnp.asarray(rng.integers(0, V, size=16))
     g = S.heldout_gradient(heldout_nll, params, x_ho, y_ho)
@@ -252,14 +250,17 @@ def test_ads_favours_tokens_that_raise_proxy_heldout_loss(proxy):
     shift = ((p_A - p_T) * delta).sum(-1)
     assert np.all(shift > 0), shift
     ratio = np.log(p_A / p_T)
-    np.testing.assert_allclose(ratio - ratio.mean(-1, keepdims=True),
-                               lam * (delta - delta.mean(-1, keepdims=True)), atol=1e-4)
+    np.testing.assert_allclose(
+        ratio - ratio.mean(-1, keepdims=True), lam * (delta - delta.mean(-1, keepdims=True)), atol=1e-4
+    )
     # Behaviour: one proxy SGD step on the most-favoured token raises the
     # held-out loss; on the least-favoured token it lowers it.
     for i in range(B):
         for v, sign in ((int(delta[i].argmax()), +1), (int(delta[i].argmin()), -1)):
+
             def nll_v(p):
                 return -jax.nn.log_softmax(mlp(p, x[i : i + 1]))[0, v]
+
             gv = jax.grad(nll_v)(params)
             stepped = {k: params[k] - 1e-3 * gv[k] for k in params}
             assert sign * (heldout_nll(stepped, x_ho, y_ho) - L0) > 0
@@ -290,7 +291,9 @@ def test_strategic_ads_hand_computed_and_uses_primal(proxy):
     z, dz = _tangent_expert(params, g, x)
     comb = D.StrategicADS(lam=0.5, eta=1.0, lam_max=1.0, temperature=0.9)
     carry = comb.init(B)
-    np.testing.assert_allclose(comb.logits((z_T, (z, dz)), carry), D.ADS(0.5, 0.9).logits((z_T, (z, dz)), ()), rtol=1e-6)
+    np.testing.assert_allclose(
+        comb.logits((z_T, (z, dz)), carry), D.ADS(0.5, 0.9).logits((z_T, (z, dz)), ()), rtol=1e-6
+    )
     tok = jnp.array([0, 1, 2])
     carry = comb.update((z_T, (z, dz)), carry, tok)
     s = np_log_softmax(z_T)[np.arange(B), tok] - np_log_softmax(z)[np.arange(B), tok]

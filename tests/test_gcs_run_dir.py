@@ -60,21 +60,46 @@ def _objects(prefix: str) -> dict[str, bytes]:
 
 def _results() -> dict:
     """A protocol result as Protocol.run builds it: 2 defenses, 3 seeds, a learning curve, paired deltas."""
-    def row(label, defense, strength, teacher, passive, adaptive):
-        return {"label": label, "defense": defense, "strength": strength, "setting": {"name": defense},
-                "teacher_accuracy": mean_stderr(teacher),
-                "students": {"passive": mean_stderr(passive), "adaptive(beta=0.5)": mean_stderr(adaptive)},
-                "adaptive_key": "adaptive(beta=0.5)", "relative_gain": 0.05,
-                "cost": {"forward_passes_per_token": 1 if defense == "standard" else 2, "flops_per_token": 1e9,
-                         "flops_ratio": 1.0 if defense == "standard" else 1.4, "poe_wallclock_bound": 1.54,
-                         "wallclock_ratio": 1.0 if defense == "standard" else 1.3},
-                "mean_trace_length": 180.5, "degeneracy_rate": 0.01, "trace_accuracy": 0.86}
 
-    rows = [row("standard", "standard", 0.0, [0.88, 0.87, 0.89], [0.55, 0.57, 0.56], [0.57, 0.58, 0.58]),
-            row("poe γ=0.65", "poe", 0.65, [0.85, 0.84, 0.86], [0.50, 0.52, 0.49], [0.53, 0.52, 0.52])]
+    def row(label, defense, strength, teacher, passive, adaptive):
+        return {
+            "label": label,
+            "defense": defense,
+            "strength": strength,
+            "setting": {"name": defense},
+            "teacher_accuracy": mean_stderr(teacher),
+            "students": {"passive": mean_stderr(passive), "adaptive(beta=0.5)": mean_stderr(adaptive)},
+            "adaptive_key": "adaptive(beta=0.5)",
+            "relative_gain": 0.05,
+            "cost": {
+                "forward_passes_per_token": 1 if defense == "standard" else 2,
+                "flops_per_token": 1e9,
+                "flops_ratio": 1.0 if defense == "standard" else 1.4,
+                "poe_wallclock_bound": 1.54,
+                "wallclock_ratio": 1.0 if defense == "standard" else 1.3,
+            },
+            "mean_trace_length": 180.5,
+            "degeneracy_rate": 0.01,
+            "trace_accuracy": 0.86,
+        }
+
+    rows = [
+        row("standard", "standard", 0.0, [0.88, 0.87, 0.89], [0.55, 0.57, 0.56], [0.57, 0.58, 0.58]),
+        row("poe γ=0.65", "poe", 0.65, [0.85, 0.84, 0.86], [0.50, 0.52, 0.49], [0.53, 0.52, 0.52]),
+    ]
     rows[0]["learning_curve"] = {"50": mean_stderr([0.3, 0.31, 0.29]), "100": mean_stderr([0.55, 0.57, 0.56])}
-    results = {"config": "gsm8k_paper_tpu", "world": None, "seeds": 3, "n_test": 1319, "n_traces": 7473,
-               "distill_steps": 100, "temperature": 0.6, "rows": rows, "seconds": 12.0, "task": "gsm8k"}
+    results = {
+        "config": "gsm8k_paper_tpu",
+        "world": None,
+        "seeds": 3,
+        "n_test": 1319,
+        "n_traces": 7473,
+        "distill_steps": 100,
+        "temperature": 0.6,
+        "rows": rows,
+        "seconds": 12.0,
+        "task": "gsm8k",
+    }
     add_paired_deltas(rows)
     results["headline"] = headline(results)
     return results
@@ -86,8 +111,16 @@ def test_results_markdown_and_plots_round_trip_through_gs(bucket):
     paths = write_results(run_dir, results)
 
     names = sorted(p.name for p in paths)
-    assert names == sorted(["results.json", "RESULTS.md", "teacher_vs_student.png", "teacher_vs_student.csv",
-                            "learning_curve.png", "learning_curve.csv"])
+    assert names == sorted(
+        [
+            "results.json",
+            "RESULTS.md",
+            "teacher_vs_student.png",
+            "teacher_vs_student.csv",
+            "learning_curve.png",
+            "learning_curve.csv",
+        ]
+    )
     assert all(str(p).startswith(run_dir + "/") for p in paths)
     stored = _objects(f"{run_dir}/")
     assert sorted(k.rsplit("/", 1)[1] for k in stored) == names  # nothing else (no temporary files left)
@@ -111,15 +144,24 @@ def test_stage_files_and_calibration_plot_round_trip_through_gs(bucket):
     assert not rio.exists(stage)
     rio.save_npz(stage, **arrays)
     back = rio.load_npz(stage)
-    assert back.keys() == arrays.keys() and all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in arrays.items())
+    assert back.keys() == arrays.keys() and all(
+        np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in arrays.items()
+    )
     rio.save_json(f"{bucket}/run/protocol/student.json", {"accuracy": [0.5, 0.25]})
     assert rio.load_json(f"{bucket}/run/protocol/student.json") == {"accuracy": [0.5, 0.25]}
 
     def stat(m):
         return {"mean": m, "stderr": 0.01}
-    result = {"config": "x", "spearman": 1.0, "sign_agreement": 1.0,
-              "points": [{"gamma": g, "J": stat(1 + g), "dJ": stat(0.1), "nll": stat(1.5 + g), "accuracy": stat(0.5 - g)}
-                         for g in (0.0, 0.3, 0.6)]}
+
+    result = {
+        "config": "x",
+        "spearman": 1.0,
+        "sign_agreement": 1.0,
+        "points": [
+            {"gamma": g, "J": stat(1 + g), "dJ": stat(0.1), "nll": stat(1.5 + g), "accuracy": stat(0.5 - g)}
+            for g in (0.0, 0.3, 0.6)
+        ],
+    }
     png, csv_path = plot_calibration(result, f"{bucket}/run/calibration")
     assert rio.path(png).read_bytes()[:8] == PNG_SIGNATURE
     assert rio.read_text(csv_path).splitlines()[0].startswith("gamma,J_pred")

@@ -54,21 +54,43 @@ def test_train_step_and_decode_trace_to_the_right_shapes(gpu):
     tc = cfg.teacher.train
     tx = make_optimizer(tc)
     shardings = train_state_shardings(tx, t.params, t.param_shardings, mesh)
-    state = {"params": t.params, "opt_state": jax.eval_shape(tx.init, t.params), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    state = {
+        "params": t.params,
+        "opt_state": jax.eval_shape(tx.init, t.params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
     seq = cfg.task.max_len
-    batch = {"tokens_bt": jax.ShapeDtypeStruct((tc.batch_size, seq), jnp.int32),
-             "loss_mask_bt": jax.ShapeDtypeStruct((tc.batch_size, seq), jnp.float32)}
+    batch = {
+        "tokens_bt": jax.ShapeDtypeStruct((tc.batch_size, seq), jnp.int32),
+        "loss_mask_bt": jax.ShapeDtypeStruct((tc.batch_size, seq), jnp.float32),
+    }
     new_state, metrics = jax.eval_shape(make_train_step(t.graphdef, tx, shardings, mesh), state, batch)
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state["params"]) == jax.tree.map(lambda x: (x.shape, x.dtype), t.params)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state["params"]) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), t.params
+    )
     assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
 
     # PoE decoding: teacher + proxy in one sampler, bf16 KV caches, float32 logits
     p = models["proxy"]
     b, plen, n = cfg.sample.batch_size, 32, cfg.sample.max_new_tokens
     out = jax.eval_shape(
-        lambda tp, pp, prompts, lens: generate((ExpertSpec(t.graphdef, t.cfg), ExpertSpec(p.graphdef, p.cfg)), (tp, pp), prompts, lens,
-                                               jax.random.key(0), combiner=PoE(0.5), max_new_tokens=n, eos_id=2, pad_id=0, greedy=False),
-        t.params, p.params, jax.ShapeDtypeStruct((b, plen), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+        lambda tp, pp, prompts, lens: generate(
+            (ExpertSpec(t.graphdef, t.cfg), ExpertSpec(p.graphdef, p.cfg)),
+            (tp, pp),
+            prompts,
+            lens,
+            jax.random.key(0),
+            combiner=PoE(0.5),
+            max_new_tokens=n,
+            eos_id=2,
+            pad_id=0,
+            greedy=False,
+        ),
+        t.params,
+        p.params,
+        jax.ShapeDtypeStruct((b, plen), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
     assert out["tokens_bn"].shape == (b, n) and out["logprob_bn"].dtype == jnp.float32
     cache = jax.eval_shape(lambda: tfm.init_cache(t.cfg, b, plen + n))
     assert cache["block_0"]["k"].dtype == jnp.bfloat16

@@ -31,11 +31,25 @@ SPECS = {
         tokens=250,
         cls="LlamaForCausalLM",
         config=dict(
-            model_type="llama", vocab_size=ROWS, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, tie_word_embeddings=True,
-            max_position_embeddings=256, rope_theta=500000.0,
-            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                              original_max_position_embeddings=32),
+            model_type="llama",
+            vocab_size=ROWS,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            max_position_embeddings=256,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
         ),
     ),
     # Qwen2: q/k/v biases, untied head, default RoPE.
@@ -43,9 +57,17 @@ SPECS = {
         tokens=240,
         cls="Qwen2ForCausalLM",
         config=dict(
-            model_type="qwen2", vocab_size=ROWS, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
-            max_position_embeddings=256, rope_theta=1000000.0,
+            model_type="qwen2",
+            vocab_size=ROWS,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+            rope_theta=1000000.0,
         ),
     ),
 }
@@ -89,8 +111,13 @@ def hf_models(tmp_path_factory):
         with torch.no_grad():
             logits = model(torch.as_tensor(tokens)).logits.float().numpy()
             greedy = model.generate(
-                torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0,
+                torch.as_tensor(prompt),
+                attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
                 suppress_tokens=list(range(spec["tokens"], ROWS)),  # HF samples padded rows; ours never does
             )[:, PROMPT:].numpy()
         out[family] = dict(dir=directory, tokens=tokens, logits=logits, prompt=prompt, greedy=greedy)
@@ -111,7 +138,9 @@ def mesh():
 def test_logits_match_transformers(hf_models, mesh, family):
     ref = hf_models[family]
     if family == "qwen2":
-        assert len(list(ref["dir"].glob("*.safetensors"))) > 1 and (ref["dir"] / "model.safetensors.index.json").exists()
+        assert (
+            len(list(ref["dir"].glob("*.safetensors"))) > 1 and (ref["dir"] / "model.safetensors.index.json").exists()
+        )
     loaded = hfl.load_hf_model(ref["dir"], mesh)
     assert loaded.vocab_size == SPECS[family]["tokens"]
     assert loaded.params["embed_vd"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
@@ -127,9 +156,16 @@ def test_32_greedy_tokens_match_transformers_generate(hf_models, mesh, family):
     ref = hf_models[family]
     loaded = hfl.load_hf_model(ref["dir"], mesh)
     out = generate(
-        (ExpertSpec(loaded.graphdef, loaded.cfg),), (loaded.params,), jnp.asarray(ref["prompt"], jnp.int32),
-        jnp.full((BATCH,), PROMPT, jnp.int32), jax.random.key(0),
-        combiner=Single(), max_new_tokens=NEW, eos_id=-1, pad_id=0, greedy=True,
+        (ExpertSpec(loaded.graphdef, loaded.cfg),),
+        (loaded.params,),
+        jnp.asarray(ref["prompt"], jnp.int32),
+        jnp.full((BATCH,), PROMPT, jnp.int32),
+        jax.random.key(0),
+        combiner=Single(),
+        max_new_tokens=NEW,
+        eos_id=-1,
+        pad_id=0,
+        greedy=True,
     )
     np.testing.assert_array_equal(np.asarray(out["tokens_bn"]), ref["greedy"])
 
@@ -141,7 +177,8 @@ def test_bf16_checkpoint_loads_exactly(hf_models, mesh):
     q = ref["state"]["model.layers.1.self_attn.q_proj.weight"]
     np.testing.assert_array_equal(np.asarray(loaded.params["block_1"]["attn"]["wq_dnh"]), q.T.reshape(64, 4, 16))
     np.testing.assert_array_equal(
-        np.asarray(loaded.params["block_1"]["attn"]["bk_kh"]), ref["state"]["model.layers.1.self_attn.k_proj.bias"].reshape(2, 16)
+        np.asarray(loaded.params["block_1"]["attn"]["bk_kh"]),
+        ref["state"]["model.layers.1.self_attn.k_proj.bias"].reshape(2, 16),
     )
 
 
@@ -215,7 +252,10 @@ def test_unsupported_architecture_is_refused(hf_models, mesh, tmp_path):
 def test_shape_disagreeing_with_config_is_refused(hf_models, mesh, tmp_path):
     d = _copy(hf_models["qwen2"]["dir"], tmp_path / "bad_shape")
     _edit_config(d, intermediate_size=128)
-    with pytest.raises(hfl.HFLoadError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \[160, 64\] but config.json implies \[128, 64\]"):
+    with pytest.raises(
+        hfl.HFLoadError,
+        match=r"'model.layers.0.mlp.gate_proj.weight' has shape \[160, 64\] but config.json implies \[128, 64\]",
+    ):
         hfl.load_hf_model(d, mesh)
 
 

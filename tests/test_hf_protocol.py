@@ -31,13 +31,49 @@ def _tokenizer_json(tokens) -> str:
 
 
 TRIO = {
-    "teacher": ("qwen2", tfm.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, qkv_bias=True,
-                                        tied_embeddings=False, rope_base=1e6, vocab_rows=64)),
-    "proxy": ("qwen2", tfm.ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, qkv_bias=True,
-                                      scale_tied_logits=False, vocab_rows=58)),
-    "student": ("llama", tfm.ModelConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, head_size=16,
-                                        scale_tied_logits=False, rope_base=5e5, rope_scaling_factor=8.0,
-                                        rope_original_max_len=32, norm_eps=1e-5)),
+    "teacher": (
+        "qwen2",
+        tfm.ModelConfig(
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=64,
+            qkv_bias=True,
+            tied_embeddings=False,
+            rope_base=1e6,
+            vocab_rows=64,
+        ),
+    ),
+    "proxy": (
+        "qwen2",
+        tfm.ModelConfig(
+            d_model=16,
+            n_layers=1,
+            n_heads=2,
+            n_kv_heads=1,
+            d_ff=32,
+            qkv_bias=True,
+            scale_tied_logits=False,
+            vocab_rows=58,
+        ),
+    ),
+    "student": (
+        "llama",
+        tfm.ModelConfig(
+            d_model=16,
+            n_layers=2,
+            n_heads=2,
+            n_kv_heads=1,
+            d_ff=32,
+            head_size=16,
+            scale_tied_logits=False,
+            rope_base=5e5,
+            rope_scaling_factor=8.0,
+            rope_original_max_len=32,
+            norm_eps=1e-5,
+        ),
+    ),
 }
 
 
@@ -58,8 +94,14 @@ def trio(tmp_path_factory):
     for i, (role, (family, cfg)) in enumerate(TRIO.items()):
         _, params = tfm.split_params(tfm.build(cfg, tok.vocab_size, seed=i))
         params = _randomise_biases(jax.device_get(params), i)
-        dirs[role] = hf_export.export_hf(params, cfg, root / role, family, _tokenizer_json(tok.tokens),
-                                         dtype=np.float32 if role == "student" else hf_export.ml_dtypes.bfloat16)
+        dirs[role] = hf_export.export_hf(
+            params,
+            cfg,
+            root / role,
+            family,
+            _tokenizer_json(tok.tokens),
+            dtype=np.float32 if role == "student" else hf_export.ml_dtypes.bfloat16,
+        )
         dirs[role + "_params"] = params
     return dirs
 
@@ -69,28 +111,48 @@ def test_export_then_load_round_trips(trio):
     loaded = hf_loader.load_hf_model(trio["student"], mesh)
     original = trio["student_params"]
     assert loaded.cfg.rope_scaling_factor == 8.0 and loaded.cfg.head_dim == 16 and loaded.cfg.tied_embeddings
-    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(loaded.params)[0],
-                                 jax.tree_util.tree_flatten_with_path(original)[0]):
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_flatten_with_path(loaded.params)[0], jax.tree_util.tree_flatten_with_path(original)[0]
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
 def distgame(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args, "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
 
 
 def _trio_overrides(trio, run_dir):
-    return [f"run_dir={run_dir}", f"teacher.hf_dir={trio['teacher']}", f"proxy.hf_dir={trio['proxy']}",
-            f"student.hf_dir={trio['student']}"]
+    return [
+        f"run_dir={run_dir}",
+        f"teacher.hf_dir={trio['teacher']}",
+        f"proxy.hf_dir={trio['proxy']}",
+        f"student.hf_dir={trio['student']}",
+    ]
 
 
 def test_protocol_end_to_end_with_hf_trio(trio, tmp_path):
     result = distgame(
-        "protocol", "--config", "ci", "--seeds", "1", *_trio_overrides(trio, tmp_path), "proxy.model.vocab_rows=64",
-        "protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]", "sample.max_new_tokens=16",
-        "protocol.distill.betas=[]", "protocol.distill.attacks=[]",  # adaptive + LoRA: test_lora.py
-        "protocol.distill.finetune=lora", "protocol.distill.lora.targets=[wq_dnh, wv_dkh, w_down_fd]", "--json",
+        "protocol",
+        "--config",
+        "ci",
+        "--seeds",
+        "1",
+        *_trio_overrides(trio, tmp_path),
+        "proxy.model.vocab_rows=64",
+        "protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]",
+        "sample.max_new_tokens=16",
+        "protocol.distill.betas=[]",
+        "protocol.distill.attacks=[]",  # adaptive + LoRA: test_lora.py
+        "protocol.distill.finetune=lora",
+        "protocol.distill.lora.targets=[wq_dnh, wv_dkh, w_down_fd]",
+        "--json",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -104,9 +166,12 @@ def test_protocol_end_to_end_with_hf_trio(trio, tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("", "teacher and proxy vocabularies differ (64 vs 58 embedding rows); PoE and ADS need one vocabulary: "
-             "if the tokenizers agree and only the padding differs, set proxy.model.vocab_rows=64"),
-        ("proxy.model.vocab_rows=40", "proxy.hf_dir: ") ,
+        (
+            "",
+            "teacher and proxy vocabularies differ (64 vs 58 embedding rows); PoE and ADS need one vocabulary: "
+            "if the tokenizers agree and only the padding differs, set proxy.model.vocab_rows=64",
+        ),
+        ("proxy.model.vocab_rows=40", "proxy.hf_dir: "),
         ("student.hf_dir=/nonexistent/llama", "student.hf_dir: /nonexistent/llama: not a directory"),
     ],
 )
@@ -125,8 +190,14 @@ def test_teacher_and_proxy_with_different_tokenizers_are_refused(trio, tmp_path)
     tokens = list(build_tokenizer().tokens)
     tokens[5], tokens[6] = tokens[6], tokens[5]
     (other / "tokenizer.json").write_text(_tokenizer_json(tokens))
-    result = distgame("protocol", "--config", "ci", *_trio_overrides(trio, tmp_path / "run"), f"proxy.hf_dir={other}",
-                      "proxy.model.vocab_rows=64")
+    result = distgame(
+        "protocol",
+        "--config",
+        "ci",
+        *_trio_overrides(trio, tmp_path / "run"),
+        f"proxy.hf_dir={other}",
+        "proxy.model.vocab_rows=64",
+    )
     assert result.returncode == 2
     assert "proxy.hf_dir: its tokenizer.json" in result.stderr and "is not the task's tokenizer" in result.stderr
 

@@ -57,8 +57,18 @@ def distgame_argv(run_line: str) -> tuple[dict, list[str]]:
 
 def test_table_entries():
     v5e8, v432, v5p64 = lookup("v5litepod-8"), lookup("v4-32"), lookup("v5p-64")
-    assert (v5e8.hosts, v5e8.chips_per_host, v5e8.topology, v5e8.runtime_version) == (1, 8, "v5e:2x4", "v2-alpha-tpuv5-lite")
-    assert (v432.hosts, v432.chips_per_host, v432.topology, v432.runtime_version) == (4, 4, "v4:2x2x4", "tpu-ubuntu2204-base")
+    assert (v5e8.hosts, v5e8.chips_per_host, v5e8.topology, v5e8.runtime_version) == (
+        1,
+        8,
+        "v5e:2x4",
+        "v2-alpha-tpuv5-lite",
+    )
+    assert (v432.hosts, v432.chips_per_host, v432.topology, v432.runtime_version) == (
+        4,
+        4,
+        "v4:2x2x4",
+        "tpu-ubuntu2204-base",
+    )
     assert (v5p64.hosts, v5p64.chips, v5p64.topology, v5p64.runtime_version) == (8, 32, "v5:2x4x4", "v2-alpha-tpuv5")
     assert lookup("v5e-8") is v5e8 and by_topology("v5e:2x4") is v5e8 and by_topology("v4-32") is v432
     for s in ACCELERATORS.values():  # names count chips (v5e, v6e) or TensorCores = 2 per chip (v4, v5p)
@@ -85,9 +95,14 @@ def test_dry_run_single_host_vm(capsys):
     lines = dry(capsys, "job", *V5E, "--accelerator", "v5litepod-8", "--", "protocol", "--config", "tpu_v5e8")
     flags = "--zone=us-west4-a --project=my-proj"
     archive = os.path.join(__import__("tempfile").gettempdir(), "distgame-my-run.tar.gz")
-    assert lines[0] == f"gcloud compute tpus tpu-vm create my-run {flags} --accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite"
+    assert (
+        lines[0]
+        == f"gcloud compute tpus tpu-vm create my-run {flags} --accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite"
+    )
     assert lines[1] == f"git -C {shlex.quote(str(REPO))} archive --format=tar.gz --output={shlex.quote(archive)} HEAD"
-    assert lines[2] == f"gcloud compute tpus tpu-vm scp {shlex.quote(archive)} my-run:distgame.tar.gz --worker=all {flags}"
+    assert (
+        lines[2] == f"gcloud compute tpus tpu-vm scp {shlex.quote(archive)} my-run:distgame.tar.gz --worker=all {flags}"
+    )
     install, run, logs = lines[3:6]
     for line in (install, run):
         assert line.startswith(f"gcloud compute tpus tpu-vm ssh my-run --worker=all {flags} ")
@@ -97,40 +112,90 @@ def test_dry_run_single_host_vm(capsys):
     env, args = distgame_argv(run)
     assert env == {"PYTHONUNBUFFERED": "1"} and args == ["protocol", "--config", "tpu_v5e8", "--no-progress"]
     assert "tail -n +1 -F" in remote_script(logs) and "logs/protocol.log" in remote_script(logs)
-    assert lines[6:] == ["mkdir -p runs", f"gcloud compute tpus tpu-vm scp --recurse my-run:distgame/runs/tpu_v5e8 runs --worker=0 {flags}"]
+    assert lines[6:] == [
+        "mkdir -p runs",
+        f"gcloud compute tpus tpu-vm scp --recurse my-run:distgame/runs/tpu_v5e8 runs --worker=0 {flags}",
+    ]
     assert not any("delete" in line for line in lines)  # only with --delete
 
 
 def test_dry_run_multi_host_queued_spot_delete(capsys):
-    lines = dry(capsys, "job", *V4, "--accelerator", "v4-32", "--queued", "--spot", "--delete", "--job", "eq",
-                "--git-url", "https://example.org/a b.git", "--git-ref", "v1.0",
-                "--", "equilibrium", "--config", "tpu_v4_32", "run_dir=gs://bucket/runs/v4")
+    lines = dry(
+        capsys,
+        "job",
+        *V4,
+        "--accelerator",
+        "v4-32",
+        "--queued",
+        "--spot",
+        "--delete",
+        "--job",
+        "eq",
+        "--git-url",
+        "https://example.org/a b.git",
+        "--git-ref",
+        "v1.0",
+        "--",
+        "equilibrium",
+        "--config",
+        "tpu_v4_32",
+        "run_dir=gs://bucket/runs/v4",
+    )
     flags = "--zone=us-central2-b --project=my-proj"
-    assert lines[0] == (f"gcloud compute tpus queued-resources create pod-run {flags} --accelerator-type=v4-32 "
-                        "--runtime-version=tpu-ubuntu2204-base --node-id=pod-run --spot")
+    assert lines[0] == (
+        f"gcloud compute tpus queued-resources create pod-run {flags} --accelerator-type=v4-32 "
+        "--runtime-version=tpu-ubuntu2204-base --node-id=pod-run --spot"
+    )
     assert lines[1] == f"gcloud compute tpus queued-resources describe pod-run {flags} '--format=value(state.state)'"
     assert not any(line.startswith("git ") or " scp " in line and "distgame.tar.gz" in line for line in lines)
     install = remote_script(lines[2])
-    assert "git clone --quiet -- 'https://example.org/a b.git' distgame && git -C distgame checkout --quiet v1.0" in install
+    assert (
+        "git clone --quiet -- 'https://example.org/a b.git' distgame && git -C distgame checkout --quiet v1.0"
+        in install
+    )
     assert [shlex.split(line)[6] for line in lines[2:5]] == ["--worker=all", "--worker=all", "--worker=0"]
     assert "logs/eq.log" in remote_script(lines[3]) and "logs/eq.pid" in remote_script(lines[4])
-    assert lines[5:] == ["mkdir -p runs",
-                         "gcloud storage cp --recursive gs://bucket/runs/v4 runs",
-                         f"gcloud compute tpus queued-resources delete pod-run {flags} --force --quiet"]
+    assert lines[5:] == [
+        "mkdir -p runs",
+        "gcloud storage cp --recursive gs://bucket/runs/v4 runs",
+        f"gcloud compute tpus queued-resources delete pod-run {flags} --force --quiet",
+    ]
 
 
 def test_dry_run_reserved_and_single_actions(capsys):
-    assert dry(capsys, "create", *V5E, "--accelerator", "v5e-8", "--reserved", "--runtime-version", "v2-alpha-tpuv5-lite")[0].endswith(
-        "--accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite --reserved")
-    assert dry(capsys, "delete", *V5E) == ["gcloud compute tpus tpu-vm delete my-run --zone=us-west4-a --project=my-proj --quiet"]
+    assert dry(
+        capsys, "create", *V5E, "--accelerator", "v5e-8", "--reserved", "--runtime-version", "v2-alpha-tpuv5-lite"
+    )[0].endswith("--accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite --reserved")
+    assert dry(capsys, "delete", *V5E) == [
+        "gcloud compute tpus tpu-vm delete my-run --zone=us-west4-a --project=my-proj --quiet"
+    ]
     logs = dry(capsys, "logs", "--name", "my-run", "--zone", "us-west4-a", "--job", "train")
-    assert len(logs) == 1 and logs[0].startswith("gcloud compute tpus tpu-vm ssh my-run --worker=0 --zone=us-west4-a '--command=")
+    assert len(logs) == 1 and logs[0].startswith(
+        "gcloud compute tpus tpu-vm ssh my-run --worker=0 --zone=us-west4-a '--command="
+    )
 
 
 def test_quoting_round_trips_hostile_values(capsys):
-    hostile = ["name=x; rm -rf /", "run_dir=$(touch /tmp/pwned)", "protocol.distill.betas=[1.0, 2.0]", "teacher.train.lr=1e-3"]
-    lines = dry(capsys, "run", *V5E, "--accelerator", "v5litepod-8", "--env", "X=`id` $HOME 'q' \"d\"",
-                "--", "protocol", "--config", "tpu_v5e8", *hostile)
+    hostile = [
+        "name=x; rm -rf /",
+        "run_dir=$(touch /tmp/pwned)",
+        "protocol.distill.betas=[1.0, 2.0]",
+        "teacher.train.lr=1e-3",
+    ]
+    lines = dry(
+        capsys,
+        "run",
+        *V5E,
+        "--accelerator",
+        "v5litepod-8",
+        "--env",
+        "X=`id` $HOME 'q' \"d\"",
+        "--",
+        "protocol",
+        "--config",
+        "tpu_v5e8",
+        *hostile,
+    )
     assert len(lines) == 1
     env, args = distgame_argv(lines[0])
     assert env == {"PYTHONUNBUFFERED": "1", "X": "`id` $HOME 'q' \"d\""}
@@ -149,16 +214,40 @@ def test_hostile_names_are_rejected(capsys, bad):
     [
         (["create", *V5E, "--accelerator", "v9-8"], "unknown accelerator type 'v9-8'"),
         (["job", *V4, "--accelerator", "v4-32", "--", "protocol", "--config", "tpu_v5e8"], "does not fit v4-32"),
-        (["run", *V4, "--accelerator", "v4-32", "--", "run", "--config", "tpu_v4_32", "teacher.train.batch_size=1020"],
-         "teacher.train.batch_size=1020 is not divisible by data*fsdp = 8"),
+        (
+            [
+                "run",
+                *V4,
+                "--accelerator",
+                "v4-32",
+                "--",
+                "run",
+                "--config",
+                "tpu_v4_32",
+                "teacher.train.batch_size=1020",
+            ],
+            "teacher.train.batch_size=1020 is not divisible by data*fsdp = 8",
+        ),
         (["run", *V5E, "--accelerator", "v5litepod-8"], "give the distgame command after '--'"),
         (["run", *V5E, "--accelerator", "v5litepod-8", "--", "nosuch"], "invalid choice: 'nosuch'"),
-        (["run", *V5E, "--accelerator", "v5litepod-8", "--", "protocol", "--config", "nosuch"], "unknown config 'nosuch'"),
-        (["run", *V5E, "--accelerator", "v5litepod-8", "--env", "NOVALUE", "--", "run", "--config", "tpu_v5e8"], "KEY=VALUE"),
-        (["run", *V5E, "--accelerator", "v5litepod-8", "--env", "A B=1", "--", "run", "--config", "tpu_v5e8"], "--env name"),
+        (
+            ["run", *V5E, "--accelerator", "v5litepod-8", "--", "protocol", "--config", "nosuch"],
+            "unknown config 'nosuch'",
+        ),
+        (
+            ["run", *V5E, "--accelerator", "v5litepod-8", "--env", "NOVALUE", "--", "run", "--config", "tpu_v5e8"],
+            "KEY=VALUE",
+        ),
+        (
+            ["run", *V5E, "--accelerator", "v5litepod-8", "--env", "A B=1", "--", "run", "--config", "tpu_v5e8"],
+            "--env name",
+        ),
         (["install", *V5E, "--git-url=--upload-pack=touch /tmp/pwned"], "--git-url"),
         (["create", "--name", "a", "--zone", "us west", "--accelerator", "v4-8"], "--zone"),
-        (["fetch", *V5E, "--", "run", "--config", "tpu_v5e8", "run_dir=$(touch /tmp/pwned)"], "fetch needs a plain path"),
+        (
+            ["fetch", *V5E, "--", "run", "--config", "tpu_v5e8", "run_dir=$(touch /tmp/pwned)"],
+            "fetch needs a plain path",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, args, message):
@@ -169,17 +258,27 @@ def test_bad_input_is_one_line_exit_2(capsys, args, message):
 
 @pytest.mark.parametrize("entry", [["-m", "launch.tpu"], ["-m", "experiments.cli", "launch"]])
 def test_cli_entry_points(entry):
-    bad = subprocess.run([sys.executable, *entry, "create", "--name", "x", "--zone", "us-west4-a", "--accelerator", "v9-8"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, *entry, "create", "--name", "x", "--zone", "us-west4-a", "--accelerator", "v9-8"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    ok = subprocess.run([sys.executable, *entry, "delete", "--name", "x", "--zone", "us-west4-a", "--dry-run"],
-                        capture_output=True, text=True, cwd=REPO, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, *entry, "delete", "--name", "x", "--zone", "us-west4-a", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert ok.returncode == 0 and ok.stdout == "gcloud compute tpus tpu-vm delete x --zone=us-west4-a --quiet\n"
 
 
 # -- real runs against a stand-in gcloud ---------------------------------------
 
-FAKE_GCLOUD = '''\
+FAKE_GCLOUD = """\
 import json, os, pathlib, shutil, subprocess, sys
 argv, root = sys.argv[1:], pathlib.Path(os.environ["FAKE_TPU_ROOT"])
 with open(root / "calls.jsonl", "a") as f:
@@ -201,9 +300,9 @@ elif verb == ["compute", "tpus", "tpu-vm", "scp"]:
         else:
             remote = pathlib.Path(src.split(":", 1)[1])
             shutil.copytree(h / remote, pathlib.Path(dst) / remote.name, dirs_exist_ok=True)
-'''
+"""
 
-FAKE_DISTGAME = '''\
+FAKE_DISTGAME = """\
 #!/bin/bash
 # stands in for the installed distgame on a worker (run from ~/distgame)
 printf '%s\\n' "$@" > args.txt
@@ -213,7 +312,7 @@ sleep 1
 mkdir -p runs/fake && echo '{"ok": true}' > runs/fake/results.json
 echo "job done"
 exit "${FAKE_EXIT:-0}"
-'''
+"""
 
 
 @pytest.fixture
@@ -239,8 +338,20 @@ def test_real_run_matches_dry_run_and_executes_nothing_injected(fake_tpu, capfd)
     hostile_override = f"name=x; rm -rf {fake_tpu}/worker0 $(touch {pwned}1)"
     actions = [
         ["create", *V4, "--accelerator", "v4-32", "--queued", "--spot"],
-        ["run", *V4, "--accelerator", "v4-32", "--env", f"X=$(touch {pwned}2)", "--",
-         "protocol", "--config", "tpu_v4_32", "run_dir=runs/fake", hostile_override],
+        [
+            "run",
+            *V4,
+            "--accelerator",
+            "v4-32",
+            "--env",
+            f"X=$(touch {pwned}2)",
+            "--",
+            "protocol",
+            "--config",
+            "tpu_v4_32",
+            "run_dir=runs/fake",
+            hostile_override,
+        ],
         ["logs", *V4, "--job", "protocol"],
         ["fetch", *V4, "--to", str(fake_tpu / "local"), "--", "protocol", "--config", "tpu_v4_32", "run_dir=runs/fake"],
         ["delete", *V4, "--queued"],
@@ -259,7 +370,13 @@ def test_real_run_matches_dry_run_and_executes_nothing_injected(fake_tpu, capfd)
     for i in range(4):  # every worker ran the job with the literal arguments and environment
         home = fake_tpu / f"worker{i}" / "distgame"
         assert (home / "args.txt").read_text().splitlines() == [
-            "protocol", "--config", "tpu_v4_32", "run_dir=runs/fake", hostile_override, "--no-progress"]
+            "protocol",
+            "--config",
+            "tpu_v4_32",
+            "run_dir=runs/fake",
+            hostile_override,
+            "--no-progress",
+        ]
         assert (home / "env_x.txt").read_text() == f"$(touch {pwned}2)"
         assert (home / "logs" / "protocol.exit").read_text().strip() == "0"
     # logs streamed worker 0's log only, to the end; fetch copied worker 0's run directory
@@ -274,8 +391,14 @@ def test_job_status_is_the_exit_status_and_delete_always_runs(fake_tpu, capfd):
     assert main(["logs", *V5E, "--job", "never-ran"]) == 2
     assert "no job never-ran on worker 0" in capfd.readouterr().err
     # a failing step stops the job but --delete still deletes: the stand-in fails every scp
-    (fake_tpu / "bin" / "gcloud").write_text((fake_tpu / "bin" / "gcloud").read_text().replace(
-        'elif verb == ["compute", "tpus", "tpu-vm", "scp"]:', 'elif verb == ["compute", "tpus", "tpu-vm", "scp"]:\n    sys.exit(7)'))
+    (fake_tpu / "bin" / "gcloud").write_text(
+        (fake_tpu / "bin" / "gcloud")
+        .read_text()
+        .replace(
+            'elif verb == ["compute", "tpus", "tpu-vm", "scp"]:',
+            'elif verb == ["compute", "tpus", "tpu-vm", "scp"]:\n    sys.exit(7)',
+        )
+    )
     (fake_tpu / "calls.jsonl").unlink()
     assert main(["job", *V5E, "--accelerator", "v5litepod-8", "--delete", "--", "bench", "--config", "tpu_v5e8"]) == 1
     verbs = [c[2:4] for c in map(json.loads, (fake_tpu / "calls.jsonl").read_text().splitlines())]

@@ -36,7 +36,12 @@ def _traces(seeds=2, n=16, t=12):
 def test_lora_at_init_equals_base_model():
     base = _student()
     adapters = lora.init_adapters(base.params, base.cfg, lora.LoraConfig(rank=4), jax.random.key(1))
-    assert set(adapters) == {"block_0", "block_1"} and set(adapters["block_0"]) == {"wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd"}
+    assert set(adapters) == {"block_0", "block_1"} and set(adapters["block_0"]) == {
+        "wq_dnh",
+        "wk_dkh",
+        "wv_dkh",
+        "wo_nhd",
+    }
     tokens = jnp.asarray(_traces()[1]["tokens_bt"])
     merged, _ = tfm.forward(base.graphdef, lora.merge(base.params, adapters, lora.LoraConfig(rank=4)), tokens)
     plain, _ = tfm.forward(base.graphdef, base.params, tokens)

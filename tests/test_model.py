@@ -45,7 +45,9 @@ def test_cached_greedy_equals_uncached_argmax_token_by_token(model):
     spec, params = model
     prompts, lens = _prompts()
     n = 12
-    cached = generate((spec,), (params,), prompts, lens, jax.random.key(0), combiner=Single(), max_new_tokens=n, eos_id=-1, pad_id=0)
+    cached = generate(
+        (spec,), (params,), prompts, lens, jax.random.key(0), combiner=Single(), max_new_tokens=n, eos_id=-1, pad_id=0
+    )
     uncached = greedy_uncached(spec, params, prompts, lens, max_new_tokens=n, eos_id=-1, pad_id=0)
     np.testing.assert_array_equal(np.asarray(cached["tokens_bn"]), np.asarray(uncached))
     # Independent check, one row at a time without padding: argmax of a full forward pass.
@@ -61,7 +63,18 @@ def test_cached_greedy_equals_uncached_argmax_token_by_token(model):
 def test_cached_logprobs_match_full_forward(model):
     spec, params = model
     prompts, lens = _prompts(1, b=3)
-    out = generate((spec,), (params,), prompts, lens, jax.random.key(3), combiner=Single(), max_new_tokens=6, eos_id=-1, pad_id=0, greedy=False)
+    out = generate(
+        (spec,),
+        (params,),
+        prompts,
+        lens,
+        jax.random.key(3),
+        combiner=Single(),
+        max_new_tokens=6,
+        eos_id=-1,
+        pad_id=0,
+        greedy=False,
+    )
     for row in range(3):
         seq = np.concatenate([prompts[row, prompts.shape[1] - lens[row] :], np.asarray(out["tokens_bn"][row])])
         logits, _ = tfm.forward(spec.graphdef, params, jnp.asarray(seq[None]))
@@ -73,9 +86,13 @@ def test_cached_logprobs_match_full_forward(model):
 def test_eos_stops_and_pads(model):
     spec, params = model
     prompts, lens = _prompts(2)
-    free = generate((spec,), (params,), prompts, lens, jax.random.key(0), combiner=Single(), max_new_tokens=8, eos_id=-1, pad_id=0)
+    free = generate(
+        (spec,), (params,), prompts, lens, jax.random.key(0), combiner=Single(), max_new_tokens=8, eos_id=-1, pad_id=0
+    )
     eos = int(free["tokens_bn"][0, 2])  # make row 0's third token the EOS
-    out = generate((spec,), (params,), prompts, lens, jax.random.key(0), combiner=Single(), max_new_tokens=8, eos_id=eos, pad_id=0)
+    out = generate(
+        (spec,), (params,), prompts, lens, jax.random.key(0), combiner=Single(), max_new_tokens=8, eos_id=eos, pad_id=0
+    )
     tokens = np.asarray(out["tokens_bn"])
     for row in range(len(lens)):
         hits = np.flatnonzero(tokens[row] == eos)
@@ -107,7 +124,18 @@ def test_top_p_keeps_smallest_nucleus():
 def test_top_k_exposure_matches_distribution(model):
     spec, params = model
     prompts, lens = _prompts(5)
-    out = generate((spec,), (params,), prompts, lens, jax.random.key(0), combiner=Single(), max_new_tokens=4, eos_id=-1, pad_id=0, expose_k=3)
+    out = generate(
+        (spec,),
+        (params,),
+        prompts,
+        lens,
+        jax.random.key(0),
+        combiner=Single(),
+        max_new_tokens=4,
+        eos_id=-1,
+        pad_id=0,
+        expose_k=3,
+    )
     top = np.asarray(out["topk_logprob_bnk"])
     assert top.shape == (5, 4, 3)
     assert (np.diff(top, axis=-1) <= 0).all()  # sorted

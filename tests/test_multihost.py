@@ -22,8 +22,14 @@ runaway: the processes of one test use 43 (training) and 99 (protocol) CPU-secon
 JOIN_S = 600
 """distributed.initialization_timeout: how long a process waits for its peers to join. A peer that never joins
 is caught sooner by the hang check (the waiting processes sleep); this only has to outlast a slow start."""
-OVERRIDES = ["proxy.train.steps=4", "proxy.train.log_every=1", "sample.max_new_tokens=8", "sample.batch_size=16",
-             "task.n_test=16", f"distributed.initialization_timeout={JOIN_S}"]
+OVERRIDES = [
+    "proxy.train.steps=4",
+    "proxy.train.log_every=1",
+    "sample.max_new_tokens=8",
+    "sample.batch_size=16",
+    "task.n_test=16",
+    f"distributed.initialization_timeout={JOIN_S}",
+]
 
 
 def free_port() -> int:
@@ -34,14 +40,24 @@ def free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTGAME_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", **extra)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        **extra,
+    )
     return env
 
 
 def _start(run_dir, env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), str(run_dir), *OVERRIDES], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(run_dir), *OVERRIDES],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[dict]:
@@ -62,8 +78,13 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     port = free_port()
     # All three processes start at once: the reference run overlaps the 2-process job.
     procs = [_start(one, _env(8))]
-    procs += [_start(two, _env(4, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2",
-                                DISTGAME_PROCESS_ID=str(i))) for i in range(2)]
+    procs += [
+        _start(
+            two,
+            _env(4, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2", DISTGAME_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
     ref, p0, p1 = _finish(procs)
     assert (ref["processes"], ref["devices"]) == (1, 8)
     assert (p0["process"], p0["processes"], p0["devices"]) == (0, 2, 8) and p1["process"] == 1
@@ -92,9 +113,26 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
 def test_coordinator_that_never_answers_is_one_line(tmp_path):
     port = free_port()  # nothing listens there
     env = _env(1, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2", DISTGAME_PROCESS_ID="1")
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "train", "--role", "proxy", "--config", "ci",
-                             f"run_dir={tmp_path}", "distributed.initialization_timeout=2", "--no-progress"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.cli",
+            "train",
+            "--role",
+            "proxy",
+            "--config",
+            "ci",
+            f"run_dir={tmp_path}",
+            "distributed.initialization_timeout=2",
+            "--no-progress",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     [(_, err)] = communicate([proc], cpu_budget_s=120)
     assert proc.returncode == 2, err
     lines = err.strip().splitlines()
@@ -105,9 +143,18 @@ def test_coordinator_that_never_answers_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"DISTGAME_COORDINATOR": "127.0.0.1:1234"}, "num_processes (DISTGAME_NUM_PROCESSES), process_id (DISTGAME_PROCESS_ID) not set"),
-        ({"DISTGAME_COORDINATOR": "nohost", "DISTGAME_NUM_PROCESSES": "2", "DISTGAME_PROCESS_ID": "0"}, "'nohost' must look like host:port"),
-        ({"DISTGAME_COORDINATOR": "h:1", "DISTGAME_NUM_PROCESSES": "2", "DISTGAME_PROCESS_ID": "2"}, "process_id=2 must lie in [0, num_processes=2)"),
+        (
+            {"DISTGAME_COORDINATOR": "127.0.0.1:1234"},
+            "num_processes (DISTGAME_NUM_PROCESSES), process_id (DISTGAME_PROCESS_ID) not set",
+        ),
+        (
+            {"DISTGAME_COORDINATOR": "nohost", "DISTGAME_NUM_PROCESSES": "2", "DISTGAME_PROCESS_ID": "0"},
+            "'nohost' must look like host:port",
+        ),
+        (
+            {"DISTGAME_COORDINATOR": "h:1", "DISTGAME_NUM_PROCESSES": "2", "DISTGAME_PROCESS_ID": "2"},
+            "process_id=2 must lie in [0, num_processes=2)",
+        ),
         ({"DISTGAME_NUM_PROCESSES": "two"}, "DISTGAME_NUM_PROCESSES='two' must be an integer"),
     ],
 )
@@ -137,13 +184,37 @@ def test_protocol_on_two_processes_writes_results_once(tmp_path):
     """`distgame protocol` joined over 2 processes: every process computes every stage; process 0
     alone prints and writes the results (the stage files are written by both, atomically)."""
     port = free_port()
-    overrides = ["protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]", "protocol.distill.attacks=[]",
-                 "protocol.distill.betas=[1.0]", "protocol.distill.steps=5", "protocol.seeds=2",
-                 f"distributed.initialization_timeout={JOIN_S}"]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.cli", "protocol", "--config", "ci", "--no-progress", f"run_dir={tmp_path}", *overrides],
-        env=_env(4, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2", DISTGAME_PROCESS_ID=str(i)),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    overrides = [
+        "protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]",
+        "protocol.distill.attacks=[]",
+        "protocol.distill.betas=[1.0]",
+        "protocol.distill.steps=5",
+        "protocol.seeds=2",
+        f"distributed.initialization_timeout={JOIN_S}",
+    ]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.cli",
+                "protocol",
+                "--config",
+                "ci",
+                "--no-progress",
+                f"run_dir={tmp_path}",
+                *overrides,
+            ],
+            env=_env(
+                4, DISTGAME_COORDINATOR=f"127.0.0.1:{port}", DISTGAME_NUM_PROCESSES="2", DISTGAME_PROCESS_ID=str(i)
+            ),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     for p, (out, err) in zip(procs, communicate(procs, CPU_BUDGET_S)):
         assert p.returncode == 0, err[-3000:]

@@ -42,7 +42,10 @@ def test_paper_configs_carry_the_papers_settings_and_their_launch_command(name, 
     slice_ = ACCELERATORS[command.group(1)]
     check_mesh_fits(cfg.mesh, slice_, where=name)
     assert f"compile-check --config {name} --topology {command.group(1)}" in header
-    assert cfg.sample.batch_size % (cfg.mesh.data * cfg.mesh.fsdp) == 0 and dc.batch_size % (cfg.mesh.data * cfg.mesh.fsdp) == 0
+    assert (
+        cfg.sample.batch_size % (cfg.mesh.data * cfg.mesh.fsdp) == 0
+        and dc.batch_size % (cfg.mesh.data * cfg.mesh.fsdp) == 0
+    )
 
 
 def test_row_chunks_cover_every_row_once_in_batch_divisor_multiples():
@@ -89,7 +92,7 @@ def test_each_process_encodes_only_its_rows_of_every_decode_batch(batch, process
             assert len(rows) == batch // processes
             taken += list(rows)
         real = list(range(start, min(start + batch, n_problems)))
-        assert taken[: len(real)] == real and all(r == start for r in taken[len(real):])
+        assert taken[: len(real)] == real and all(r == start for r in taken[len(real) :])
 
 
 def test_bench_benchmarks_an_hf_role_at_its_checkpoints_architecture(tmp_path, capsys, tokenizer):
@@ -105,26 +108,48 @@ def test_bench_benchmarks_an_hf_role_at_its_checkpoints_architecture(tmp_path, c
     assert paper.student.model.rope_scaling_factor == 32.0 and paper.proxy.model.vocab_rows == 152064
     assert paper.teacher.model.param_dtype == "bfloat16"
 
-    arch = tfm.ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, scale_tied_logits=False, vocab_rows=64)
+    arch = tfm.ModelConfig(
+        d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, scale_tied_logits=False, vocab_rows=64
+    )
     _, params = tfm.split_params(tfm.build(arch, tokenizer.vocab_size, 0))
     hf_dir = hf_export.export_hf(jax.device_get(params), arch, tmp_path / "llama", "llama")
-    over = ["bench.iters=1", "bench.rounds=1", "bench.distill_steps=1", f"teacher.hf_dir={hf_dir}", f"run_dir={tmp_path}",
-            "proxy.model.vocab_rows=64"]  # PoE decoding: one vocabulary
+    over = [
+        "bench.iters=1",
+        "bench.rounds=1",
+        "bench.distill_steps=1",
+        f"teacher.hf_dir={hf_dir}",
+        f"run_dir={tmp_path}",
+        "proxy.model.vocab_rows=64",
+    ]  # PoE decoding: one vocabulary
     assert distgame(["bench", "--config", "ci", "--json", "--no-progress", *over]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["params"] == tfm.param_count(params) != tfm.param_count(
-        tfm.split_params(tfm.build(load_config("ci").teacher.model, tokenizer.vocab_size, 0))[1])
+    assert (
+        report["params"]
+        == tfm.param_count(params)
+        != tfm.param_count(tfm.split_params(tfm.build(load_config("ci").teacher.model, tokenizer.vocab_size, 0))[1])
+    )
 
 
 def test_compile_check_reports_a_step_that_does_not_fit_instead_of_crashing():
     from launch.compile_check import _out_of_memory, format_report
 
-    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
-                         "(105.11G) exceeds available HBM (30.75G).")
+    error = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(105.11G) exceeds available HBM (30.75G)."
+    )
     row = _out_of_memory("proxy", error)
     assert row["fits"] is False and row["temp_bytes_needed"] == int(105.11 * 2**30)
     assert _out_of_memory("proxy", RuntimeError("INVALID_ARGUMENT: something else")) is None  # other errors propagate
-    report = {"config": "x", "accelerator": "v4-32", "topology": "v4:2x2x4", "devices": 16, "device_kind": "TPU v4",
-              "hosts": 4, "mesh": {"data": 8}, "hbm_bytes_per_device": 32 * 2**30, "roles": [row]}
+    report = {
+        "config": "x",
+        "accelerator": "v4-32",
+        "topology": "v4:2x2x4",
+        "devices": 16,
+        "device_kind": "TPU v4",
+        "hosts": 4,
+        "mesh": {"data": 8},
+        "hbm_bytes_per_device": 32 * 2**30,
+        "roles": [row],
+    }
     line = format_report(report).splitlines()[1]
     assert line.startswith("  proxy    DOES NOT FIT: needs 105.1 GiB of temporaries (RESOURCE_EXHAUSTED")

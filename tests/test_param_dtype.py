@@ -42,8 +42,10 @@ def test_bf16_params_are_bf16_on_device_and_forward_matches_float32():
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, vocab, (8, 16)), jnp.int32)
+
     def fwd(m, p):
         return jax.jit(lambda p, t: tfm.forward(m.graphdef, p, t)[0])(p, tokens)
+
     logits32, logits16 = np.asarray(fwd(m32, m32.params)), np.asarray(fwd(m16, m16.params))
     assert logits16.dtype == np.float32
     # compute_dtype float32: exactly the float32 forward on the rounded weights ...
@@ -55,8 +57,14 @@ def test_bf16_params_are_bf16_on_device_and_forward_matches_float32():
 
 
 def test_training_a_bf16_role_keeps_float32_moments():
-    cfg, mesh = _roles(["teacher.model.param_dtype=bfloat16", "teacher.train.steps=4", "teacher.train.batch_size=8",
-                        "teacher.train.warmup_steps=1"])
+    cfg, mesh = _roles(
+        [
+            "teacher.model.param_dtype=bfloat16",
+            "teacher.train.steps=4",
+            "teacher.train.batch_size=8",
+            "teacher.train.warmup_steps=1",
+        ]
+    )
     trainer = Trainer(cfg, "teacher", mesh)
     moments = [x for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0]
     n_params = len(jax.tree.leaves(trainer.state["params"]))
@@ -69,7 +77,9 @@ def test_training_a_bf16_role_keeps_float32_moments():
     assert np.isfinite(float(metrics["loss"]))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state["params"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
-    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"]))]
+    changed = [
+        not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"]))
+    ]
     assert any(changed)
 
 
@@ -78,27 +88,42 @@ def test_hf_checkpoint_loads_into_bf16_shards(tmp_path, tokenizer):
 
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokenizer.tokens)}, unk_token=tokenizer.tokens[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    cfg = tfm.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, qkv_bias=True,
-                          tied_embeddings=False, scale_tied_logits=False, vocab_rows=64)
+    cfg = tfm.ModelConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        qkv_bias=True,
+        tied_embeddings=False,
+        scale_tied_logits=False,
+        vocab_rows=64,
+    )
     _, params = tfm.split_params(tfm.build(cfg, tokenizer.vocab_size, seed=0))
     params = jax.device_get(params)
-    directory = hf_export.export_hf(params, cfg, tmp_path / "qwen", "qwen2", tok.to_str(),
-                                    dtype=hf_export.ml_dtypes.bfloat16)
+    directory = hf_export.export_hf(
+        params, cfg, tmp_path / "qwen", "qwen2", tok.to_str(), dtype=hf_export.ml_dtypes.bfloat16
+    )
     mesh = make_mesh(load_config("ci", MESH_OVERRIDES))
     loaded = hf_loader.load_hf_model(directory, mesh, param_dtype="bfloat16")
     assert loaded.cfg.param_dtype == "bfloat16"
-    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(loaded.params)[0],
-                                 jax.tree_util.tree_flatten_with_path(params)[0]):
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_flatten_with_path(loaded.params)[0], jax.tree_util.tree_flatten_with_path(params)[0]
+    ):
         assert a.dtype == jnp.bfloat16, jax.tree_util.keystr(path)
         # the checkpoint holds bf16 values: loading them as bf16 is exact
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16), err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(b).astype(jnp.bfloat16), err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_compile_check_memory_drops_by_two_bytes_per_parameter():
     """Data-parallel mesh: each device holds every parameter, so bf16 params save exactly 2 bytes per parameter
     of argument memory, while the float32 AdamW moments (8 bytes per parameter) stay."""
     f32 = run_compile_check(load_config("ci"), "local", ("teacher",))["roles"][0]
-    bf16 = run_compile_check(load_config("ci", ["teacher.model.param_dtype=bfloat16"]), "local", ("teacher",))["roles"][0]
+    bf16 = run_compile_check(load_config("ci", ["teacher.model.param_dtype=bfloat16"]), "local", ("teacher",))["roles"][
+        0
+    ]
     assert f32["params"] == bf16["params"]
     assert f32["argument_bytes"] - bf16["argument_bytes"] == 2 * f32["params"]
     assert bf16["argument_bytes"] >= 10 * bf16["params"]  # 2 (bf16 weights) + 4 + 4 (float32 moments)

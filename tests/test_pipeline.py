@@ -14,8 +14,13 @@ import pytest
 
 def distgame(*args, timeout=900):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args, "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,9 @@ def test_protocol_end_to_end_and_resume(trained):
         assert row["mean_trace_length"] > 0 and 0 <= row["degeneracy_rate"] <= 1
         assert row["cost"]["wallclock_ratio"] > 0
     by = {r["defense"]: r for r in results["rows"]}
-    assert by["standard"]["cost"]["forward_passes_per_token"] == 1 and by["poe"]["cost"]["forward_passes_per_token"] == 2
+    assert (
+        by["standard"]["cost"]["forward_passes_per_token"] == 1 and by["poe"]["cost"]["forward_passes_per_token"] == 2
+    )
     assert by["ads"]["cost"]["flops_ratio"] > by["poe"]["cost"]["flops_ratio"] > 1
     md = (trained / "RESULTS.md").read_text()
     assert "| poe γ=0.5 |" in md and "wall-clock ratio" in md
@@ -64,8 +71,12 @@ def test_protocol_restarts_where_it_was_killed(trained, tmp_path):
 
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("protocol", "*.json", "*.md", "*.png", "*.csv"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "protocol", "--config", "ci", f"run_dir={run}",
-                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", "protocol", "--config", "ci", f"run_dir={run}", "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not list((run / "protocol").glob("student-*.json")):
         time.sleep(0.2)
@@ -85,8 +96,14 @@ def test_protocol_restarts_where_it_was_killed(trained, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("protocol.defenses=[{name: poe, strength: 1.0}]", "protocol.defenses[0].strength=1.0 must be a PoE gamma in [0, 1)"),
-        ("protocol.defenses=[{name: ads, strength: -0.1}]", "protocol.defenses[0].strength=-0.1 must be an ADS lambda >= 0"),
+        (
+            "protocol.defenses=[{name: poe, strength: 1.0}]",
+            "protocol.defenses[0].strength=1.0 must be a PoE gamma in [0, 1)",
+        ),
+        (
+            "protocol.defenses=[{name: ads, strength: -0.1}]",
+            "protocol.defenses[0].strength=-0.1 must be an ADS lambda >= 0",
+        ),
         ("protocol.defenses=[{name: rot13}]", "protocol.defenses[0].name='rot13' is not a defense"),
         ("protocol.defenses=[]", "protocol.defenses is empty"),
         ("protocol.distill.attacks=[steal]", "unknown attack 'steal'"),
@@ -129,7 +146,9 @@ def test_equilibrium_end_to_end(trained):
     log = (trained / "equilibrium" / "solver_log.jsonl").read_text().splitlines()
     # one line per iteration, budget, start (multi-start: 3) and tilt
     assert len(log) == 3 * 2 * 3 * 2 and {"gamma", "gamma0", "mu", "violation", "J", "U"} <= set(json.loads(log[0]))
-    assert {"interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive", "check_delta_passive"} <= set(summary)
+    assert {"interior_budgets_passive", "interior_budgets_adaptive", "monotone_passive", "check_delta_passive"} <= set(
+        summary
+    )
 
 
 @pytest.mark.parametrize(
@@ -153,9 +172,16 @@ def test_equilibrium_nan_names_iteration_and_quantity(trained, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium"))
-    result = distgame("equilibrium", "--config", "ci", f"run_dir={run}", "equilibrium.solver.unroll_from=current",
-                      "equilibrium.solver.student_lr=1e30",
-                      "equilibrium.solver.student_optimizer=sgd", "equilibrium.betas=[0.0]")
+    result = distgame(
+        "equilibrium",
+        "--config",
+        "ci",
+        f"run_dir={run}",
+        "equilibrium.solver.unroll_from=current",
+        "equilibrium.solver.student_lr=1e30",
+        "equilibrium.solver.student_optimizer=sgd",
+        "equilibrium.betas=[0.0]",
+    )
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip().splitlines()
     assert len(line) == 1 and "at iteration" in line[0] and ("NaN in" in line[0] or "non-finite value in" in line[0])
@@ -170,17 +196,30 @@ def test_equilibrium_sigterm_resumes_to_the_same_equilibrium(trained, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium", "*.png", "*.csv"))
+
     def cmd(d):
-        return ["equilibrium", "--config", "ci", f"run_dir={d}", "equilibrium.betas=[0.0]",
-                "equilibrium.empirical_check=false"]
+        return [
+            "equilibrium",
+            "--config",
+            "ci",
+            f"run_dir={d}",
+            "equilibrium.betas=[0.0]",
+            "equilibrium.empirical_check=false",
+        ]
+
     reference = trained / "equilibrium" / "equilibrium.json"
     if not reference.exists():  # this test run alone: solve uninterrupted first
         reference = tmp_path / "ref" / "equilibrium" / "equilibrium.json"
         shutil.copytree(run, tmp_path / "ref")
         assert distgame(*cmd(tmp_path / "ref")).returncode == 0
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *cmd(run), "--no-progress"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", *cmd(run), "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = run / "equilibrium" / "solver_log.jsonl"
     try:
         deadline = time.monotonic() + 600
@@ -192,7 +231,9 @@ def test_equilibrium_sigterm_resumes_to_the_same_equilibrium(trained, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0 and "solver preempted after iteration 1;" in err and "re-run the same command" in err, err
+    assert proc.returncode == 0 and "solver preempted after iteration 1;" in err and "re-run the same command" in err, (
+        err
+    )
     assert not (run / "equilibrium" / "equilibrium.json").exists()
     assert len(list((run / "equilibrium" / "checkpoints").glob("beta0_*/1"))) == 1, err
 
@@ -207,4 +248,6 @@ def test_equilibrium_sigterm_resumes_to_the_same_equilibrium(trained, tmp_path):
         for key in ("gamma_star", "mu", "J", "U", "violation", "iterations"):
             assert pa[key] == pytest.approx(pb[key], abs=1e-6), key
         assert ta["gamma"] == pytest.approx(tb["gamma"], abs=1e-6) and ta["mu"] == pytest.approx(tb["mu"], abs=1e-6)
-    assert len(log.read_text().splitlines()) == 3 * 2 * 3  # every iteration (× budget × start) logged once across the two runs
+    assert (
+        len(log.read_text().splitlines()) == 3 * 2 * 3
+    )  # every iteration (× budget × start) logged once across the two runs

@@ -45,26 +45,50 @@ def _stat(mean, stderr=None):
 
 
 def _protocol_results():
-    return {"rows": [
-        {"label": "standard", "defense": "standard", "strength": None,
-         "teacher_accuracy": _stat(0.97, 0.01),
-         "students": {"passive": _stat(0.6, 0.02), "adaptive(beta=2)": _stat(0.62, 0.02),
-                      "soft_topk": _stat(0.64, 0.015)},
-         "adaptive_key": "adaptive(beta=2)"},
-        {"label": "PoE γ=0.5", "defense": "poe", "strength": 0.5,
-         "teacher_accuracy": _stat(0.91, 0.012),
-         "students": {"passive": _stat(0.41, 0.03), "adaptive(beta=2)": _stat(0.52, 0.025),
-                      "poe_inversion": _stat(0.55, 0.02)},
-         "adaptive_key": "adaptive(beta=2)"},
-        {"label": "PoE γ=0.75", "defense": "poe", "strength": 0.75,
-         "teacher_accuracy": _stat(0.905, 0.011),
-         "students": {"passive": _stat(0.405, 0.02), "adaptive(beta=2)": _stat(0.515, 0.02)},
-         "adaptive_key": "adaptive(beta=2)"},
-        {"label": "ADS λ=1", "defense": "ads", "strength": 1.0,
-         "teacher_accuracy": _stat(0.85),  # no stderr
-         "students": {"passive": _stat(0.3), "adaptive(beta=2)": _stat(float("nan"))},
-         "adaptive_key": "adaptive(beta=2)"},
-    ]}
+    return {
+        "rows": [
+            {
+                "label": "standard",
+                "defense": "standard",
+                "strength": None,
+                "teacher_accuracy": _stat(0.97, 0.01),
+                "students": {
+                    "passive": _stat(0.6, 0.02),
+                    "adaptive(beta=2)": _stat(0.62, 0.02),
+                    "soft_topk": _stat(0.64, 0.015),
+                },
+                "adaptive_key": "adaptive(beta=2)",
+            },
+            {
+                "label": "PoE γ=0.5",
+                "defense": "poe",
+                "strength": 0.5,
+                "teacher_accuracy": _stat(0.91, 0.012),
+                "students": {
+                    "passive": _stat(0.41, 0.03),
+                    "adaptive(beta=2)": _stat(0.52, 0.025),
+                    "poe_inversion": _stat(0.55, 0.02),
+                },
+                "adaptive_key": "adaptive(beta=2)",
+            },
+            {
+                "label": "PoE γ=0.75",
+                "defense": "poe",
+                "strength": 0.75,
+                "teacher_accuracy": _stat(0.905, 0.011),
+                "students": {"passive": _stat(0.405, 0.02), "adaptive(beta=2)": _stat(0.515, 0.02)},
+                "adaptive_key": "adaptive(beta=2)",
+            },
+            {
+                "label": "ADS λ=1",
+                "defense": "ads",
+                "strength": 1.0,
+                "teacher_accuracy": _stat(0.85),  # no stderr
+                "students": {"passive": _stat(0.3), "adaptive(beta=2)": _stat(float("nan"))},
+                "adaptive_key": "adaptive(beta=2)",
+            },
+        ]
+    }
 
 
 def test_protocol_png_and_csv(tmp_path):
@@ -74,7 +98,8 @@ def test_protocol_png_and_csv(tmp_path):
     header, rows = _read_csv(paths[1])
     kinds = ["passive", "adaptive(beta=2)", "soft_topk", "poe_inversion"]
     assert header == ["label", "teacher_mean", "teacher_stderr"] + [
-        f"{k}_{s}" for k in kinds for s in ("mean", "stderr")]
+        f"{k}_{s}" for k in kinds for s in ("mean", "stderr")
+    ]
     assert len(rows) == len(results["rows"])
     for row, src in zip(rows, results["rows"]):
         assert row[0] == src["label"]
@@ -97,12 +122,20 @@ def test_protocol_png_and_csv(tmp_path):
 def test_protocol_degenerate(tmp_path):
     # No rows, a row without adaptive student, a row with NaN teacher accuracy.
     assert len(plot_protocol({"rows": []}, tmp_path / "a")) == 2
-    paths = plot_protocol({"rows": [
-        {"label": "only passive", "teacher_accuracy": {"mean": 0.9},
-         "students": {"passive": {"mean": 0.5}}},
-        {"label": "nan teacher", "teacher_accuracy": {"mean": float("nan"), "stderr": 0.1},
-         "students": {"passive": {"mean": 0.5, "stderr": 0.1}}, "adaptive_key": "missing"},
-    ]}, tmp_path / "b")
+    paths = plot_protocol(
+        {
+            "rows": [
+                {"label": "only passive", "teacher_accuracy": {"mean": 0.9}, "students": {"passive": {"mean": 0.5}}},
+                {
+                    "label": "nan teacher",
+                    "teacher_accuracy": {"mean": float("nan"), "stderr": 0.1},
+                    "students": {"passive": {"mean": 0.5, "stderr": 0.1}},
+                    "adaptive_key": "missing",
+                },
+            ]
+        },
+        tmp_path / "b",
+    )
     _check_outputs(paths, ["teacher_vs_student"])
     header, rows = _read_csv(paths[1])
     assert header == ["label", "teacher_mean", "teacher_stderr", "passive_mean", "passive_stderr"]
@@ -118,21 +151,29 @@ def _equilibrium(budgets=(0.02, 0.05, 0.1), betas=(0.0, 2.0, 5.0), stderr=True):
     for bi, beta in enumerate(betas):
         for di, delta in enumerate(budgets):
             sa = 0.4 + 0.05 * di + 0.04 * bi
-            points.append({
-                "beta": beta, "delta": delta, "gamma_star": 0.2 + 0.1 * di + 0.03 * bi,
-                "converged": not (bi == 1 and di == 0), "iterations": 100 + 10 * di,
-                "teacher_accuracy": {"mean": 0.96 - 0.03 * di - 0.005 * bi,
-                                     **({"stderr": 0.01} if stderr else {})},
-                "student_accuracy": {"mean": sa, **({"stderr": 0.02 + 0.001 * bi} if stderr else {})},
-                "J": 1.2 + 0.1 * di, "U": -0.3 - 0.01 * di})
+            points.append(
+                {
+                    "beta": beta,
+                    "delta": delta,
+                    "gamma_star": 0.2 + 0.1 * di + 0.03 * bi,
+                    "converged": not (bi == 1 and di == 0),
+                    "iterations": 100 + 10 * di,
+                    "teacher_accuracy": {"mean": 0.96 - 0.03 * di - 0.005 * bi, **({"stderr": 0.01} if stderr else {})},
+                    "student_accuracy": {"mean": sa, **({"stderr": 0.02 + 0.001 * bi} if stderr else {})},
+                    "J": 1.2 + 0.1 * di,
+                    "U": -0.3 - 0.01 * di,
+                }
+            )
             n = 30 + 5 * di
-            trajs.append({"beta": beta, "delta": delta,
-                          "gamma": [(0.2 + 0.1 * di + 0.03 * bi) * (1 - math.exp(-i / (6 + 3 * bi)))
-                                    for i in range(n)],
-                          "mu": [max(0.0, 1.0 - i / n) * (1 + di) * (1 + 0.25 * bi)
-                                 for i in range(n - 1)]})
-    return {"budgets": list(budgets), "betas": list(betas), "points": points,
-            "trajectories": trajs}
+            trajs.append(
+                {
+                    "beta": beta,
+                    "delta": delta,
+                    "gamma": [(0.2 + 0.1 * di + 0.03 * bi) * (1 - math.exp(-i / (6 + 3 * bi))) for i in range(n)],
+                    "mu": [max(0.0, 1.0 - i / n) * (1 + di) * (1 + 0.25 * bi) for i in range(n - 1)],
+                }
+            )
+    return {"budgets": list(budgets), "betas": list(betas), "points": points, "trajectories": trajs}
 
 
 def test_equilibrium_pngs_and_csvs(tmp_path):
@@ -153,8 +194,7 @@ def test_equilibrium_pngs_and_csvs(tmp_path):
         assert (_f(r[5]), _f(r[6])) == (p["J"], p["U"])
 
     header, rows = csvs["frontier"]
-    assert header == ["beta", "delta", "teacher_mean", "teacher_stderr", "student_mean",
-                      "student_stderr"]
+    assert header == ["beta", "delta", "teacher_mean", "teacher_stderr", "student_mean", "student_stderr"]
     assert len(rows) == len(eq["points"])
     for r in rows:
         p = by_key[(_f(r[0]), _f(r[1]))]
@@ -162,8 +202,16 @@ def test_equilibrium_pngs_and_csvs(tmp_path):
         assert [_f(c) for c in r[2:]] == [t["mean"], t["stderr"], s["mean"], s["stderr"]]
 
     header, rows = csvs["gap"]
-    assert header == ["delta", "beta", "adaptive_mean", "adaptive_stderr", "passive_mean",
-                      "passive_stderr", "gap_pp", "gap_stderr_pp"]
+    assert header == [
+        "delta",
+        "beta",
+        "adaptive_mean",
+        "adaptive_stderr",
+        "passive_mean",
+        "passive_stderr",
+        "gap_pp",
+        "gap_stderr_pp",
+    ]
     assert len(rows) == len(eq["budgets"]) * 2  # two adaptive betas
     for r in rows:
         d, b = _f(r[0]), _f(r[1])
@@ -185,12 +233,15 @@ def test_equilibrium_pngs_and_csvs(tmp_path):
             assert r[4] == ""
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(budgets=(0.05,)),                      # single budget
-    dict(betas=(0.0,)),                         # single beta: no adaptive student
-    dict(betas=(2.0,)),                         # no passive baseline
-    dict(stderr=False),                         # no error bars
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(budgets=(0.05,)),  # single budget
+        dict(betas=(0.0,)),  # single beta: no adaptive student
+        dict(betas=(2.0,)),  # no passive baseline
+        dict(stderr=False),  # no error bars
+    ],
+)
 def test_equilibrium_degenerate(tmp_path, kwargs):
     eq = _equilibrium(**kwargs)
     _check_outputs(plot_equilibrium(eq, tmp_path), EQ_STEMS)
@@ -219,20 +270,29 @@ def test_paired_deltas_cancel_the_seed_spread():
     from experiments.stats import mean_stderr
 
     def row(label, defense, teacher, passive):
-        return {"label": label, "defense": defense, "teacher_accuracy": mean_stderr(teacher),
-                "students": {"passive": mean_stderr(passive)}, "relative_gain": None,
-                "cost": {"forward_passes_per_token": 1, "flops_ratio": 1.0, "wallclock_ratio": 1.0},
-                "mean_trace_length": 30.0, "degeneracy_rate": 0.0}
+        return {
+            "label": label,
+            "defense": defense,
+            "teacher_accuracy": mean_stderr(teacher),
+            "students": {"passive": mean_stderr(passive)},
+            "relative_gain": None,
+            "cost": {"forward_passes_per_token": 1, "flops_ratio": 1.0, "wallclock_ratio": 1.0},
+            "mean_trace_length": 30.0,
+            "degeneracy_rate": 0.0,
+        }
 
-    rows = [row("standard", "standard", [0.99, 0.98, 1.0], [0.30, 0.40, 0.50]),
-            row("poe γ=0.5", "poe_x", [0.95, 0.93, 0.96], [0.27, 0.37, 0.47])]
+    rows = [
+        row("standard", "standard", [0.99, 0.98, 1.0], [0.30, 0.40, 0.50]),
+        row("poe γ=0.5", "poe_x", [0.95, 0.93, 0.96], [0.27, 0.37, 0.47]),
+    ]
     add_paired_deltas(rows)
     d = rows[1]["paired_delta"]
     assert np.isclose(d["passive"]["mean"], -0.03) and np.isclose(d["passive"]["stderr"], 0.0, atol=1e-12)
     assert np.isclose(d["teacher"]["mean"], -0.01 * (4 + 5 + 4) / 3)
     assert rows[1]["students"]["passive"]["stderr"] > 0.05  # the unpaired spread
-    md = results_markdown({"config": "t", "seeds": 3, "n_test": 8, "n_traces": 8, "temperature": 1.0,
-                           "rows": rows, "seconds": 1.0})
+    md = results_markdown(
+        {"config": "t", "seeds": 3, "n_test": 8, "n_traces": 8, "temperature": 1.0, "rows": rows, "seconds": 1.0}
+    )
     assert "Δ passive, paired (pts)" in md and "| -3.0 ± 0.0 |" in md
     single = [row("standard", "standard", [0.99], [0.3])]
     add_paired_deltas(single)  # one seed: nothing to pair

@@ -18,20 +18,40 @@ CPU_BUDGET_S = 600.0
 """Per process: a runaway budget (a training run here takes ~5 CPU-seconds, measured); a hang or a slow machine is told
 apart by tests/waiting.py, not by the wall clock."""
 STEPS = 100  # long enough that the SIGTERM (sent after step 5) lands mid-run: steps take milliseconds each
-ARGS = ["train", "--role", "proxy", "--config", "ci", f"proxy.train.steps={STEPS}", "proxy.train.log_every=1",
-        "proxy.train.checkpoint_every=0", "sample.max_new_tokens=4", "task.n_test=8", "--no-progress"]
+ARGS = [
+    "train",
+    "--role",
+    "proxy",
+    "--config",
+    "ci",
+    f"proxy.train.steps={STEPS}",
+    "proxy.train.log_every=1",
+    "proxy.train.checkpoint_every=0",
+    "sample.max_new_tokens=4",
+    "task.n_test=8",
+    "--no-progress",
+]
 
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTGAME_")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
+    )
     return env
 
 
 def _start(run_dir) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "experiments.cli", *ARGS[:5], f"run_dir={run_dir}", *ARGS[5:]],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", *ARGS[:5], f"run_dir={run_dir}", *ARGS[5:]],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_step(proc: subprocess.Popen, metrics: pathlib.Path, step: int) -> None:
@@ -98,8 +118,10 @@ def test_resumable_solve_on_the_toy_game(tmp_path):
     spec = toy.default_toy_spec()
     game, batches = toy.toy_game(spec), toy.toy_batches(spec)
     cfg = sv.SolverConfig(gamma_max=spec.gamma_max, patience=100, max_iters=8)
+
     def fresh():
         return sv.init_state(game, cfg, toy.toy_theta_init(spec), batches[2], delta=np.array([0.1, 0.3]))
+
     def batch_for(i, state, meta, previous):
         return batches
 
@@ -111,6 +133,7 @@ def test_resumable_solve_on_the_toy_game(tmp_path):
             meta.setdefault("gammas", []).append(diag["gamma"].tolist())
             if i + 1 == stop_after:
                 preemption.request_stop()
+
         return on_iteration
 
     ref = resumable_solve(game, cfg, fresh(), batch_for, record())
@@ -147,7 +170,8 @@ def test_sigterm_outside_a_checkpointed_loop_still_terminates():
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    print('survived outside', flush=True)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert result.stdout.splitlines() == ["survived inside"], result.stderr
     assert result.returncode == -signal.SIGTERM

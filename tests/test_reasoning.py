@@ -24,8 +24,11 @@ def test_every_style_and_choice_gives_the_same_checked_answer(task):
     half = rs.Style(connective=0.5, commute=0.5, fuse=0.5, check=0.5, spell=0.5)
     for p in problems:
         steps = _steps_of(p.solution)
-        texts = {rs.write_solution(steps, random.Random(i), style) for i in range(8)
-                 for style in (*rs.STYLES.values(), always, half)}
+        texts = {
+            rs.write_solution(steps, random.Random(i), style)
+            for i in range(8)
+            for style in (*rs.STYLES.values(), always, half)
+        }
         for text in texts:
             assert ar.extract_answer(text) == p.answer, text
             assert rs.reasoning_is_valid(text), text
@@ -39,7 +42,8 @@ def test_mixed_style_has_many_texts_per_problem():
     terse = [rs.write_solution(STEPS, random.Random(i), rs.STYLES["terse"]) for i in range(300)]
     assert sum(rs.text_features(t)["fused"] for t in terse) / len(terse) > 0.5
     assert {rs.write_solution(STEPS, random.Random(i), rs.STYLES["canonical"]) for i in range(20)} == {
-        "7 + 5 = 12 . 12 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"}
+        "7 + 5 = 12 . 12 - 3 = 9 . 9 * 2 = 18 . 18 + 4 = 22 . #### 22"
+    }
 
 
 def test_connectives_nearly_uniform_and_parsed():
@@ -68,14 +72,22 @@ def test_variants_spelled_out():
     for check in ("12 - 7 = 5", "9 + 3 = 12", "9 + 9 = 18", "22 - 18 = 4"):
         assert check in text
     assert rs.text_features("7 + 5 - 3 = 9 . check 9 + 3 = 12 . so 9 * 2 = 18 . #### 18") == {
-        "valid": 1.0, "checks": 1.0, "fused": 1.0, "times": 1.0}
+        "valid": 1.0,
+        "checks": 1.0,
+        "fused": 1.0,
+        "times": 1.0,
+    }
 
 
 def test_multiplication_spelled_out_as_repeated_addition():
     spelled = rs.Style(connective=0.0, commute=0.0, fuse=0.0, check=0.0, spell=1.0)
-    assert rs.write_solution(STEPS, random.Random(0), spelled) == "7 + 5 = 12 . 12 - 3 = 9 . 9 + 9 = 18 . 18 + 4 = 22 . #### 22"
+    assert (
+        rs.write_solution(STEPS, random.Random(0), spelled)
+        == "7 + 5 = 12 . 12 - 3 = 9 . 9 + 9 = 18 . 18 + 4 = 22 . #### 22"
+    )
     assert rs.write_solution([(4, "*", 3, 12), (12, "-", 5, 7)], random.Random(0), spelled) == (
-        "4 + 4 = 8 . 8 + 4 = 12 . 12 - 5 = 7 . #### 7")
+        "4 + 4 = 8 . 8 + 4 = 12 . 12 - 5 = 7 . #### 7"
+    )
     # a spelled line takes no check and no fused step; the plain line after it does
     everything = rs.Style(connective=0.0, commute=0.0, fuse=1.0, check=1.0, spell=1.0)
     text = rs.write_solution(STEPS, random.Random(0), everything)
@@ -83,14 +95,17 @@ def test_multiplication_spelled_out_as_repeated_addition():
     assert rs.text_features(text) == {"valid": 1.0, "checks": 1.0, "fused": 1.0, "times": 0.0}
 
 
-@pytest.mark.parametrize("text", [
-    "7 + 5 = 13 . #### 13",  # false line
-    "7 + 5 = 12 . #### 13",  # answer is not the last result
-    "7 + 5 = 12 . check 12 - 5 = 8 . #### 12",  # false check
-    "7 + 5 = 12 #### 12",  # no full stop
-    "so = 12 . #### 12",
-    "#### 12",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "7 + 5 = 13 . #### 13",  # false line
+        "7 + 5 = 12 . #### 13",  # answer is not the last result
+        "7 + 5 = 12 . check 12 - 5 = 8 . #### 12",  # false check
+        "7 + 5 = 12 #### 12",  # no full stop
+        "so = 12 . #### 12",
+        "#### 12",
+    ],
+)
 def test_invalid_reasoning_is_caught(text):
     assert not rs.reasoning_is_valid(text)
 
@@ -105,9 +120,15 @@ def test_splits_disjoint_and_texts_reproducible(task):
 
 
 def test_roles_learn_their_style(task):
-    rows = {s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "careful", "terse", "schoolbook")}
-    texts = {s: [task.tokenizer.decode(r).split("? ", 1)[1] for r in rows[s].rows(np.arange(300))["tokens_bt"]] for s in rows}
-    feats = {s: {k: sum(rs.text_features(t)[k] for t in texts[s]) / 300 for k in ("fused", "checks", "times")} for s in texts}
+    rows = {
+        s: task.training_rows(0, 300, with_solution=True, style=s) for s in ("mixed", "careful", "terse", "schoolbook")
+    }
+    texts = {
+        s: [task.tokenizer.decode(r).split("? ", 1)[1] for r in rows[s].rows(np.arange(300))["tokens_bt"]] for s in rows
+    }
+    feats = {
+        s: {k: sum(rs.text_features(t)[k] for t in texts[s]) / 300 for k in ("fused", "checks", "times")} for s in texts
+    }
     assert feats["mixed"]["times"] > 0 == feats["schoolbook"]["times"]  # the proxy spells out every multiplication
     assert feats["terse"]["fused"] > 2 * feats["mixed"]["fused"] > 0
     assert feats["careful"]["checks"] > 2 * feats["mixed"]["checks"] > 0

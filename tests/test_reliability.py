@@ -22,14 +22,21 @@ PACKAGES = ("game", "models", "experiments", "launch")
 
 
 def distgame(*args, **env):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env)
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=900)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        **env,
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
+    )
 
 
 def strict_loads(text: str):
     """json.loads that refuses NaN / Infinity, as jq and JavaScript do."""
+
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")
 
@@ -50,8 +57,17 @@ def _digest(directory: pathlib.Path) -> str:
 
 
 def test_diverging_run_is_one_line_exit_2_and_keeps_earlier_checkpoints(tmp_path):
-    common = ["train", "--role", "student", "--config", "ci", f"run_dir={tmp_path}", "student.train.checkpoint_every=5",
-              "student.train.log_every=5", "--no-progress"]
+    common = [
+        "train",
+        "--role",
+        "student",
+        "--config",
+        "ci",
+        f"run_dir={tmp_path}",
+        "student.train.checkpoint_every=5",
+        "student.train.log_every=5",
+        "--no-progress",
+    ]
     first = distgame(*common)  # 10 steps at the config's learning rate: checkpoints 5 and 10
     assert first.returncode == 0, first.stderr
     ckpts = tmp_path / "student" / "checkpoints"
@@ -73,22 +89,39 @@ def test_a_non_finite_parameter_behind_a_finite_loss_is_not_checkpointed(tmp_pat
     """lr=1e39 is past float32's range: the first update at that rate makes the parameters NaN/inf, while the loss
     of that same step (computed before the update) is still finite, so the loss check passes and the checkpoint
     at that step is where it is caught: refused, in one line naming the role, the step and the parameter."""
-    common = ["train", "--role", "student", "--config", "ci", f"run_dir={tmp_path}", "student.train.checkpoint_every=5",
-              "student.train.log_every=5", "--no-progress"]
+    common = [
+        "train",
+        "--role",
+        "student",
+        "--config",
+        "ci",
+        f"run_dir={tmp_path}",
+        "student.train.checkpoint_every=5",
+        "student.train.log_every=5",
+        "--no-progress",
+    ]
     first = distgame(*common)  # checkpoints 5 and 10
     assert first.returncode == 0, first.stderr
     ckpts = tmp_path / "student" / "checkpoints"
     before = {name: _digest(ckpts / name) for name in ("5", "10")}
 
-    result = distgame(*common, "student.train.steps=12", "student.train.lr=1e39", "student.train.checkpoint_every=1",
-                      "student.train.log_every=1")
+    result = distgame(
+        *common,
+        "student.train.steps=12",
+        "student.train.lr=1e39",
+        "student.train.checkpoint_every=1",
+        "student.train.log_every=1",
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     # The other stderr lines are numpy's "overflow encountered in cast" warnings about the lr itself.
     ours = [line for line in result.stderr.splitlines() if line.startswith("distgame")]
     assert len(ours) == 1 and ours[0] == result.stderr.strip().splitlines()[-1], result.stderr
-    assert re.fullmatch(r"distgame train: diverged: student: params/\S+ holds NaN or inf at step 11; checkpoint 11 not "
-                        r"written \(checkpoints of earlier steps are kept\)", ours[0]), ours[0]
+    assert re.fullmatch(
+        r"distgame train: diverged: student: params/\S+ holds NaN or inf at step 11; checkpoint 11 not "
+        r"written \(checkpoints of earlier steps are kept\)",
+        ours[0],
+    ), ours[0]
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["10", "5"]
     assert {name: _digest(ckpts / name) for name in ("5", "10")} == before
 
@@ -100,9 +133,11 @@ def test_checkpointer_refuses_a_non_finite_state_and_keeps_the_last_one(tmp_path
     from models.checkpoint import Checkpointer, NonFiniteStateError
 
     def state(bad):
-        return {"params": {"w": jnp.ones((3,), jnp.bfloat16), "x": jnp.array([1.0, bad if where == "params" else 2.0])},
-                "opt_state": {"mu": jnp.array([bad if where == "opt_state" else 0.0, 0.0])},
-                "step": jnp.int32(7)}
+        return {
+            "params": {"w": jnp.ones((3,), jnp.bfloat16), "x": jnp.array([1.0, bad if where == "params" else 2.0])},
+            "opt_state": {"mu": jnp.array([bad if where == "opt_state" else 0.0, 0.0])},
+            "step": jnp.int32(7),
+        }
 
     ckpt = Checkpointer(tmp_path / "ckpt", keep=1, label="teacher")
     try:
@@ -127,13 +162,25 @@ def test_checkpointer_refuses_a_non_finite_state_and_keeps_the_last_one(tmp_path
 
 
 def test_diverging_distillation_is_one_line_exit_2(tmp_path):
-    result = distgame("protocol", "--config", "ci", f"run_dir={tmp_path}", "protocol.defenses=[{name: standard}]",
-                      "protocol.distill.attacks=[]", "protocol.seeds=1", "protocol.distill.lr=1e12", "--no-progress")
+    result = distgame(
+        "protocol",
+        "--config",
+        "ci",
+        f"run_dir={tmp_path}",
+        "protocol.defenses=[{name: standard}]",
+        "protocol.distill.attacks=[]",
+        "protocol.seeds=1",
+        "protocol.distill.lr=1e12",
+        "--no-progress",
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert re.search(r"diverged: distill passive on standard: the distillation loss of seed 0 stopped being finite "
-                     r"at step \d+ of \d+; lower protocol.distill.lr", lines[0]), lines
+    assert re.search(
+        r"diverged: distill passive on standard: the distillation loss of seed 0 stopped being finite "
+        r"at step \d+ of \d+; lower protocol.distill.lr",
+        lines[0],
+    ), lines
     assert (tmp_path / "student" / "checkpoints").is_dir()  # the models trained before it are kept
 
 
@@ -146,16 +193,37 @@ def _one_seed_results() -> dict:
     from experiments.protocol import add_paired_deltas, headline
 
     def row(label, defense, teacher, passive):
-        return {"label": label, "defense": defense, "strength": 0.0, "setting": {"name": defense},
-                "teacher_accuracy": mean_stderr(teacher), "students": {"passive": mean_stderr(passive)},
-                "relative_gain": float("nan"),
-                "cost": {"forward_passes_per_token": 1, "flops_per_token": 1e6, "flops_ratio": 1.0,
-                         "poe_wallclock_bound": 1.5, "wallclock_ratio": 1.0},
-                "mean_trace_length": 30.0, "degeneracy_rate": 0.0}
+        return {
+            "label": label,
+            "defense": defense,
+            "strength": 0.0,
+            "setting": {"name": defense},
+            "teacher_accuracy": mean_stderr(teacher),
+            "students": {"passive": mean_stderr(passive)},
+            "relative_gain": float("nan"),
+            "cost": {
+                "forward_passes_per_token": 1,
+                "flops_per_token": 1e6,
+                "flops_ratio": 1.0,
+                "poe_wallclock_bound": 1.5,
+                "wallclock_ratio": 1.0,
+            },
+            "mean_trace_length": 30.0,
+            "degeneracy_rate": 0.0,
+        }
 
     rows = [row("standard", "standard", [0.9], [0.4]), row("poe γ=0.5", "poe", [0.85], [0.35])]
-    results = {"config": "t", "world": None, "seeds": 1, "n_test": 8, "n_traces": 8, "distill_steps": 3,
-               "temperature": 1.0, "rows": rows, "seconds": 1.0}
+    results = {
+        "config": "t",
+        "world": None,
+        "seeds": 1,
+        "n_test": 8,
+        "n_traces": 8,
+        "distill_steps": 3,
+        "temperature": 1.0,
+        "rows": rows,
+        "seconds": 1.0,
+    }
     add_paired_deltas(rows)
     results["headline"] = headline(results)
     return results
@@ -186,8 +254,13 @@ def test_every_json_writer_is_strict(tmp_path):
 
 def _json_calls(tree: ast.AST):
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("dump", "dumps")
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "json"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("dump", "dumps")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "json"
+        ):
             yield node
 
 
@@ -203,12 +276,18 @@ def test_no_json_is_written_outside_the_strict_writers():
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             tree = ast.parse(path.read_text())
-            owners = {id(call): fn.name for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-                      for call in _json_calls(fn)}
+            owners = {
+                id(call): fn.name
+                for fn in ast.walk(tree)
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for call in _json_calls(fn)
+            }
             for call in _json_calls(tree):
                 rel = str(path.relative_to(ROOT))
-                strict = any(k.arg == "allow_nan" and isinstance(k.value, ast.Constant) and k.value.value is False
-                             for k in call.keywords)
+                strict = any(
+                    k.arg == "allow_nan" and isinstance(k.value, ast.Constant) and k.value.value is False
+                    for k in call.keywords
+                )
                 if not strict and (rel, owners.get(id(call))) not in HASH_ONLY:
                     loose.append(f"{rel}:{call.lineno}")
     assert not loose, f"json.dump(s) without allow_nan=False (use experiments.io.to_json / save_json): {loose}"

@@ -45,9 +45,16 @@ def _exact_loss(theta, gamma, z_t, z_p, tokens):
 def _estimate(theta, gamma, z_t, z_p, batch_tokens, estimator, gamma_sample, baseline=True):
     logq = jax.nn.log_softmax(_per_position(theta, batch_tokens), -1)
     per = sampling.distillation_ce(
-        logq, _per_position(z_t, batch_tokens), _per_position(z_p, batch_tokens), batch_tokens[:, 1:],
-        jnp.ones((batch_tokens.shape[0], L)), gamma, estimator=estimator, gamma_sample=gamma_sample,
-        baseline=baseline)
+        logq,
+        _per_position(z_t, batch_tokens),
+        _per_position(z_p, batch_tokens),
+        batch_tokens[:, 1:],
+        jnp.ones((batch_tokens.shape[0], L)),
+        gamma,
+        estimator=estimator,
+        gamma_sample=gamma_sample,
+        baseline=baseline,
+    )
     return jnp.mean(per)
 
 
@@ -78,8 +85,10 @@ def test_score_estimator_is_unbiased_for_the_students_update(gamma_sample):
 
         exact = derivs(lambda th, g: _exact_loss(th, g, z_t, z_p, tokens))
         for est in ("score",):
+
             def fn(b):
                 return derivs(lambda th, g: _estimate(th, g, z_t, z_p, b, est, None if gamma_sample is None else gs))
+
             expected, _, _ = _expected_over_pairs(fn, z_t, z_p, tokens, gs)
             for e, x in zip(expected, exact):
                 np.testing.assert_allclose(np.asarray(e), np.asarray(x), rtol=1e-9, atol=1e-12)
@@ -89,17 +98,21 @@ def test_soft_targets_alone_miss_the_sampling_channel_and_the_estimator_is_unbia
     with jax.enable_x64(True):
         z_t, z_p, theta, tokens = _world()
         gamma = 0.45
+
         def mixed(loss):
             return jax.jacfwd(lambda g: jax.grad(loss)(theta, g))(gamma)
+
         exact = mixed(lambda th, g: _exact_loss(th, g, z_t, z_p, tokens))
-        soft, _, _ = _expected_over_pairs(lambda b: mixed(lambda th, g: _estimate(th, g, z_t, z_p, b, "soft", None)),
-                                          z_t, z_p, tokens, gamma)
+        soft, _, _ = _expected_over_pairs(
+            lambda b: mixed(lambda th, g: _estimate(th, g, z_t, z_p, b, "soft", None)), z_t, z_p, tokens, gamma
+        )
         bias = float(jnp.linalg.norm(soft - exact) / jnp.linalg.norm(exact))
         assert bias > 0.1, bias  # the stopped channel is a large part of ∂_γ ∇_θ L_D here
 
         def variance(baseline):
             def fn(b):
                 return mixed(lambda th, g: _estimate(th, g, z_t, z_p, b, "score", None, baseline))
+
             mean, values, w = _expected_over_pairs(fn, z_t, z_p, tokens, gamma)
             np.testing.assert_allclose(np.asarray(mean), np.asarray(exact), rtol=1e-9, atol=1e-12)
             return float(jnp.tensordot(w, jnp.sum((values - mean) ** 2, axis=(1, 2, 3)), axes=1))

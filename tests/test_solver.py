@@ -303,8 +303,13 @@ def test_relative_violation_reaches_the_same_gamma_star():
     """Measuring the violation in units of δ rescales μ (μ_rel = δ μ), not the equilibrium γ*:
     with penalty and dual step rescaled by δ² the iterates are the same game's."""
     delta = toy.TOY_BUDGETS[1]
-    cfg = dataclasses.replace(CFG, violation_scale="relative", penalty=CFG.penalty * delta**2,
-                              dual_lr=CFG.dual_lr * delta**2, tol_violation=CFG.tol_violation / delta)
+    cfg = dataclasses.replace(
+        CFG,
+        violation_scale="relative",
+        penalty=CFG.penalty * delta**2,
+        dual_lr=CFG.dual_lr * delta**2,
+        tol_violation=CFG.tol_violation / delta,
+    )
     result = solver.solve(GAME, cfg, _init(cfg, delta), BATCHES)
     assert result.converged
     assert abs(float(result.diagnostics["gamma"]) - toy.exact_gamma_star(SPEC, delta)) < 1e-3
@@ -322,7 +327,7 @@ def test_vmapped_hypergradient_with_batched_student_batches_matches_finite_diffe
     game = solver.Game(
         student_loss=lambda th, g, b: jnp.mean((jnp.tanh(b @ th) - g * jnp.sin(b @ w).sum(-1, keepdims=True)) ** 2),
         capability_loss=lambda th, b: jnp.mean(jnp.cos(b @ th) ** 2),
-        utility=lambda g, b: -g**2,
+        utility=lambda g, b: -(g**2),
     )
     theta = jax.random.normal(jax.random.key(1), (6, 3))
     batches = jax.random.normal(jax.random.key(2), (3, 5, 6))
@@ -330,11 +335,15 @@ def test_vmapped_hypergradient_with_batched_student_batches_matches_finite_diffe
     gammas = jnp.array([0.2, 0.4, 0.6])
     for k in (1, 2):
         cfg = dataclasses.replace(CFG, unroll_steps=k, unroll_lr=0.5)
+
         def f(g, b):
             return solver.capability_hypergradient(game, cfg, theta, g, b, eval_b)[1]
+
         jvp = jax.jit(jax.vmap(f))(gammas, batches)
+
         def J(g, b):
             return game.capability_loss(solver.unrolled_student(game, theta, g, b, k, 0.5), eval_b)
+
         h = 1e-3
         fd = jax.vmap(lambda g, b: (J(g + h, b) - J(g - h, b)) / (2 * h))(gammas, batches)
         np.testing.assert_allclose(np.asarray(jvp), np.asarray(fd), rtol=2e-2, atol=1e-4)
@@ -364,13 +373,17 @@ def test_vmapped_hypergradient_through_a_transformer_student_matches_finite_diff
     def capability(th, toks):
         return -jnp.mean(tfm.token_logprobs(gd, th, toks))
 
-    game = solver.Game(student_loss, capability, lambda g, b: -g**2)
+    game = solver.Game(student_loss, capability, lambda g, b: -(g**2))
     batches = {"tokens": tokens, "z_t": z_t, "z_p": z_p}
     gammas = jnp.array([0.2, 0.5, 0.8])
     cfg = dataclasses.replace(CFG, unroll_steps=1, unroll_lr=1.0)
-    jvp = jax.jit(jax.vmap(lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_tokens)[1]))(gammas, batches)
+    jvp = jax.jit(jax.vmap(lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_tokens)[1]))(
+        gammas, batches
+    )
+
     def J(g, b):
         return capability(solver.unrolled_student(game, theta, g, b, 1, 1.0), eval_tokens)
+
     fd = jax.vmap(lambda g, b: (J(g + 1e-2, b) - J(g - 1e-2, b)) / 2e-2)(gammas, batches)
     np.testing.assert_allclose(np.asarray(jvp), np.asarray(fd), rtol=5e-2, atol=1e-4)
 
@@ -381,8 +394,14 @@ TRAP = toy.myopic_trap_spec()
 TRAP_GAME = toy.toy_game(TRAP)
 TRAP_BATCHES = toy.toy_batches(TRAP)
 TRAP_HORIZON = dataclasses.replace(
-    CFG, gamma_max=TRAP.gamma_max, unroll_from="base", unroll_optimizer="adam", unroll_lr=0.1, unroll_steps=200,
-    teacher_lr=0.1, max_iters=800,
+    CFG,
+    gamma_max=TRAP.gamma_max,
+    unroll_from="base",
+    unroll_optimizer="adam",
+    unroll_lr=0.1,
+    unroll_steps=200,
+    teacher_lr=0.1,
+    max_iters=800,
 )
 
 
@@ -411,8 +430,12 @@ def test_long_horizon_solver_reaches_gamma_star_where_one_step_fails():
 
 
 def test_best_of_starts_prefers_feasible_highest_J():
-    diag = {"gamma": np.array([0.0, 0.4, 0.8, 0.1, 0.1, 0.1]), "J": np.array([1.0, 2.0, 3.0, 1.0, 1.0, 1.0]),
-            "violation": np.array([-0.1, 0.0, 0.5, 0.0, 0.0, 0.0]), "converged": np.ones(6, bool)}
+    diag = {
+        "gamma": np.array([0.0, 0.4, 0.8, 0.1, 0.1, 0.1]),
+        "J": np.array([1.0, 2.0, 3.0, 1.0, 1.0, 1.0]),
+        "violation": np.array([-0.1, 0.0, 0.5, 0.0, 0.0, 0.0]),
+        "converged": np.ones(6, bool),
+    }
     best = solver.best_of_starts(diag, 3, CFG)
     assert best["best_start"].tolist() == [1, 0] and best["gamma"].tolist() == [0.4, 0.1]
     assert best["starts_agree"].tolist() == [False, True]
@@ -452,6 +475,7 @@ def test_vmapped_scan_hypergradient_is_right_on_this_jax():
     def adaptive(th, g, b):
         def per(t, gg):
             return jnp.mean((jnp.tanh(b @ t) - gg * jnp.sin(b @ w).sum(-1, keepdims=True)) ** 2, -1)
+
         v = stu.example_values(lambda t: per(t, jax.lax.stop_gradient(g)), th, jax.grad(lambda t: jnp.sum(t**2))(th))
         return jnp.mean(jax.lax.stop_gradient(stu.adaptive_weights(v, 2.0)) * per(th, g))
 
@@ -460,7 +484,7 @@ def test_vmapped_scan_hypergradient_is_right_on_this_jax():
     eval_b = jax.random.normal(jax.random.key(3), (7, 6))
     gammas = jnp.array([0.2, 0.4, 0.6])
     for loss in (plain, adaptive):
-        game = solver.Game(loss, lambda th, b: jnp.mean(jnp.cos(b @ th) ** 2), lambda g, b: -g**2)
+        game = solver.Game(loss, lambda th, b: jnp.mean(jnp.cos(b @ th) ** 2), lambda g, b: -(g**2))
 
         def loop(g, b, k=3):
             th = theta
@@ -469,7 +493,9 @@ def test_vmapped_scan_hypergradient_is_right_on_this_jax():
             return game.capability_loss(th, eval_b)
 
         cfg = dataclasses.replace(CFG, unroll_steps=3, unroll_lr=0.5)
-        scan = jax.jit(jax.vmap(lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_b)[1]))(gammas, batches)
+        scan = jax.jit(jax.vmap(lambda g, b: solver.capability_hypergradient(game, cfg, theta, g, b, eval_b)[1]))(
+            gammas, batches
+        )
         ref = jax.jit(jax.vmap(lambda g, b: jax.jvp(lambda x: loop(x, b), (g,), (1.0,))[1]))(gammas, batches)
         fd = jax.vmap(lambda g, b: (loop(g + 1e-3, b) - loop(g - 1e-3, b)) / 2e-3)(gammas, batches)
         np.testing.assert_allclose(np.asarray(scan), np.asarray(ref), rtol=1e-4, atol=1e-6)

@@ -10,8 +10,10 @@ class FakeWorker:
     with every call, so only alternation keeps the ratio exact."""
 
     calls: list = []
-    speeds = {"base": {"distill": 2.0, "poe": 100.0, "standard": 150.0, "train": 1.0},
-              "ours": {"distill": 3.0, "poe": 180.0, "standard": 300.0, "train": 1.2}}
+    speeds = {
+        "base": {"distill": 2.0, "poe": 100.0, "standard": 150.0, "train": 1.0},
+        "ours": {"distill": 3.0, "poe": 180.0, "standard": 300.0, "train": 1.2},
+    }
 
     def __init__(self, label, checkout, args):
         self.label = label

@@ -104,8 +104,15 @@ def test_cycle_finder_finds_a_cycle_and_its_members():
 def test_imports_are_resolved_to_modules():
     modules = project_modules()
     assert imports_of("experiments.cli", modules["experiments.cli"], modules) >= {
-        "experiments.io", "experiments.config", "experiments.cli_args", "game.solver", "experiments.train"}
-    assert "experiments.tasks.arithmetic" in imports_of("experiments.tasks.registry", modules["experiments.tasks.registry"], modules)
+        "experiments.io",
+        "experiments.config",
+        "experiments.cli_args",
+        "game.solver",
+        "experiments.train",
+    }
+    assert "experiments.tasks.arithmetic" in imports_of(
+        "experiments.tasks.registry", modules["experiments.tasks.registry"], modules
+    )
 
 
 def test_no_import_cycles():
@@ -113,7 +120,8 @@ def test_no_import_cycles():
     graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
     found = cycles(graph)
     assert not found, "import cycles (one module per group must stop importing the others): " + "; ".join(
-        " <-> ".join(c) for c in found)
+        " <-> ".join(c) for c in found
+    )
 
 
 def test_no_module_over_the_line_limit():
@@ -128,8 +136,11 @@ def test_no_module_over_the_line_limit():
 
 def test_design_doc_sections_cited_by_the_code_exist():
     """Docstrings cite docs/design.md by section ('docs/design.md, "Defenses"'): each cited section is a heading there."""
-    headings = {line.lstrip("#").strip() for line in (ROOT / "docs" / "design.md").read_text().splitlines()
-                if line.startswith("#")}
+    headings = {
+        line.lstrip("#").strip()
+        for line in (ROOT / "docs" / "design.md").read_text().splitlines()
+        if line.startswith("#")
+    }
     cited = {}
     for path in [*project_modules().values(), *(ROOT / "experiments" / "configs").glob("*.yaml")]:
         for match in re.finditer(r'docs/design\.md[,:]? ((?:"[^"]+"(?:, )?)+)', path.read_text()):

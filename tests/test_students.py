@@ -86,9 +86,7 @@ def test_reference_code_compat_is_negated(problem):
     params, x, y, x_ho, y_ho = problem
     g = S.heldout_gradient(mean_logistic, params, x_ho, y_ho)
     v = np.asarray(S.example_values(logistic_losses, params, g, x, y))
-    c32 = S.example_values_reference_code_compat(
-        logistic_losses, params, g, x, y, eps=1e-2, dtype=jnp.float32
-    )
+    c32 = S.example_values_reference_code_compat(logistic_losses, params, g, x, y, eps=1e-2, dtype=jnp.float32)
     np.testing.assert_allclose(c32, -v, rtol=1e-3, atol=1e-4)
     cbf = np.asarray(S.example_values_reference_code_compat(logistic_losses, params, g, x, y, eps=0.1))
     big = np.abs(v) > 0.3 * np.abs(v).max()
@@ -98,8 +96,7 @@ def test_reference_code_compat_is_negated(problem):
 def test_example_values_casts_to_float32_and_skips_int_leaves(problem):
     params, x, y, x_ho, y_ho = problem
     g = S.heldout_gradient(mean_logistic, params, x_ho, y_ho)
-    p16 = {"w": params["w"].astype(jnp.bfloat16), "b": params["b"].astype(jnp.bfloat16),
-           "step": jnp.int32(7)}
+    p16 = {"w": params["w"].astype(jnp.bfloat16), "b": params["b"].astype(jnp.bfloat16), "step": jnp.int32(7)}
     g16 = {"w": g["w"].astype(jnp.bfloat16), "b": g["b"].astype(jnp.bfloat16), "step": jnp.int32(0)}
 
     def loss(p, x, y):
@@ -136,9 +133,11 @@ def test_adaptive_student_prefers_aligned_example():
     v = S.example_values(sq_losses, theta, g, x, y)
     gg = float(g @ g)
     np.testing.assert_allclose(v, [gg, -gg, 0.0], rtol=1e-5, atol=1e-5)
+
     # "positive = useful": a gradient step on the aligned example lowers held-out loss
     def L(t):
         return float(jnp.mean(sq_losses(t, x_h, y_h)))
+
     for i, sign in ((0, -1), (1, +1)):
         step = theta - 1e-3 * jax.grad(lambda t: sq_losses(t, x[i : i + 1], y[i : i + 1])[0])(theta)
         assert sign * (L(step) - L(theta)) > 0
@@ -213,9 +212,7 @@ def test_adaptive_weights_standardize():
 def test_adaptive_weights_validation():
     with pytest.raises(ValueError, match="max_weight=0.5"):
         S.adaptive_weights(np.zeros(3), 1.0, max_weight=0.5)
-    np.testing.assert_array_equal(
-        S.adaptive_weights(np.zeros(3), 1.0, mask_b=np.zeros(3, bool)), np.zeros(3)
-    )
+    np.testing.assert_array_equal(S.adaptive_weights(np.zeros(3), 1.0, mask_b=np.zeros(3, bool)), np.zeros(3))
 
 
 # ---------------------------------------------------------------------------
@@ -314,8 +311,10 @@ def test_invert_poe_recovers_teacher(tau):
     np.testing.assert_allclose(got, lt, atol=1e-4)
     # top-k subset exposed by the API: recovers the teacher renormalised over those ids
     ids = np.argsort(-logp_g, axis=-1)[:, :K]
+
     def sub(a):
         return np.take_along_axis(a, ids, -1)
+
     got_k = S.invert_poe(jnp.asarray(sub(logp_g), jnp.float32), jnp.asarray(sub(z_P), jnp.float32), gamma, tau)
     want_k = sub(z_T) - np.log(np.exp(sub(z_T)).sum(-1, keepdims=True))
     np.testing.assert_allclose(got_k, want_k, atol=1e-4)
@@ -382,8 +381,11 @@ def test_recipe_weights_closed_forms():
     np.testing.assert_array_equal(S.recipe_weights(S.PASSIVE_RECIPE, a, 3.0, mask), mask.astype(np.float32))
     # design: the old adaptive_weights call
     design = S.Recipe(standardize=True, max_weight=5.0)
-    np.testing.assert_allclose(S.recipe_weights(design, a, 1.0, mask),
-                               S.adaptive_weights(a, 1.0, max_weight=5.0, mask_b=mask, standardize=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        S.recipe_weights(design, a, 1.0, mask),
+        S.adaptive_weights(a, 1.0, max_weight=5.0, mask_b=mask, standardize=True),
+        rtol=1e-6,
+    )
 
 
 def test_shuffled_weights_keep_the_multiset():
@@ -418,23 +420,32 @@ def _toy_token_problem(seed=0, B=6, T=4):
     mask[3] = 0  # an example with no target tokens
     mask = jnp.asarray(mask)
     theta = jnp.asarray(rng.normal(size=D), jnp.float32)
+
     def token_loss(th, x=x, y=y, mask=mask):
         return (jax.nn.softplus(-y * (x @ th)), mask)
+
     return theta, x, y, mask, token_loss
 
 
 def test_recipe_loss_per_batch_equals_hand_assembly():
     theta, x, y, mask, token_loss = _toy_token_problem()
     xh, yh = x[:2] * 0.5 + 0.1, -y[:2]
+
     def held(th):
         return jnp.mean(jax.nn.softplus(-yh * (xh @ th)))
+
     g = jax.grad(held)(theta)
+
     def per_ex(th):
         return S.sequence_nll(-token_loss(th)[0], mask)
+
     v = S.example_values(per_ex, theta, g)
     mask_b = np.asarray(mask.sum(-1) > 0)
-    for recipe, beta in [(S.Recipe(averaging="sequence", max_weight=2.0), 1.0), (S.Recipe(weighting="filter"), 2.0),
-                         (S.Recipe(averaging="token", standardize=False, max_weight=None, sign=-1), 3.0)]:
+    for recipe, beta in [
+        (S.Recipe(averaging="sequence", max_weight=2.0), 1.0),
+        (S.Recipe(weighting="filter"), 2.0),
+        (S.Recipe(averaging="token", standardize=False, max_weight=None, sign=-1), 3.0),
+    ]:
         w = S.recipe_weights(recipe, recipe.sign * v, beta, mask_b)
         want = S.weighted_nll(-token_loss(theta)[0], mask, w, recipe.averaging)
         loss, aux = S.recipe_loss(recipe, beta, token_loss, theta, heldout_loss_fn=held)
@@ -459,35 +470,57 @@ def test_recipe_loss_per_batch_equals_hand_assembly():
 def test_dataset_gradient_and_weights_match_whole_set():
     rng = np.random.default_rng(2)
     N, T = 11, 3  # not a multiple of the chunk: padding must not count
-    data = {"x": jnp.asarray(rng.normal(size=(N, T, D)), jnp.float32),
-            "y": jnp.asarray(rng.choice([-1.0, 1.0], size=(N, T)), jnp.float32),
-            "m": jnp.asarray((rng.random((N, T)) < 0.8).astype(np.float32))}
+    data = {
+        "x": jnp.asarray(rng.normal(size=(N, T, D)), jnp.float32),
+        "y": jnp.asarray(rng.choice([-1.0, 1.0], size=(N, T)), jnp.float32),
+        "m": jnp.asarray((rng.random((N, T)) < 0.8).astype(np.float32)),
+    }
     theta = jnp.asarray(rng.normal(size=D), jnp.float32)
+
     def tok(th, r):
         return jax.nn.softplus(-r["y"] * (r["x"] @ th)) * r["m"]
+
     def sum_loss(th, r):
         return (jnp.sum(tok(th, r)), jnp.sum(r["m"]))
+
     g = S.dataset_gradient(sum_loss, theta, data, chunk=4)
     want_g = jax.grad(lambda th: jnp.sum(tok(th, data)) / jnp.sum(data["m"]))(theta)
     np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
+
     def per_ex(th, r):
         return S.sequence_nll(-tok(th, r), r["m"])
+
     mask_n = np.asarray(data["m"].sum(-1) > 0)
     for recipe in (S.Recipe(refresh_every=0), dataclasses.replace(S.REFERENCE_RECIPE, fd_dtype="float32")):
         w = S.dataset_weights(recipe, 1.0, per_ex, theta, g, data, mask_n, chunk=4)
         a = S.recipe_scores(recipe, per_ex, theta, g, data)
         np.testing.assert_allclose(w, S.recipe_weights(recipe, a, 1.0, mask_n), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(w)[mask_n].mean(), 1.0, rtol=1e-5)
-    sh = S.dataset_weights(dataclasses.replace(S.Recipe(refresh_every=0), shuffle=True), 1.0, per_ex, theta, g, data,
-                           mask_n, chunk=4, shuffle_u_n=rng.random(N))
+    sh = S.dataset_weights(
+        dataclasses.replace(S.Recipe(refresh_every=0), shuffle=True),
+        1.0,
+        per_ex,
+        theta,
+        g,
+        data,
+        mask_n,
+        chunk=4,
+        shuffle_u_n=rng.random(N),
+    )
     w = S.dataset_weights(S.Recipe(refresh_every=0), 1.0, per_ex, theta, g, data, mask_n, chunk=4)
     np.testing.assert_allclose(np.sort(np.asarray(sh)), np.sort(np.asarray(w)), rtol=1e-6)
 
 
 def test_recipe_validation():
     S.REFERENCE_RECIPE.validate()
-    for bad, key in [(dict(weighting="soft"), "weighting"), (dict(sign=0), "sign"), (dict(value="grad"), "value"),
-                     (dict(refresh_every=-1), "refresh_every"), (dict(max_weight=0.5), "max_weight"),
-                     (dict(fd_dtype="int8"), "fd_dtype"), (dict(averaging="tokens"), "averaging")]:
+    for bad, key in [
+        (dict(weighting="soft"), "weighting"),
+        (dict(sign=0), "sign"),
+        (dict(value="grad"), "value"),
+        (dict(refresh_every=-1), "refresh_every"),
+        (dict(max_weight=0.5), "max_weight"),
+        (dict(fd_dtype="int8"), "fd_dtype"),
+        (dict(averaging="tokens"), "averaging"),
+    ]:
         with pytest.raises(ValueError, match=f"r.{key}="):
             S.Recipe(**bad).validate("r")

@@ -21,10 +21,14 @@ def gsm8k_row(i: int) -> dict:
     trays, per = 3 + i % 17, 2 + i % 5
     muffins, price = trays * per, 20 + 10 * (i % 9)
     total = muffins * price
-    question = (f"A baker bakes {trays} trays of {per} muffins each and sells every muffin for ${price}. "
-                "How many dollars does the baker earn?")
-    solution = (f"The baker bakes {trays}*{per} = <<{trays}*{per}={muffins}>>{muffins} muffins.\n"
-                f"She earns {muffins}*{price} = $<<{muffins}*{price}={total}>>{total}.\n#### {total:,}")
+    question = (
+        f"A baker bakes {trays} trays of {per} muffins each and sells every muffin for ${price}. "
+        "How many dollars does the baker earn?"
+    )
+    solution = (
+        f"The baker bakes {trays}*{per} = <<{trays}*{per}={muffins}>>{muffins} muffins.\n"
+        f"She earns {muffins}*{price} = $<<{muffins}*{price}={total}>>{total}.\n#### {total:,}"
+    )
     return {"question": question, "answer": solution}
 
 
@@ -56,7 +60,9 @@ def mock_gsm8k(reads: list | None = None):
 
 
 def gsm8k_task(tmp_path, **kw):
-    fields = dict(name="gsm8k", tokenizer="byte", data_dir=str(tmp_path), max_len=320, n_train=1000, n_heldout=4, n_test=6)
+    fields = dict(
+        name="gsm8k", tokenizer="byte", data_dir=str(tmp_path), max_len=320, n_train=1000, n_heldout=4, n_test=6
+    )
     return TaskConfig(**{**fields, **kw}).validate()
 
 
@@ -93,14 +99,20 @@ def test_math_builder_prepares_from_the_release_layout(tmp_path, layout):
     problems = {
         ("train", "algebra", 1): ("Solve $2x = 1$.", "We get $x = \\boxed{\\dfrac{1}{2}}$.", "\\frac12"),
         ("train", "geometry", 2): ("Find the angle.", "It is $\\boxed{90^\\circ}$.", "90"),
-        ("train", "algebra", 3): ("Point?", "It is $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$.", "(3,\\frac{\\pi}{2})"),
+        ("train", "algebra", 3): (
+            "Point?",
+            "It is $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$.",
+            "(3,\\frac{\\pi}{2})",
+        ),
         ("test", "algebra", 4): ("Length?", "So $\\boxed{10\\text{ cm}}$.", "10"),
         ("test", "number_theory", 5): ("Sum?", "The sum is $\\boxed{1,000}$.", "1000"),
     }
     for (split, subject, i), (problem, solution, _) in problems.items():
         d = manual / "MATH" / split / subject
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"{i}.json").write_text(json.dumps({"problem": problem, "level": "Level 1", "type": subject, "solution": solution}))
+        (d / f"{i}.json").write_text(
+            json.dumps({"problem": problem, "level": "Level 1", "type": subject, "solution": solution})
+        )
     if layout == "tar":  # the release tarball itself, as downloaded
         import shutil
         import tarfile
@@ -111,8 +123,11 @@ def test_math_builder_prepares_from_the_release_layout(tmp_path, layout):
     data_dir = tmp_path / "tfds"
     builder = tfds.builder("distgame_math", data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-    task = build_task(TaskConfig(name="math", tokenizer="byte", data_dir=str(data_dir), download=False,
-                                 max_len=256, n_heldout=1, n_test=2).validate())
+    task = build_task(
+        TaskConfig(
+            name="math", tokenizer="byte", data_dir=str(data_dir), download=False, max_len=256, n_heldout=1, n_test=2
+        ).validate()
+    )
     rows = task.problems("train", seed=0) + task.problems("heldout", seed=0) + task.problems("test", seed=0)
     assert len(rows) == 5
     written = {p[0]: p for p in problems.values()}
@@ -205,22 +220,66 @@ def _cli(capsys, *args):
 
 
 def test_missing_data_dir_and_unknown_dataset_are_one_line_exit_2(tmp_path, capsys):
-    rc, err = _cli(capsys, "train", "--role", "teacher", "--config", "gsm8k_ci", f"run_dir={tmp_path}",
-                   f"task.data_dir={tmp_path}/nope", "--no-progress")
+    rc, err = _cli(
+        capsys,
+        "train",
+        "--role",
+        "teacher",
+        "--config",
+        "gsm8k_ci",
+        f"run_dir={tmp_path}",
+        f"task.data_dir={tmp_path}/nope",
+        "--no-progress",
+    )
     assert rc == 2 and len(err) == 1 and f"task.data_dir='{tmp_path}/nope' does not exist" in err[0]
-    rc, err = _cli(capsys, "train", "--role", "teacher", "--config", "gsm8k_ci", f"run_dir={tmp_path}",
-                   f"task.data_dir={tmp_path}", "task.name=tfds:no_such_dataset_xyz", "--no-progress")
+    rc, err = _cli(
+        capsys,
+        "train",
+        "--role",
+        "teacher",
+        "--config",
+        "gsm8k_ci",
+        f"run_dir={tmp_path}",
+        f"task.data_dir={tmp_path}",
+        "task.name=tfds:no_such_dataset_xyz",
+        "--no-progress",
+    )
     assert rc == 2 and len(err) == 1 and "tfds does not know a dataset named 'no_such_dataset_xyz'" in err[0]
     rc, err = _cli(capsys, "config", "--config", "gsm8k_ci", "task.name=squad")
     assert rc == 2 and len(err) == 1 and "task.name='squad'" in err[0]
     rc, err = _cli(capsys, "config", "--config", "gsm8k_ci", "task.tokenizer=word")
     assert rc == 2 and len(err) == 1 and "task.tokenizer='word'" in err[0]
-    rc, err = _cli(capsys, "train", "--role", "teacher", "--config", "gsm8k_ci", f"run_dir={tmp_path}",
-                   f"task.data_dir={tmp_path}", f"task.tokenizer={tmp_path}/missing.json", "--no-progress")
+    rc, err = _cli(
+        capsys,
+        "train",
+        "--role",
+        "teacher",
+        "--config",
+        "gsm8k_ci",
+        f"run_dir={tmp_path}",
+        f"task.data_dir={tmp_path}",
+        f"task.tokenizer={tmp_path}/missing.json",
+        "--no-progress",
+    )
     assert rc == 2 and len(err) == 1 and "missing.json" in err[0]
-    rc, err = _cli(capsys, "train", "--role", "teacher", "--config", "gsm8k_ci", f"run_dir={tmp_path}",
-                   f"task.data_dir={tmp_path}", "task.download=false", "--no-progress")
-    assert rc == 2 and len(err) == 1 and "cannot read split 'train' of 'distgame_gsm8k'" in err[0] and "not been generated" in err[0]
+    rc, err = _cli(
+        capsys,
+        "train",
+        "--role",
+        "teacher",
+        "--config",
+        "gsm8k_ci",
+        f"run_dir={tmp_path}",
+        f"task.data_dir={tmp_path}",
+        "task.download=false",
+        "--no-progress",
+    )
+    assert (
+        rc == 2
+        and len(err) == 1
+        and "cannot read split 'train' of 'distgame_gsm8k'" in err[0]
+        and "not been generated" in err[0]
+    )
     assert not (tmp_path / "teacher").exists()  # nothing was written before the refusal
 
 
@@ -254,9 +313,25 @@ def test_protocol_end_to_end_on_mock_gsm8k(tmp_path):
     checked_path = tmp_path / "checked.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(pathlib.Path(__file__).parent), str(checked_path),
-         "protocol", "--config", "gsm8k_ci", f"run_dir={tmp_path / 'run'}", f"task.data_dir={tmp_path}", "--no-progress", "--json"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=pathlib.Path(__file__).parent.parent,
+        [
+            sys.executable,
+            "-c",
+            _DRIVER,
+            str(pathlib.Path(__file__).parent),
+            str(checked_path),
+            "protocol",
+            "--config",
+            "gsm8k_ci",
+            f"run_dir={tmp_path / 'run'}",
+            f"task.data_dir={tmp_path}",
+            "--no-progress",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=pathlib.Path(__file__).parent.parent,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
@@ -280,10 +355,21 @@ def test_protocol_end_to_end_on_mock_gsm8k(tmp_path):
     assert refs <= {r["answer"].rsplit("#### ", 1)[1].replace(",", "") for r in TRAIN + TEST}
     assert all(isinstance(text, str) for text, _ in checked)
 
+
 def test_any_tfds_dataset_by_name_with_its_fields(tmp_path):
     """`tfds:<name>` reads a dataset tfds ships (here math_qa, random mock rows) through the named features."""
-    fields = dict(name="tfds:math_qa", tokenizer="byte", data_dir=str(tmp_path), prompt_field="Problem",
-                  solution_field="Rationale", answer_field="correct", checker="exact", n_heldout=2, n_test=3, max_len=512)
+    fields = dict(
+        name="tfds:math_qa",
+        tokenizer="byte",
+        data_dir=str(tmp_path),
+        prompt_field="Problem",
+        solution_field="Rationale",
+        answer_field="correct",
+        checker="exact",
+        n_heldout=2,
+        n_test=3,
+        max_len=512,
+    )
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
         task = build_task(TaskConfig(**fields).validate())
         test = task.problems("test", seed=0)
@@ -300,7 +386,6 @@ def test_gsm8k_builder_downloads_over_http(tmp_path, monkeypatch):
     import functools
     import http.server
     import threading
-
 
     served = tmp_path / "www"
     served.mkdir()

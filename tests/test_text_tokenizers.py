@@ -48,7 +48,9 @@ def _train_tokenizer_json(path, specials):
     hf = HF(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     hf.train_from_iterator(TEXTS * 20 + ["Natalia sold 48 clips in April and half as many in May."] * 20, trainer)
     hf.save(str(path))
     return hf
@@ -59,7 +61,11 @@ def test_tokenizer_json_round_trip_and_special_ids(tmp_path):
     hf = _train_tokenizer_json(path, ["<pad>", "<s>", "</s>", "<unk>"])
     tok = load_tokenizer(str(path))
     assert isinstance(tok, HFTokenizer)
-    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (hf.token_to_id("<pad>"), hf.token_to_id("<s>"), hf.token_to_id("</s>"))
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (
+        hf.token_to_id("<pad>"),
+        hf.token_to_id("<s>"),
+        hf.token_to_id("</s>"),
+    )
     assert tok.vocab_size == hf.get_vocab_size()
     for text in TEXTS[:2]:
         ids = tok.encode(text)
@@ -88,8 +94,16 @@ def test_sentencepiece_model_round_trip(tmp_path):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["Tom has 12 apples and buys 3 more.", "How many apples does Tom have?"] * 50))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=30,
-                                   pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=30,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        minloglevel=2,
+    )
     tok = load_tokenizer(str(tmp_path / "sp.model"))
     assert isinstance(tok, SentencePieceTokenizer)
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 30)
@@ -97,10 +111,13 @@ def test_sentencepiece_model_round_trip(tmp_path):
     assert tok.decode([1] + tok.encode(text) + [2, 5, 6]) == text
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("nope", "neither 'word', 'byte' nor an existing"),
-    ("/does/not/exist/tokenizer.json", "neither 'word', 'byte' nor an existing"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("nope", "neither 'word', 'byte' nor an existing"),
+        ("/does/not/exist/tokenizer.json", "neither 'word', 'byte' nor an existing"),
+    ],
+)
 def test_bad_tokenizer_specs_are_refused(spec, match):
     with pytest.raises(TokenizerError, match=match):
         load_tokenizer(spec)

@@ -118,8 +118,9 @@ def test_myopic_trap_signs():
     sb, eb, _ = toy.toy_batches(TRAP)
     zt, zp = jnp.asarray(TRAP.teacher_logits), jnp.asarray(TRAP.proxy_logits)
     myopic = solver.SolverConfig(gamma_max=TRAP.gamma_max, unroll_lr=1.0, unroll_steps=1, unroll_from="current")
-    horizon = solver.SolverConfig(gamma_max=TRAP.gamma_max, unroll_from="base", unroll_optimizer="adam",
-                                  unroll_lr=0.1, unroll_steps=200)
+    horizon = solver.SolverConfig(
+        gamma_max=TRAP.gamma_max, unroll_from="base", unroll_optimizer="adam", unroll_lr=0.1, unroll_steps=200
+    )
 
     def one_step_at_best_response(g):
         theta_br = jax.nn.log_softmax((1 - g) * zt + g * zp, axis=-1)

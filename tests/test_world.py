@@ -50,9 +50,12 @@ def test_learning_curve_prefix_is_exactly_a_shorter_run():
 
     model = init_role_model(dataclasses.replace(_role(), model=cfg), 20, mesh, DEFAULT_RULES, 0)
     rng = np.random.default_rng(0)
-    traces = {"tokens_bt": rng.integers(3, 20, (2, 16, 12)).astype(np.int32),
-              "loss_mask_bt": np.ones((2, 16, 12), np.float32),
-              "topk_ids_btk": np.zeros((2, 16, 12, 1), np.int32), "topk_logprob_btk": np.zeros((2, 16, 12, 1), np.float32)}
+    traces = {
+        "tokens_bt": rng.integers(3, 20, (2, 16, 12)).astype(np.int32),
+        "loss_mask_bt": np.ones((2, 16, 12), np.float32),
+        "topk_ids_btk": np.zeros((2, 16, 12, 1), np.int32),
+        "topk_logprob_btk": np.zeros((2, 16, 12, 1), np.float32),
+    }
     heldout = {"tokens_bt": traces["tokens_bt"][0], "loss_mask_bt": traces["loss_mask_bt"][0]}
     dc = DistillConfig(steps=6, batch_size=4, warmup_steps=2, lr=1e-2, schedule="constant", betas=(), attacks=())
     short = distil(model, traces, heldout, dc, "passive", 0.0, 2, progress=False)
@@ -61,7 +64,9 @@ def test_learning_curve_prefix_is_exactly_a_shorter_run():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(snaps[1]), jax.tree.leaves(snaps[2]))]
     assert max(moved) > 0  # the longer run kept training
-    cosine = distil(model, traces, heldout, dataclasses.replace(dc, schedule="cosine"), "passive", 0.0, 2, progress=False)
+    cosine = distil(
+        model, traces, heldout, dataclasses.replace(dc, schedule="cosine"), "passive", 0.0, 2, progress=False
+    )
     assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(cosine)))
 
 
@@ -75,8 +80,12 @@ def _row(label, defense, teacher, passive, correct=None):
     students = {"passive": {"mean": np.mean(passive), "values": passive}}
     if correct is not None:
         students["correct_only"] = {"mean": np.mean(correct), "values": correct}
-    return {"label": label, "defense": defense, "teacher_accuracy": {"mean": np.mean(teacher), "values": teacher},
-            "students": students}
+    return {
+        "label": label,
+        "defense": defense,
+        "teacher_accuracy": {"mean": np.mean(teacher), "values": teacher},
+        "students": students,
+    }
 
 
 def test_headline_picks_the_largest_student_loss_with_a_useful_teacher():
@@ -105,9 +114,15 @@ def test_trim_columns_keeps_every_used_column_and_rounds_up():
 
     mask = np.zeros((2, 3, 40), np.float32)
     mask[1, 2, 4:17] = 1  # the last target token is tokens[:, :, 18]
-    arrays = {"tokens_bt": np.arange(2 * 3 * 40).reshape(2, 3, 40), "loss_mask_bt": mask,
-              "topk_ids_btk": np.zeros((2, 3, 40, 5))}
+    arrays = {
+        "tokens_bt": np.arange(2 * 3 * 40).reshape(2, 3, 40),
+        "loss_mask_bt": mask,
+        "topk_ids_btk": np.zeros((2, 3, 40, 5)),
+    }
     out = trim_columns(arrays)
     assert out["tokens_bt"].shape == (2, 3, 24) and out["topk_ids_btk"].shape == (2, 3, 24, 5)
     np.testing.assert_array_equal(out["tokens_bt"], arrays["tokens_bt"][..., :24])
-    assert trim_columns({"tokens_bt": np.zeros((2, 10)), "loss_mask_bt": np.ones((2, 10))})["tokens_bt"].shape == (2, 10)
+    assert trim_columns({"tokens_bt": np.zeros((2, 10)), "loss_mask_bt": np.ones((2, 10))})["tokens_bt"].shape == (
+        2,
+        10,
+    )

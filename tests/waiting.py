@@ -66,13 +66,16 @@ class Watch:
         elif total > self.cpu_budget_s:
             return f"runaway: {total:.0f} CPU-seconds used, over the budget of {self.cpu_budget_s:.0f}"
         elif then and total - then[-1] < MIN_CPU_SHARE * self.stall_s and any(p.returncode is None for p in self.procs):
-            return (f"hung: {total - then[-1]:.2f} CPU-seconds used in the last {self.stall_s:.0f}s "
-                    f"({total:.1f} CPU-seconds in {now - self.start:.0f}s in all)")
+            return (
+                f"hung: {total - then[-1]:.2f} CPU-seconds used in the last {self.stall_s:.0f}s "
+                f"({total:.1f} CPU-seconds in {now - self.start:.0f}s in all)"
+            )
         return None
 
 
-def communicate(procs: list[subprocess.Popen], cpu_budget_s: float, stall_s: float = STALL_S,
-                poll_s: float = 1.0) -> list[tuple[str, str]]:
+def communicate(
+    procs: list[subprocess.Popen], cpu_budget_s: float, stall_s: float = STALL_S, poll_s: float = 1.0
+) -> list[tuple[str, str]]:
     """(stdout, stderr) of every process once all have exited; kills them all and fails on a hang or a runaway
     (see the module docstring). `cpu_budget_s`: a generous multiple of the CPU time the job takes."""
     outputs: list = [("", "")] * len(procs)
@@ -95,19 +98,28 @@ def communicate(procs: list[subprocess.Popen], cpu_budget_s: float, stall_s: flo
         for r in readers:
             r.join(timeout=30)
     if failure:
-        raise AssertionError(failure + "".join(f"\n--- process {i} stderr:\n{err[-2000:]}" for i, (_, err) in enumerate(outputs) if err))
+        raise AssertionError(
+            failure + "".join(f"\n--- process {i} stderr:\n{err[-2000:]}" for i, (_, err) in enumerate(outputs) if err)
+        )
     print(f"subprocesses: {watch.total:.1f} CPU-seconds in {time.monotonic() - watch.start:.0f}s")
     return outputs
 
 
-def wait_until(done: Callable[[], bool], proc: subprocess.Popen, cpu_budget_s: float, stall_s: float = STALL_S,
-               poll_s: float = 0.01) -> None:
+def wait_until(
+    done: Callable[[], bool],
+    proc: subprocess.Popen,
+    cpu_budget_s: float,
+    stall_s: float = STALL_S,
+    poll_s: float = 0.01,
+) -> None:
     """Poll `done()` while `proc` runs; fail (and kill it) if it ends first, hangs or runs away."""
     watch = Watch([proc], cpu_budget_s, stall_s)
     last = 0.0
     while not done():
         if proc.poll() is not None:
-            raise AssertionError(f"the process ended first (exit {proc.returncode}): {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            raise AssertionError(
+                f"the process ended first (exit {proc.returncode}): {proc.stderr.read()[-2000:] if proc.stderr else ''}"
+            )
         if time.monotonic() - last >= 1.0:  # /proc once a second, `done()` as often as asked
             last = time.monotonic()
             failure = watch.check()

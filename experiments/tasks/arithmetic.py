@@ -425,8 +425,7 @@ def encode_prompts(
     for i, ids in enumerate(encoded):
         if len(ids) > max_prompt_len:
             raise ValueError(
-                f"problem {i} ({problems[i].prompt!r}) needs {len(ids)} prompt tokens > "
-                f"max_prompt_len={max_prompt_len}"
+                f"problem {i} ({problems[i].prompt!r}) needs {len(ids)} prompt tokens > max_prompt_len={max_prompt_len}"
             )
         tokens[i, max_prompt_len - len(ids) :] = ids
         lens[i] = len(ids)

@@ -63,8 +63,12 @@ def global_batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.nd
 
 
 def local_batch(
-    source: RowSource, batch_size: int, seed: int, step: int,
-    process_index: int | None = None, process_count: int | None = None,
+    source: RowSource,
+    batch_size: int,
+    seed: int,
+    step: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> dict[str, np.ndarray]:
     """This process's rows of the global batch at ``step`` (read from ``source`` and nothing else)."""
     idx = global_batch_indices(len(source), batch_size, seed, step)

@@ -79,8 +79,14 @@ def write_solution(steps, rng: random.Random, style: Style) -> str:
         last = lines[-1] if lines else None
         if op == "*" and rng.random() < style.spell:  # a * 3 = c  ->  a + a = 2a . 2a + a = c
             lines += [[a, [("+", a)], 2 * a, False]] + ([[2 * a, [("+", a)], c, False]] if b == 3 else [])
-        elif (last is not None and last[3] and op in "+-" and all(o in "+-" for o, _ in last[1])
-                and len(last[1]) < MAX_FUSED and rng.random() < style.fuse):
+        elif (
+            last is not None
+            and last[3]
+            and op in "+-"
+            and all(o in "+-" for o, _ in last[1])
+            and len(last[1]) < MAX_FUSED
+            and rng.random() < style.fuse
+        ):
             last[1].append((op, b))
             last[2] = c
         else:
@@ -147,9 +153,12 @@ def text_features(text: str) -> dict[str, float]:
     that multiply: a multiplication spelled out as repeated addition has none)."""
     lines = [s.strip() for s in text.rpartition(ar.ANSWER_MARKER)[0].split(" .") if s.strip()]
     work = [line for line in lines if not line.startswith(CHECK_WORDS)]
-    return {"valid": float(reasoning_is_valid(text)), "checks": float(len(lines) - len(work)),
-            "fused": float(sum(len(re.findall(r" [-+*] ", " " + line)) > 1 for line in work)),
-            "times": float(sum(" * " in line for line in work))}
+    return {
+        "valid": float(reasoning_is_valid(text)),
+        "checks": float(len(lines) - len(work)),
+        "fused": float(sum(len(re.findall(r" [-+*] ", " " + line)) > 1 for line in work)),
+        "times": float(sum(" * " in line for line in work)),
+    }
 
 
 def reasoning_is_valid(text: str) -> bool:

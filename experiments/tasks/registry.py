@@ -48,17 +48,31 @@ class TaskConfig(ar.ArithmeticTaskConfig):
     """The task: the built-in arithmetic problems (fields above) or a text dataset through TFDS (fields below).
     n_train / n_heldout / n_test / max_len apply to every task; the step and value ranges to arithmetic only."""
 
-    name: str = _help("task: 'reasoning' (built-in, many valid solution texts), 'arithmetic' (built-in, one text), 'gsm8k', "
-                      "'math', or 'tfds:<dataset>' (any dataset tfds knows)", "reasoning")
-    tokenizer: str = _help("'word' (built-in tasks only), 'byte' (UTF-8 bytes, no download), or a path to tokenizer.json / a SentencePiece .model", "word")
-    data_dir: str = _help("TFDS data directory (local or gs://; '' = tfds's default ~/tensorflow_datasets); must exist", "")
+    name: str = _help(
+        "task: 'reasoning' (built-in, many valid solution texts), 'arithmetic' (built-in, one text), 'gsm8k', "
+        "'math', or 'tfds:<dataset>' (any dataset tfds knows)",
+        "reasoning",
+    )
+    tokenizer: str = _help(
+        "'word' (built-in tasks only), 'byte' (UTF-8 bytes, no download), or a path to tokenizer.json / a SentencePiece .model",
+        "word",
+    )
+    data_dir: str = _help(
+        "TFDS data directory (local or gs://; '' = tfds's default ~/tensorflow_datasets); must exist", ""
+    )
     download: bool = _help("text tasks: download and prepare the dataset into data_dir when it is not there yet", True)
-    train_split: str = _help("text tasks: TFDS split to train on (its last n_heldout rows are the held-out set)", "train")
+    train_split: str = _help(
+        "text tasks: TFDS split to train on (its last n_heldout rows are the held-out set)", "train"
+    )
     test_split: str = _help("text tasks: TFDS split to evaluate on", "test")
     prompt_field: str = _help("tfds:<name> only: feature holding the problem text", "question")
     solution_field: str = _help("tfds:<name> only: feature holding the worked solution", "answer")
-    answer_field: str = _help("tfds:<name> only: feature holding the final answer ('' = extract it from the solution)", "")
-    checker: str = _help("tfds:<name> only: answer check 'gsm8k' (numeric after ####), 'math' (\\boxed{} LaTeX) or 'exact'", "gsm8k")
+    answer_field: str = _help(
+        "tfds:<name> only: feature holding the final answer ('' = extract it from the solution)", ""
+    )
+    checker: str = _help(
+        "tfds:<name> only: answer check 'gsm8k' (numeric after ####), 'math' (\\boxed{} LaTeX) or 'exact'", "gsm8k"
+    )
 
     @property
     def is_text(self) -> bool:
@@ -72,14 +86,20 @@ class TaskConfig(ar.ArithmeticTaskConfig):
             if self.name == "reasoning":  # longer texts than the canonical ones: check its own bound first
                 need = rs.max_sequence_tokens(arithmetic)
                 if self.max_len < need:
-                    raise ValueError(f"task.max_len={self.max_len} is too small: a reasoning problem with "
-                                     f"task.max_steps={self.max_steps} steps can need {need} tokens")
+                    raise ValueError(
+                        f"task.max_len={self.max_len} is too small: a reasoning problem with "
+                        f"task.max_steps={self.max_steps} steps can need {need} tokens"
+                    )
             arithmetic.validate()  # the arithmetic checks, on the arithmetic fields only
             return self
         if self.name not in TEXT_TASKS and not (self.name.startswith("tfds:") and len(self.name) > 5):
-            raise ValueError(f"task.name={self.name!r} must be 'reasoning', 'arithmetic', 'gsm8k', 'math' or 'tfds:<dataset>'")
+            raise ValueError(
+                f"task.name={self.name!r} must be 'reasoning', 'arithmetic', 'gsm8k', 'math' or 'tfds:<dataset>'"
+            )
         if self.tokenizer == "word":
-            raise ValueError(f"task.tokenizer='word' only spells the arithmetic task; use 'byte' or a tokenizer file for task.name={self.name!r}")
+            raise ValueError(
+                f"task.tokenizer='word' only spells the arithmetic task; use 'byte' or a tokenizer file for task.name={self.name!r}"
+            )
         for name in ("n_train", "n_heldout", "n_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name}={getattr(self, name)} must be >= 1")
@@ -91,7 +111,9 @@ class TaskConfig(ar.ArithmeticTaskConfig):
 
     def arithmetic_fields(self) -> ar.ArithmeticTaskConfig:
         """The built-in tasks' fields (step and value ranges, sizes, max_len) on their own."""
-        return ar.ArithmeticTaskConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ar.ArithmeticTaskConfig)})
+        return ar.ArithmeticTaskConfig(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ar.ArithmeticTaskConfig)}
+        )
 
     def identity(self) -> Any:
         """What results depend on; for arithmetic exactly the arithmetic fields (so cached stages keep their keys)."""
@@ -109,8 +131,9 @@ class Task(Protocol):
 
     def text_features(self, text: str) -> dict[str, float]: ...
 
-    def training_rows(self, seed: int, n: int, *, with_solution: bool, easy_max_steps: int | None = None,
-                      style: str | None = None) -> RowSource: ...
+    def training_rows(
+        self, seed: int, n: int, *, with_solution: bool, easy_max_steps: int | None = None, style: str | None = None
+    ) -> RowSource: ...
 
 
 # --- arithmetic ---------------------------------------------------------------
@@ -179,8 +202,14 @@ FORMATS = {
 def text_format(tc: TaskConfig) -> TextFormat:
     if tc.name in FORMATS:
         return FORMATS[tc.name]
-    return TextFormat(tc.name.removeprefix("tfds:"), tc.prompt_field, tc.solution_field, tc.answer_field, tc.checker,
-                      "Question: {problem}\nAnswer:")
+    return TextFormat(
+        tc.name.removeprefix("tfds:"),
+        tc.prompt_field,
+        tc.solution_field,
+        tc.answer_field,
+        tc.checker,
+        "Question: {problem}\nAnswer:",
+    )
 
 
 def checker(name: str) -> Callable[[str, str], bool]:
@@ -231,14 +260,21 @@ def open_split(tc: TaskConfig, dataset: str, split: str):
 
     check_data_dir(tc.data_dir)
     try:
-        return tfds.data_source(dataset, split=split, data_dir=tc.data_dir or None, download=tc.download,
-                                builder_kwargs={"file_format": "array_record"})
+        return tfds.data_source(
+            dataset,
+            split=split,
+            data_dir=tc.data_dir or None,
+            download=tc.download,
+            builder_kwargs={"file_format": "array_record"},
+        )
     except tfds.core.registered.DatasetNotFoundError:
         raise TaskError(f"task.name={tc.name!r}: tfds does not know a dataset named {dataset!r}") from None
     except Exception as e:  # download / preparation failures: report, don't dump a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TaskError(f"task.name={tc.name!r}: cannot read split {split!r} of {dataset!r} "
-                        f"(data_dir={tc.data_dir or 'default'!r}, download={tc.download}): {first}") from None
+        raise TaskError(
+            f"task.name={tc.name!r}: cannot read split {split!r} of {dataset!r} "
+            f"(data_dir={tc.data_dir or 'default'!r}, download={tc.download}): {first}"
+        ) from None
 
 
 class TextTask:
@@ -253,7 +289,9 @@ class TextTask:
         self.test_source = open_split(tc, self.fmt.dataset, tc.test_split)
         n_rows = len(self.train_source)
         if n_rows <= tc.n_heldout:
-            raise TaskError(f"task.n_heldout={tc.n_heldout} leaves no training rows: split {tc.train_split!r} has {n_rows}")
+            raise TaskError(
+                f"task.n_heldout={tc.n_heldout} leaves no training rows: split {tc.train_split!r} has {n_rows}"
+            )
         self.n_train_rows = min(tc.n_train, n_rows - tc.n_heldout)
         self._heldout_start = n_rows - tc.n_heldout
 
@@ -262,7 +300,9 @@ class TextTask:
         f = self.fmt
         for key in (f.prompt_field, f.solution_field) + ((f.answer_field,) if f.answer_field else ()):
             if key not in row:
-                raise TaskError(f"task.name={self.tc.name!r}: dataset rows have no feature {key!r} (features: {', '.join(row)})")
+                raise TaskError(
+                    f"task.name={self.tc.name!r}: dataset rows have no feature {key!r} (features: {', '.join(row)})"
+                )
         solution = _text(row[f.solution_field]).strip()
         answer = _text(row[f.answer_field]).strip() if f.answer_field else reference_answer(f.checker, solution)
         return TextProblem(f.template.format(problem=_text(row[f.prompt_field]).strip()), " " + solution, answer)
@@ -290,7 +330,9 @@ class TextTask:
         Deterministic and prefix-stable; held-out and test sets do not depend on ``seed``.
         """
         if easy_max_steps:
-            raise TaskError(f"task.name={self.tc.name!r} has no 'easy' problems; set train.data to 'solutions' or 'prompts'")
+            raise TaskError(
+                f"task.name={self.tc.name!r} has no 'easy' problems; set train.data to 'solutions' or 'prompts'"
+            )
         if n is None:
             n = {"train": self.n_train_rows, "heldout": self.tc.n_heldout, "test": self.tc.n_test}[split]
         return list(self._problems(split, seed if split == "train" else 0, n))
@@ -306,7 +348,9 @@ class TextTask:
             if p.answer and self._fits(p):
                 out.append(p)
         if not out and n:
-            raise TaskError(f"task.max_len={self.max_len}: no {split!r} problem of {self.fmt.dataset!r} fits; raise task.max_len")
+            raise TaskError(
+                f"task.max_len={self.max_len}: no {split!r} problem of {self.fmt.dataset!r} fits; raise task.max_len"
+            )
         return tuple(out)
 
     def is_correct(self, text: str, answer: str) -> bool:
@@ -318,7 +362,9 @@ class TextTask:
     def training_rows(self, seed, n, *, with_solution, easy_max_steps=None, style=None) -> RowSource:
         """The first ``n`` rows of the training order, encoded (and truncated to ``max_len``) only when read."""
         if easy_max_steps:
-            raise TaskError(f"task.name={self.tc.name!r} has no 'easy' problems; set train.data to 'solutions' or 'prompts'")
+            raise TaskError(
+                f"task.name={self.tc.name!r} has no 'easy' problems; set train.data to 'solutions' or 'prompts'"
+            )
         _, order = self._order("train", seed)
         order = order[: min(n, self.n_train_rows)]
 

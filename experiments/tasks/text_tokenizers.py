@@ -82,7 +82,9 @@ class _SubwordTokenizer:
     def _resolve_specials(self, lookup, where: str) -> None:
         eos = _first_id(lookup, EOS_NAMES)
         if eos is None:
-            raise TokenizerError(f"tokenizer {where!r} has no end-of-sequence token (looked for {', '.join(EOS_NAMES)})")
+            raise TokenizerError(
+                f"tokenizer {where!r} has no end-of-sequence token (looked for {', '.join(EOS_NAMES)})"
+            )
         bos = _first_id(lookup, BOS_NAMES)
         pad = _first_id(lookup, PAD_NAMES)
         self.eos_id = eos

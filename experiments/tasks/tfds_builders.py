@@ -86,7 +86,14 @@ class DistgameGsm8k(tfds.core.GeneratorBasedBuilder):
                 if not line.strip():
                     continue
                 row = json.loads(line)
-                yield i, {"question": row["question"], "solution": row["answer"], "answer": gsm8k_final_answer(row["answer"])}
+                yield (
+                    i,
+                    {
+                        "question": row["question"],
+                        "solution": row["answer"],
+                        "answer": gsm8k_final_answer(row["answer"]),
+                    },
+                )
 
 
 class DistgameMath(tfds.core.GeneratorBasedBuilder):
@@ -115,21 +122,27 @@ class DistgameMath(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         manual = _manual_dir(dl_manager)
         if manual is not None and (manual / "MATH").is_dir():
+
             def files(split):
                 return ((str(p), p.read_bytes()) for p in sorted((manual / "MATH" / split).glob("*/*.json")))
         else:
             tar = manual / "MATH.tar" if manual is not None else dl_manager.download(MATH_URL)
+
             def files(split):
                 return _tar_members(tar, split)
+
         return {s: self._generate_examples(files(s)) for s in ("train", "test")}
 
     def _generate_examples(self, files):
         for name, data in files:
             row = json.loads(data.decode("utf-8"))
-            yield name, {
-                "problem": row["problem"],
-                "solution": row["solution"],
-                "answer": last_boxed(row["solution"]) or "",
-                "level": row.get("level", ""),
-                "type": row.get("type", ""),
-            }
+            yield (
+                name,
+                {
+                    "problem": row["problem"],
+                    "solution": row["solution"],
+                    "answer": last_boxed(row["solution"]) or "",
+                    "level": row.get("level", ""),
+                    "type": row.get("type", ""),
+                },
+            )
