@@ -224,10 +224,10 @@ class DistillConfig:
         "0 = the last iterate",
         0.0,
     )
-    correct_pool: int = _help(
-        "learnability control: a passive student per defense trained only on that defense's correct traces, exactly "
-        "this many per seed (the same count for every defense, so only which correct texts differ); 0 = off",
-        0,
+    correct_only: bool = _help(
+        "learnability control: per defense, also the passive student trained on the same traces in the same order with "
+        "the wrong ones masked out; a loss vs standard that survives is the correct texts' learnability",
+        False,
     )
     finetune: str = _help(
         "what the student trains: 'full' (every weight) or 'lora' (low-rank adapters, protocol.distill.lora)", "full"
@@ -303,10 +303,6 @@ class ProtocolConfig:
             raise ConfigError(
                 "protocol.distill.curve needs protocol.distill.schedule='constant' (with 'cosine' the first N "
                 "steps of a longer run are not an N-step run); set protocol.distill.curve=[] or the schedule"
-            )
-        if dc.correct_pool < 0 or dc.correct_pool > self.n_traces:
-            raise ConfigError(
-                f"protocol.distill.correct_pool={dc.correct_pool} must be in [0, protocol.n_traces={self.n_traces}]"
             )
         try:
             dc.attacker.validate("protocol.distill.attacker")

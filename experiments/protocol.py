@@ -245,23 +245,11 @@ def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, 
     return {k: v[(slice(None),) * time_axis + (slice(0, width),)] for k, v in arrays.items()}
 
 
-def correct_pool(train: dict[str, np.ndarray], correct_sb: np.ndarray, pool: int, label: str) -> tuple[dict, int]:
-    """The first `pool` correct traces of each seed (arrays [seeds, n, ...] -> [seeds, pool, ...]).
-
-    Every defense's control student then trains on the same number of traces, so a gap between
-    defenses is about which correct texts they contain, not how many."""
-    have = correct_sb.sum(-1)
-    if have.min() < pool:
-        raise ConfigError(
-            f"protocol.distill.correct_pool={pool}: {label} has only {int(have.min())} correct traces in a "
-            f"seed (of {correct_sb.shape[-1]}); lower correct_pool or raise protocol.n_traces"
-        )
-    idx_sp = np.stack([np.flatnonzero(c)[:pool] for c in correct_sb])
-
-    def take(v):
-        return np.take_along_axis(v, idx_sp.reshape(idx_sp.shape + (1,) * (v.ndim - 2)), axis=1)
-
-    return {k: take(v) for k, v in train.items()}, pool
+def mask_wrong_traces(train: dict[str, np.ndarray], right_sb: np.ndarray) -> dict[str, np.ndarray]:
+    """The learnability control's data: the passive student's traces, rows and order, with the loss of every
+    wrong (or degenerate) trace masked out. Seed s of every defense shares the data order and sampling keys, so a
+    paired gap between defenses that survives the mask is about the correct texts, not wrong answers."""
+    return {**train, "loss_mask_bt": train["loss_mask_bt"] * right_sb[..., None]}
 
 
 # ---------------------------------------------------------------------------
@@ -620,7 +608,7 @@ class Protocol:
         """Distil (or load) one student kind for every seed: its per-seed test `accuracy`,
         `ess_fraction` of its weights and, while the attacker keeps a validation split,
         `validation_accuracy`; + `curve` for the standard passive student (step count -> per-seed accuracy
-        along one run, protocol.distill.curve) and `pool` for correct_only. `kind` may be a
+        along one run, protocol.distill.curve) and `correct_traces` (per seed) for correct_only. `kind` may be a
         `game.students.Recipe` (attacker.py)."""
         dc = self.pc.distill
         with_curve = kind == "passive" and d.name == "standard" and bool(dc.curve)
@@ -632,7 +620,7 @@ class Protocol:
             attack_defenses=(),
             attacker=attacker.AttackerConfig(),
             curve=dc.curve if with_curve else (),
-            correct_pool=dc.correct_pool if kind == "correct_only" else 0,
+            correct_only=False,  # the kind is in the key
         )
         path = (
             self.dir
@@ -640,17 +628,15 @@ class Protocol:
         )
         if path.exists():
             return rio.load_json(path)
-        train = retok.student_rows(
-            traces
-        )  # the teacher's rows, or their re-encoding for a student with its own tokenizer
+        # the teacher's rows, or their re-encoding for a student with its own tokenizer
+        train = retok.student_rows(traces)
         if dc.degeneracy_filter:
             train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
         gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
         record = {"defense": d.label, "kind": kind if isinstance(kind, str) else dataclasses.asdict(kind), "beta": beta}
         if kind == "correct_only":
-            train, record["pool"] = correct_pool(
-                train, traces["trace_correct"] & traces["keep"], dc.correct_pool, d.label
-            )
+            right_sb = traces["trace_correct"] & traces["keep"]
+            train, record["correct_traces"] = mask_wrong_traces(train, right_sb), right_sb.sum(-1).tolist()
         snapshots = tuple(sorted({max(1, round(f * dc.steps)) for f in dc.curve})) if with_curve else ()
         stats: dict = {}
         params = distil(
@@ -724,7 +710,7 @@ class Protocol:
     def student_kinds(self, d: DefenseSetting) -> list[tuple[str, str, float]]:
         dc = self.pc.distill
         kinds = [("passive", "passive", 0.0)] + [(f"adaptive(beta={b:g})", "adaptive", b) for b in dc.betas]
-        if dc.correct_pool:
+        if dc.correct_only:
             kinds.append(("correct_only", "correct_only", 0.0))
         if d.name not in dc.attack_defenses:
             return kinds
@@ -756,8 +742,8 @@ class Protocol:
                     row.setdefault("ess_fraction", {})[name] = mean_stderr(record["ess_fraction"])
                 if "curve" in record:
                     row["learning_curve"] = {n: mean_stderr(v) for n, v in record["curve"].items()}
-                if "pool" in record:
-                    row["correct_pool"] = record["pool"]
+                if "correct_traces" in record:
+                    row["correct_traces"] = record["correct_traces"]
             if attacker.runs_ablation(d, self.pc.distill.attacker):
                 row["ablation_students"] = attacker.ablation_students(self, d, models, tr, heldout)
             row["adaptive_key"] = next((k for k in row["students"] if k.startswith("adaptive")), None)
@@ -975,8 +961,8 @@ def results_markdown(results: dict) -> str:
         if "delta_passive_correct_only" in info:
             text += (
                 f", passive on correct traces only {info['delta_passive_correct_only']:+.1f} ± "
-                f"{info['delta_passive_correct_only_se']:.1f} (same number of correct traces per defense: what is left "
-                f"is the learnability of the correct texts)"
+                f"{info['delta_passive_correct_only_se']:.1f} (the same traces with the wrong ones masked out: what is "
+                f"left is the learnability of the correct texts)"
             )
         lines += ["", text + "."]
     lines += ["", f"Finished in {results['seconds']:.0f}s. Plot: `teacher_vs_student.png`."]

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.config import ConfigError, DistillConfig
-from experiments.protocol import correct_pool, distil, headline, token_entropy_stats
+from experiments.config import DistillConfig
+from experiments.protocol import distil, headline, mask_wrong_traces, token_entropy_stats
 from experiments.train import init_role_model
 from models.transformer import ModelConfig
 
@@ -29,25 +29,32 @@ def test_token_entropy_stats_against_hand_computed_values():
     assert token_entropy_stats(2 * logits, mask)["entropy_nats"] < stats["entropy_nats"]
 
 
-def test_correct_pool_takes_the_first_correct_traces_of_each_seed():
-    tokens = np.arange(2 * 5)[:, None].reshape(2, 5, 1) * np.ones((1, 1, 3), int)
-    correct = np.array([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]], bool)
-    pooled, n = correct_pool({"tokens_bt": tokens}, correct, 2, "x")
-    assert n == 2
-    np.testing.assert_array_equal(pooled["tokens_bt"][:, :, 0], [[0, 2], [6, 7]])
-    with pytest.raises(ConfigError, match="correct_pool=4: poe γ=0.5 has only 3 correct traces"):
-        correct_pool({"tokens_bt": tokens}, correct, 4, "poe γ=0.5")
+def test_correct_only_student_ignores_the_wrong_traces():
+    """The control's student is a function of the correct traces alone: rewriting every wrong trace leaves it
+    bitwise unchanged, and it differs from the passive student, which learns from the wrong ones too."""
+    model, traces, heldout = _tiny_world()
+    right_sb = np.zeros(traces["tokens_bt"].shape[:2], bool)
+    right_sb[:, ::2] = True
+    dc = DistillConfig(steps=4, batch_size=4, warmup_steps=1, lr=1e-2, betas=(), attacks=())
+    student = distil(model, mask_wrong_traces(traces, right_sb), heldout, dc, "passive", 0.0, 2, progress=False)
+    rewritten = {**traces, "tokens_bt": np.where(right_sb[..., None], traces["tokens_bt"], 3)}
+    again = distil(model, mask_wrong_traces(rewritten, right_sb), heldout, dc, "passive", 0.0, 2, progress=False)
+    passive = distil(model, traces, heldout, dc, "passive", 0.0, 2, progress=False)
+    for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(passive))
+    )
 
 
-def test_learning_curve_prefix_is_exactly_a_shorter_run():
-    """With the constant schedule, the snapshot after N steps of a 2N-step run is the N-step student."""
-    import jax.numpy as jnp
+def _tiny_world():
     from jax.sharding import Mesh
+
+    from models.sharding import DEFAULT_RULES
 
     cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32)
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    from models.sharding import DEFAULT_RULES
-
     model = init_role_model(dataclasses.replace(_role(), model=cfg), 20, mesh, DEFAULT_RULES, 0)
     rng = np.random.default_rng(0)
     traces = {
@@ -57,7 +64,19 @@ def test_learning_curve_prefix_is_exactly_a_shorter_run():
         "topk_logprob_btk": np.zeros((2, 16, 12, 1), np.float32),
     }
     heldout = {"tokens_bt": traces["tokens_bt"][0], "loss_mask_bt": traces["loss_mask_bt"][0]}
-    dc = DistillConfig(steps=6, batch_size=4, warmup_steps=2, lr=1e-2, schedule="constant", betas=(), attacks=())
+    return model, traces, heldout
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_learning_curve_prefix_is_exactly_a_shorter_run(ema):
+    """With the constant schedule, the snapshot after N steps of a 2N-step run is the N-step student (also when
+    students are evaluated at their iterate average, which is causal)."""
+    import jax.numpy as jnp
+
+    model, traces, heldout = _tiny_world()
+    dc = DistillConfig(
+        steps=6, batch_size=4, warmup_steps=2, lr=1e-2, schedule="constant", betas=(), attacks=(), ema=ema
+    )
     short = distil(model, traces, heldout, dc, "passive", 0.0, 2, progress=False)
     snaps = distil(model, traces, heldout, dc, "passive", 0.0, 2, progress=False, snapshots=(3, 6, 12))
     for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(snaps[1])):
