@@ -28,7 +28,7 @@ Styles (:data:`STYLES`, a role picks one with ``train.style``):
   teacher); PoE mixes its habit into the teacher's texts. Spelling out never changes the answer and
   the teacher adds two-digit numbers reliably, so it stays right. Students trained on reference
   texts (2 seeds, 800 steps) reach 56% with no multiplication spelled out and 42% with every one
-  spelled out (old world, spell 0.3 teacher); under PoE the correct-only students of the default lose 3-5 points
+  spelled out (old world, spell 0.3 teacher); under PoE γ=0.3 the default's passive student loses 6.7 points and its correct-traces-only twin 8.5
   (see the README);
 - ``careful`` (checks every line it can), ``terse`` (fuses most add/subtract chains; fused lines
   are hard even for the teacher: 24 of 28 wrong at τ=0.85, top-p 0.9) and ``canonical`` (the arithmetic task's
