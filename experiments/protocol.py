@@ -245,11 +245,12 @@ def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, 
     return {k: v[(slice(None),) * time_axis + (slice(0, width),)] for k, v in arrays.items()}
 
 
-def mask_wrong_traces(train: dict[str, np.ndarray], right_sb: np.ndarray) -> dict[str, np.ndarray]:
-    """The learnability control's data: the passive student's traces, rows and order, with the loss of every
-    wrong (or degenerate) trace masked out. Seed s of every defense shares the data order and sampling keys, so a
-    paired gap between defenses that survives the mask is about the correct texts, not wrong answers."""
-    return {**train, "loss_mask_bt": train["loss_mask_bt"] * right_sb[..., None]}
+def mask_traces(train: dict[str, np.ndarray], kept_sb: np.ndarray) -> dict[str, np.ndarray]:
+    """`train` with the loss of every trace outside `kept_sb` [seeds, n] masked out; rows and data order stay.
+    The degeneracy filter keeps the non-degenerate traces; the learnability control keeps only the correct ones,
+    and since seed s of every defense shares the data order and sampling keys, a paired gap between defenses
+    that survives that mask is about the correct texts, not wrong answers."""
+    return {**train, "loss_mask_bt": train["loss_mask_bt"] * kept_sb[..., None]}
 
 
 # ---------------------------------------------------------------------------
@@ -631,12 +632,12 @@ class Protocol:
         # the teacher's rows, or their re-encoding for a student with its own tokenizer
         train = retok.student_rows(traces)
         if dc.degeneracy_filter:
-            train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
+            train = mask_traces(train, traces["keep"])
         gamma = d.strength + dc.inversion_gamma_error if kind == "poe_inversion" else 0.0
         record = {"defense": d.label, "kind": kind if isinstance(kind, str) else dataclasses.asdict(kind), "beta": beta}
         if kind == "correct_only":
             right_sb = traces["trace_correct"] & traces["keep"]
-            train, record["correct_traces"] = mask_wrong_traces(train, right_sb), right_sb.sum(-1).tolist()
+            train, record["correct_traces"] = mask_traces(train, right_sb), right_sb.sum(-1).tolist()
         snapshots = tuple(sorted({max(1, round(f * dc.steps)) for f in dc.curve})) if with_curve else ()
         stats: dict = {}
         params = distil(

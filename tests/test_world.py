@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.config import DistillConfig
-from experiments.protocol import distil, headline, mask_wrong_traces, token_entropy_stats
+from experiments.protocol import distil, headline, mask_traces, token_entropy_stats
 from experiments.train import init_role_model
 from models.transformer import ModelConfig
 
@@ -36,9 +36,9 @@ def test_correct_only_student_ignores_the_wrong_traces():
     right_sb = np.zeros(traces["tokens_bt"].shape[:2], bool)
     right_sb[:, ::2] = True
     dc = DistillConfig(steps=4, batch_size=4, warmup_steps=1, lr=1e-2, betas=(), attacks=())
-    student = distil(model, mask_wrong_traces(traces, right_sb), heldout, dc, "passive", 0.0, 2, progress=False)
+    student = distil(model, mask_traces(traces, right_sb), heldout, dc, "passive", 0.0, 2, progress=False)
     rewritten = {**traces, "tokens_bt": np.where(right_sb[..., None], traces["tokens_bt"], 3)}
-    again = distil(model, mask_wrong_traces(rewritten, right_sb), heldout, dc, "passive", 0.0, 2, progress=False)
+    again = distil(model, mask_traces(rewritten, right_sb), heldout, dc, "passive", 0.0, 2, progress=False)
     passive = distil(model, traces, heldout, dc, "passive", 0.0, 2, progress=False)
     for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
