@@ -23,6 +23,10 @@ class IterateAverage:
         if self.decay:
             self.avg = _ema_step(self.avg, tree, jnp.float32(self.decay))
 
+    def advanced(self, avg, steps: int) -> None:
+        """Take the average that `steps` calls of `ema_update` inside a compiled loop produced."""
+        self.avg, self.t = avg, self.t + steps
+
     def value(self, tree):
         if not self.decay:
             return tree
@@ -30,6 +34,9 @@ class IterateAverage:
         return jax.tree.map(lambda a, x: (a * scale).astype(x.dtype), self.avg, tree)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _ema_step(avg, tree, decay):
+def ema_update(avg, tree, decay):
+    """One step of the (uncorrected) average, kept in float32; a pure function for compiled loops."""
     return jax.tree.map(lambda a, x: decay * a + (1 - decay) * x.astype(jnp.float32), avg, tree)
+
+
+_ema_step = functools.partial(jax.jit, donate_argnums=0)(ema_update)

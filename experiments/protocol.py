@@ -37,7 +37,7 @@ from experiments.config import Config, ConfigError, DefenseSetting, DistillConfi
 from experiments.distributed import is_main_process
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.io import fingerprint, save_json, save_npz
-from experiments.iterate_average import IterateAverage
+from experiments.iterate_average import IterateAverage, ema_update
 from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.stats import mean_stderr, pm
@@ -276,8 +276,50 @@ def distill_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=16)
 def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: float):
-    """One student update, jitted once per (model, settings, kind) and reused across defense
-    settings (γ, β and the proxy's params are traced arguments, not constants).
+    """One student update over all seeds, jitted once per (model, settings, kind) and reused across defense
+    settings (γ, β and the proxy's params are traced arguments, not constants)."""
+    return jax.jit(_seeds_step(graphdef, proxy_graphdef, dc, kind, tau), donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def make_distill_chunk(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: float, mesh):
+    """Many student updates in one compiled loop (`lax.scan`): the batch is gathered on the device from the
+    device-resident traces by precomputed row indices, and the iterate average, the first non-finite step and
+    the effective-sample-size sum are updated in the loop too. The same updates as calling `make_distill_step`
+    once per step, without a host round trip per step (which cost a third of the time of a small student).
+    carry = (trained, opt_state, average, first_bad_s, ess_s); xs = (idx_ksb, heldout_idx_ksh, step_k)."""
+    step = _seeds_step(graphdef, proxy_graphdef, dc, kind, tau)
+    decay = jnp.float32(dc.ema)
+
+    def rows_sharded(x):  # as seed_rows_sharded places a host batch
+        div = shd.batch_divisor(mesh) if mesh is not None else 1
+        if div == 1 or x.shape[1] % div:
+            return x
+        spec = PartitionSpec(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def chunk(carry, base, traces, heldout, xs, beta, proxy_params, gamma):
+        def body(carry, x):
+            trained, opt_state, avg, first_bad, ess = carry
+            idx_sb, h_idx_sh, i = x
+            batch = {
+                k: rows_sharded(jnp.take_along_axis(v, idx_sb.reshape(idx_sb.shape + (1,) * (v.ndim - 2)), axis=1))
+                for k, v in traces.items()
+            }
+            held = {k: rows_sharded(v[h_idx_sh]) for k, v in heldout.items()}
+            trained, opt_state, loss, aux = step(trained, opt_state, base, batch, beta, held, proxy_params, gamma)
+            if avg is not None:
+                avg = ema_update(avg, trained, decay)
+            first_bad = jnp.where((first_bad < 0) & ~jnp.isfinite(loss), i, first_bad)
+            return (trained, opt_state, avg, first_bad, ess + aux["ess_fraction"]), None
+
+        return jax.lax.scan(body, carry, xs)[0]
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
+def _seeds_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: float):
+    """One student update vmapped over seeds (not jitted).
     `kind` is passive | adaptive | soft_topk | poe_inversion, or a `game.students.Recipe`
     (attacker.recipe_of resolves passive/adaptive to theirs; `stu.recipe_loss` assembles it).
 
@@ -338,7 +380,11 @@ def make_distill_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, ta
         return optax.apply_updates(tp, updates), opt_state, loss, aux
 
     # vmap over seeds: trained tree, opt state, batch and held-out batch have a leading seed axis; base is shared.
-    return jax.jit(jax.vmap(step, in_axes=(0, 0, None, 0, None, 0, None, None)), donate_argnums=(0, 1))
+    return jax.vmap(step, in_axes=(0, 0, None, 0, None, 0, None, None))
+
+
+FUSED_CHUNK = 100  # steps per compiled chunk: the progress bar moves per chunk
+FUSED_MAX_BYTES = 256 * 2**20  # traces kept on the device for the fused loop (soft top-k targets can be large)
 
 
 def distil(
@@ -356,11 +402,14 @@ def distil(
     desc: str = "",
     snapshots: tuple[int, ...] = (),
     stats: dict | None = None,
+    fused: bool | None = None,
 ):
     """Train `seeds` copies of the student base at once; traces have a leading seed axis.
     Returns the students' full params (LoRA adapters merged) with a leading seed axis; with
     `snapshots` (step counts), a list of them, one per snapshot, training to the largest.
-    `stats` (if given) receives the per-seed mean effective-sample-size fraction of the weights."""
+    `stats` (if given) receives the per-seed mean effective-sample-size fraction of the weights.
+    `fused` runs the steps in compiled chunks (`make_distill_chunk`); by default whenever the recipe needs no
+    host work per batch and the traces fit FUSED_MAX_BYTES. Both paths draw the same batches."""
     step = make_distill_step(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau)
     traces, heldout = trim_columns(traces), trim_columns(heldout)
     proxy_params = proxy.params if proxy else None
@@ -403,18 +452,44 @@ def distil(
     )
     kept = {}
     feeder = attacker.RecipeFeeder(base, dc, kind, traces, heldout, seeds)
-    ess = 0.0
     average = IterateAverage(dc.ema, trained)
     first_bad = jnp.full((seeds,), -1, jnp.int32)  # per seed, the first step whose loss was not finite
-    bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
-    for i in bar:
+    ess = jnp.zeros((seeds,), jnp.float32)
+    h_b = min(dc.heldout_batch, n_h)
+    held_arrays = {k: heldout[k] for k in ("tokens_bt", "loss_mask_bt")}
+    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress)
+    if fused is None:  # per-batch host work (weights, uniforms) or traces too large to keep on the device
+        fused = (feeder.recipe is None or not feeder.recipe.weighted) and sum(
+            v.nbytes for v in (*traces.values(), *held_arrays.values())
+        ) <= FUSED_MAX_BYTES
+    if fused:
+        chunk = make_distill_chunk(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau, mesh)
+        traces_d, held_d = jax.tree.map(jnp.asarray, (traces, held_arrays))
+        carry = (trained, opt_state, average.avg, first_bad, ess)
+        ends = sorted({*range(FUSED_CHUNK, total, FUSED_CHUNK), *snapshots, total})
+        i = 0
+        for end in ends:
+            k = end - i
+            idx_ksb, h_idx_ksh = np.empty((k, seeds, dc.batch_size), np.int32), np.empty((k, seeds, h_b), np.int32)
+            for j in range(k):  # the same draws, in the same order, as the per-step loop below
+                idx_ksb[j] = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
+                h_idx_ksh[j] = np.stack([r.integers(0, n_h, h_b) for r in rngs])
+            xs = (jnp.asarray(idx_ksb), jnp.asarray(h_idx_ksh), jnp.arange(i, end, dtype=jnp.int32))
+            carry = chunk(carry, frozen, traces_d, held_d, xs, jnp.float32(beta), proxy_params, jnp.float32(gamma))
+            trained, i = carry[0], end
+            average.advanced(carry[2], k)
+            if end in snapshots:  # a copy: the next chunk donates the carry
+                kept[end] = jax.tree.map(jnp.copy, merged(average.value(trained)))
+            bar.update(k)
+        _, _, _, first_bad, ess = carry
+    for i in range(0 if fused else total):
         idx = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
         batch = {
             k: np.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1) for k, v in traces.items()
         }
         batch.update(feeder.extras(i, trained, frozen, idx, beta))
-        h_idx = np.stack([r.integers(0, n_h, min(dc.heldout_batch, n_h)) for r in rngs])
-        held = {k: heldout[k][h_idx] for k in ("tokens_bt", "loss_mask_bt")}
+        h_idx = np.stack([r.integers(0, n_h, h_b) for r in rngs])
+        held = {k: v[h_idx] for k, v in held_arrays.items()}
         batch, held = seed_rows_sharded(batch, mesh), seed_rows_sharded(held, mesh)
         trained, opt_state, loss, aux = step(
             trained, opt_state, frozen, batch, jnp.float32(beta), held, proxy_params, jnp.float32(gamma)
@@ -424,8 +499,10 @@ def distil(
         average.update(trained)
         if i + 1 in snapshots:  # a copy: the next step donates `trained`
             kept[i + 1] = jax.tree.map(jnp.copy, merged(average.value(trained)))
+        bar.update(1)
+    bar.close()
     if stats is not None:
-        stats["ess_fraction"] = (np.asarray(shd.to_host(ess) if isinstance(ess, jax.Array) else ess) / total).tolist()
+        stats["ess_fraction"] = (np.asarray(shd.to_host(ess)) / total).tolist()
     first_bad = shd.to_host(first_bad)
     if np.any(first_bad >= 0):
         s = int(np.argmax(first_bad >= 0))
