@@ -458,10 +458,10 @@ def distil(
     h_b = min(dc.heldout_batch, n_h)
     held_arrays = {k: heldout[k] for k in ("tokens_bt", "loss_mask_bt")}
     bar = tqdm(total=total, desc=desc, leave=False, disable=not progress)
-    if fused is None:  # per-batch host work (weights, uniforms) or traces too large to keep on the device
-        fused = (feeder.recipe is None or not feeder.recipe.weighted) and sum(
-            v.nbytes for v in (*traces.values(), *held_arrays.values())
-        ) <= FUSED_MAX_BYTES
+    if fused is None:  # not when the feeder adds host-made weights or uniforms, or the traces are too large
+        r = feeder.recipe
+        host_extras = r is not None and r.weighted and (r.dataset_level or r.shuffle)
+        fused = not host_extras and sum(v.nbytes for v in (*traces.values(), *held_arrays.values())) <= FUSED_MAX_BYTES
     if fused:
         chunk = make_distill_chunk(base.graphdef, proxy.graphdef if proxy else None, dc, kind, tau, mesh)
         traces_d, held_d = jax.tree.map(jnp.asarray, (traces, held_arrays))

@@ -90,8 +90,10 @@ def test_learning_curve_prefix_is_exactly_a_shorter_run(ema):
     assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(cosine)))
 
 
-@pytest.mark.parametrize("kind,ema", [("passive", 0.0), ("passive", 0.9), ("soft_topk", 0.9)])
-def test_fused_distillation_is_the_per_step_loop(kind, ema, monkeypatch):
+@pytest.mark.parametrize(
+    "kind,beta,ema", [("passive", 0, 0.0), ("passive", 0, 0.9), ("soft_topk", 0, 0.9), ("adaptive", 1, 0)]
+)
+def test_fused_distillation_is_the_per_step_loop(kind, beta, ema, monkeypatch):
     """The compiled chunks (device-side batch gather, average and divergence check inside a scan) give bitwise
     the per-step loop's students, snapshots included, with chunks that end between snapshots."""
     import experiments.protocol as protocol
@@ -99,7 +101,7 @@ def test_fused_distillation_is_the_per_step_loop(kind, ema, monkeypatch):
     monkeypatch.setattr(protocol, "FUSED_CHUNK", 4)  # chunk ends 4, 8 besides the snapshots 3, 6, 12
     model, traces, heldout = _tiny_world()
     dc = DistillConfig(steps=6, batch_size=4, warmup_steps=2, lr=1e-2, betas=(), attacks=(), ema=ema)
-    run = functools.partial(distil, model, traces, heldout, dc, kind, 0.0, 2, progress=False, snapshots=(3, 6, 12))
+    run = functools.partial(distil, model, traces, heldout, dc, kind, beta, 2, progress=False, snapshots=(3, 6, 12))
     stats_fused, stats_steps = {}, {}
     fused, per_step = run(fused=True, stats=stats_fused), run(fused=False, stats=stats_steps)
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(per_step)):
