@@ -42,6 +42,7 @@ from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.stats import mean_stderr, pm
 from experiments.tasks.arithmetic import encode_problems, encode_prompts
+from experiments.tasks.batches import trim_columns
 from experiments.tasks.registry import Task, build_task, encode_truncated
 from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
@@ -234,15 +235,6 @@ def entropy_summary(ent: float, below: float, n: float, top_below: float = 0.9) 
         return x / n if n else float("nan")
 
     return {"entropy_nats": mean(ent), f"share_top_below_{top_below:g}": mean(below), "positions": int(n)}
-
-
-def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
-    """Drop the trailing columns no row uses (rounded up to `multiple` so few shapes compile): the
-    rows are padded to task.max_len, but most traces are much shorter, and the step's cost is linear in width."""
-    used = np.flatnonzero(arrays["loss_mask_bt"].reshape(-1, arrays["loss_mask_bt"].shape[-1]).any(0))
-    width = min(arrays["tokens_bt"].shape[-1], -(-(int(used[-1]) + 2 if used.size else 2) // multiple) * multiple)
-    time_axis = arrays["tokens_bt"].ndim - 1
-    return {k: v[(slice(None),) * time_axis + (slice(0, width),)] for k, v in arrays.items()}
 
 
 def mask_traces(train: dict[str, np.ndarray], kept_sb: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from experiments.config import Config, ConfigError, RoleConfig, TrainConfig
 from experiments.distributed import is_main_process
 from experiments.evaluate import single_model_accuracy
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
-from experiments.tasks.batches import RowSource, local_batch
+from experiments.tasks.batches import RowSource, local_batch, trim_columns
 from experiments.tasks.registry import Task, build_task
 from models import hf_loader
 from models import sharding as shd
@@ -218,6 +218,8 @@ class Trainer:
             with preemption.checkpointed():  # SIGTERM: save at this step, then stop
                 while step < self.tc.steps:
                     batch = self.batch_at(data, step)  # this process's rows of the global batch
+                    if jax.process_count() == 1:  # processes would disagree on the width of their own rows
+                        batch = trim_columns(batch)
                     self.state, metrics = self.step_fn(self.state, shd.shard_batch(batch, self.mesh))
                     step += 1
                     tokens_since += int(np.sum(batch["tokens_bt"] != self.tokenizer.pad_id))

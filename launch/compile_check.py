@@ -229,7 +229,7 @@ def compile_distill_step(cfg: Config, mesh):
         frozen = None
     opt = jax.eval_shape(jax.vmap(distill_optimizer(dc).init), trained)
     opt = jax.tree.map(lambda x, s=None: _batch(x.shape, x.dtype, rep), opt)
-    t = cfg.task.max_len  # the widest a batch gets (protocol.trim_columns cuts unused columns)
+    t = cfg.task.max_len  # the widest a batch gets (tasks.batches.trim_columns cuts unused columns)
 
     # placed as protocol.distil places them (protocol.seed_rows_sharded: rows over the batch axes when they divide)
     def rows(n):

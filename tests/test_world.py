@@ -150,7 +150,7 @@ def test_headline_picks_the_largest_student_loss_with_a_useful_teacher():
 
 
 def test_trim_columns_keeps_every_used_column_and_rounds_up():
-    from experiments.protocol import trim_columns
+    from experiments.tasks.batches import trim_columns
 
     mask = np.zeros((2, 3, 40), np.float32)
     mask[1, 2, 4:17] = 1  # the last target token is tokens[:, :, 18]
@@ -166,3 +166,33 @@ def test_trim_columns_keeps_every_used_column_and_rounds_up():
         2,
         10,
     )
+
+
+def test_a_trimmed_training_batch_has_the_full_width_loss_and_gradient():
+    """The train step sees trimmed batches (Trainer.fit): the loss and its gradient over the kept columns are those
+    of the padded rows (padding after the last target changes nothing under causal attention)."""
+    import jax.numpy as jnp
+
+    from experiments.tasks.batches import trim_columns
+    from experiments.train import masked_nll
+
+    model, traces, _ = _tiny_world()
+    rng = np.random.default_rng(3)
+    mask = np.zeros((4, 40), np.float32)
+    for b, (lo, hi) in enumerate([(3, 9), (5, 14), (2, 6), (4, 11)]):
+        mask[b, lo:hi] = 1
+    tokens = rng.integers(3, 20, (4, 40)).astype(np.int32)
+    tokens[:, 16:] = 0  # pad beyond the longest row's last target (tokens[:, 14])
+    full = {"tokens_bt": tokens, "loss_mask_bt": mask}
+    cut = trim_columns(full)
+    assert cut["tokens_bt"].shape == (4, 16)
+
+    def loss_and_grad(batch):
+        return jax.value_and_grad(masked_nll, argnums=1)(
+            model.graphdef, model.params, jnp.asarray(batch["tokens_bt"]), jnp.asarray(batch["loss_mask_bt"])
+        )
+
+    (l_full, g_full), (l_cut, g_cut) = loss_and_grad(full), loss_and_grad(cut)
+    np.testing.assert_allclose(float(l_cut), float(l_full), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

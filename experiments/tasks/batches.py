@@ -73,3 +73,14 @@ def local_batch(
     """This process's rows of the global batch at ``step`` (read from ``source`` and nothing else)."""
     idx = global_batch_indices(len(source), batch_size, seed, step)
     return source.rows(idx[process_slice(batch_size, process_index, process_count)])
+
+
+def trim_columns(arrays: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
+    """Drop the trailing columns no row uses (rounded up to `multiple` so few shapes compile): rows are
+    padded to task.max_len, but most are much shorter, and a train or distillation step's cost grows with the
+    width. Exact: a kept row's targets all stay (mask[t] = 1 iff tokens[t+1] is a target, so width = last
+    masked t + 2), and causal attention never lets a kept position see a dropped one."""
+    used = np.flatnonzero(arrays["loss_mask_bt"].reshape(-1, arrays["loss_mask_bt"].shape[-1]).any(0))
+    width = min(arrays["tokens_bt"].shape[-1], -(-(int(used[-1]) + 2 if used.size else 2) // multiple) * multiple)
+    time_axis = arrays["tokens_bt"].ndim - 1
+    return {k: v[(slice(None),) * time_axis + (slice(0, width),)] for k, v in arrays.items()}
