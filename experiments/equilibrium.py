@@ -45,6 +45,7 @@ from experiments.protocol import Protocol, ensure_models
 from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.stats import mean_stderr, pm
 from experiments.tasks.arithmetic import encode_problems
+from experiments.tasks.batches import trim_columns
 from game import defenses as dfn
 from game import solver as sv
 from game.poe_game import make_poe_game
@@ -123,6 +124,7 @@ class EquilibriumSweep:
         data = encode_problems(problems, self.tokenizer, self.cfg.task.max_len)
         if capability == "answer":
             data["loss_mask_bt"] = answer_mask(problems, self.tokenizer, data)
+        data = trim_columns({k: data[k] for k in ("tokens_bt", "loss_mask_bt")})
         batch = {"tokens_bt": jnp.asarray(data["tokens_bt"]), "loss_mask_bt": jnp.asarray(data["loss_mask_bt"])}
         batch["z_teacher"] = _logits(models["teacher"], batch["tokens_bt"])
         batch["z_proxy"] = _logits(models["proxy"], batch["tokens_bt"])
@@ -280,9 +282,13 @@ class EquilibriumSweep:
             self.dir.mkdir(parents=True, exist_ok=True)
         points, trajectories = [], []
         resuming = any(self.checkpoint_dir(beta).exists() for beta in self.ec.betas)
-        log_file = rio.JsonlLog(self.dir / "solver_log.jsonl", append=resuming) if main else contextlib.nullcontext()
         gamma_max = horizon = None
-        with log_file as log, preemption.checkpointed():  # SIGTERM from here on: checkpoint after the iteration
+        # SIGTERM from here on: checkpoint after the iteration. The log is opened inside, so a SIGTERM that arrives
+        # once it exists (what a supervisor may watch for) is always caught.
+        with (
+            preemption.checkpointed(),
+            rio.JsonlLog(self.dir / "solver_log.jsonl", append=resuming) if main else contextlib.nullcontext() as log,
+        ):
             for beta in self.ec.betas:
                 res = self.solve_beta(beta, models, eval_batch, util_batch, heldout, log)
                 d, best, ns = res["diag"], res["best"], res["n_starts"]
