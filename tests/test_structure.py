@@ -13,7 +13,6 @@ OVERSIZE = {
     "experiments/attacker.py": 457,
     "experiments/config.py": 625,
     "experiments/equilibrium.py": 466,
-    "experiments/plots.py": 748,
     "experiments/protocol.py": 992,
     "experiments/tasks/arithmetic.py": 432,
     "experiments/tasks/registry.py": 401,
