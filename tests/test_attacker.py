@@ -10,6 +10,7 @@ import pytest
 
 from experiments import attacker as A
 from experiments.config import ConfigError, DefenseSetting, DistillConfig, load_config
+from game import student_losses as SL
 from game import students as S
 
 
@@ -161,7 +162,7 @@ def test_dataset_level_weights_at_the_base_and_their_shuffled_control():
     g = jax.grad(lambda p: masked_nll(base.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"]))(base.params)
 
     def per_ex(p, tk, m):
-        return S.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
+        return SL.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
 
     a = S.recipe_scores(ref32, per_ex, base.params, g, tokens[1], mask[1])
     want = S.recipe_weights(ref32, a, 0.5, mask[1, :, :-1].sum(-1) > 0)

@@ -18,7 +18,6 @@ OVERSIZE = {
     "experiments/tasks/registry.py": 401,
     "game/defenses.py": 453,
     "game/solver.py": 935,
-    "game/students.py": 682,
     "launch/compile_check.py": 418,
     "models/hf_loader.py": 492,
 }
