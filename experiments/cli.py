@@ -17,7 +17,7 @@ from experiments.tasks.registry import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError
-from models.hf_loader import HFLoadError
+from models.hf_config import HFLoadError
 
 USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError, CoordinatorError, HFLoadError)
 

@@ -46,7 +46,7 @@ from experiments.train import (
     train_state_shardings,
 )
 from launch.accelerators import LaunchError, Slice, by_topology, check_mesh_fits
-from models import hf_loader, lora
+from models import hf_config, lora
 from models import sharding as shd
 from models import transformer as tfm
 
@@ -104,8 +104,8 @@ def task_vocab_size(cfg: Config) -> int:
 def hf_architecture(cfg: Config, role: str) -> tuple[tfm.ModelConfig, int, str]:
     """(ModelConfig, vocabulary rows, where it came from) of an HF role, without its weights."""
     try:
-        model_cfg, source = hf_loader.architecture(cfg.role(role).hf_dir, **hf_overrides(cfg.role(role)))
-    except hf_loader.HFLoadError as e:
+        model_cfg, source = hf_config.architecture(cfg.role(role).hf_dir, **hf_overrides(cfg.role(role)))
+    except hf_config.HFLoadError as e:
         raise LaunchError(f"{role}.hf_dir: {e}") from None
     return model_cfg, model_cfg.vocab_rows, source
 

@@ -19,7 +19,6 @@ OVERSIZE = {
     "game/defenses.py": 453,
     "game/solver.py": 935,
     "launch/compile_check.py": 418,
-    "models/hf_loader.py": 492,
 }
 """Modules over MAX_LINES today (issue 14) and their line counts as `ruff format` lays them out: each may shrink,
 none may grow, and an entry leaves the list once its module is back under the limit. A new module over the limit is
