@@ -61,7 +61,7 @@ def _protocol(args, cfg) -> dict:
         **results["headline"],
     }
     if "ablation" in results:  # attacker ablation (experiments/attacker.py): per defense, paired points vs passive
-        from experiments.attacker import compact
+        from experiments.ablation_report import compact
 
         summary["ablation"] = compact(results["ablation"])
     return summary

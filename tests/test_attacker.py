@@ -1,4 +1,4 @@
-"""The attacker's recipes in the protocol (experiments/attacker.py): tuned β chosen on the
+"""The attacker's recipes in the protocol (experiments/attacker.py, ablation_report.py): tuned β chosen on the
 validation split only, recipes resolved once, ablation summary numbers against hand sums."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from experiments import ablation_report as AR
 from experiments import attacker as A
 from experiments.config import ConfigError, DefenseSetting, DistillConfig, load_config
 from game import student_losses as SL
@@ -48,7 +49,7 @@ def test_tuned_student_is_selected_on_validation_only():
     assert out["tuned"]["accuracy"] == [0.45, 0.44]
     # β = 0 is the passive student itself (no separate training), the others the configured adaptive recipe
     assert ("passive", 0.0) in proto.calls and ("adaptive", 0.3) in proto.calls and ("adaptive", 1.0) in proto.calls
-    summary = A.ablation_summary([{"label": "standard", "ablation_students": out}])["standard"]
+    summary = AR.ablation_summary([{"label": "standard", "ablation_students": out}])["standard"]
     # paired: (0.45 - 0.40, 0.44 - 0.39) -> +5.0 points, SE 0
     assert summary["tuned_minus_passive"] == pytest.approx(5.0)
     assert summary["tuned_minus_passive_se"] == pytest.approx(0.0, abs=1e-9)

@@ -10,7 +10,6 @@ PACKAGES = ("game", "models", "experiments", "launch")
 MAX_LINES = 400
 
 OVERSIZE = {
-    "experiments/attacker.py": 457,
     "experiments/config.py": 625,
     "experiments/equilibrium.py": 466,
     "experiments/protocol.py": 992,
