@@ -17,7 +17,6 @@ OVERSIZE = {
     "experiments/tasks/registry.py": 401,
     "game/defenses.py": 453,
     "game/solver.py": 935,
-    "launch/compile_check.py": 418,
 }
 """Modules over MAX_LINES today (issue 14) and their line counts as `ruff format` lays them out: each may shrink,
 none may grow, and an entry leaves the list once its module is back under the limit. A new module over the limit is
