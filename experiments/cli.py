@@ -13,7 +13,7 @@ from experiments import preemption
 from experiments.cli_args import parse_args
 from experiments.config import ROLES, ConfigError, describe, load_config
 from experiments.distributed import CoordinatorError, initialize_distributed, is_main_process, keep_off_absent_tpu
-from experiments.tasks.registry import TaskError
+from experiments.tasks.task_config import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError

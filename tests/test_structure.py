@@ -14,7 +14,6 @@ OVERSIZE = {
     "experiments/equilibrium.py": 466,
     "experiments/protocol.py": 992,
     "experiments/tasks/arithmetic.py": 432,
-    "experiments/tasks/registry.py": 401,
     "game/defenses.py": 453,
     "game/solver.py": 935,
 }
