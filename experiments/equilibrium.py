@@ -44,7 +44,7 @@ from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10
 from experiments.protocol import Protocol, ensure_models
 from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.stats import mean_stderr, pm
-from experiments.tasks.arithmetic import encode_problems
+from experiments.tasks.encoding import encode_problems
 from game import defenses as dfn
 from game import solver as sv
 from game.poe_game import make_poe_game

@@ -41,7 +41,7 @@ from experiments.iterate_average import IterateAverage
 from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.stats import mean_stderr, pm
-from experiments.tasks.arithmetic import encode_problems, encode_prompts
+from experiments.tasks.encoding import encode_problems, encode_prompts
 from experiments.tasks.registry import Task, build_task
 from experiments.tasks.text_task import encode_truncated
 from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll

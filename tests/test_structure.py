@@ -13,7 +13,6 @@ OVERSIZE = {
     "experiments/config.py": 625,
     "experiments/equilibrium.py": 466,
     "experiments/protocol.py": 992,
-    "experiments/tasks/arithmetic.py": 432,
     "game/defenses.py": 453,
     "game/solver.py": 935,
 }

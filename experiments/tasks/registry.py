@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from experiments.tasks import arithmetic as ar
 from experiments.tasks import reasoning as rs
 from experiments.tasks.batches import ArrayRows, RowSource
+from experiments.tasks.encoding import encode_problems
 from experiments.tasks.task_config import TaskConfig
 from experiments.tasks.text_task import TextTask
 
@@ -79,7 +80,7 @@ class ArithmeticTask:
 
     def training_rows(self, seed, n, *, with_solution, easy_max_steps=None, style=None) -> RowSource:
         problems = self.problems("train", seed, n, easy_max_steps=easy_max_steps, style=style)
-        data = ar.encode_problems(problems, self.tokenizer, self.max_len, with_solution=with_solution)
+        data = encode_problems(problems, self.tokenizer, self.max_len, with_solution=with_solution)
         return ArrayRows({"tokens_bt": data["tokens_bt"], "loss_mask_bt": data["loss_mask_bt"]})
 
 

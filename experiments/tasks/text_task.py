@@ -226,7 +226,7 @@ class TextTask:
 
 
 def encode_truncated(problems, tokenizer, max_len: int, with_solution: bool = True) -> dict[str, np.ndarray]:
-    """Like :func:`experiments.tasks.arithmetic.encode_problems` (same layout and mask alignment), but
+    """Like :func:`experiments.tasks.encoding.encode_problems` (same layout and mask alignment), but
     sequences longer than ``max_len`` are cut at ``max_len`` instead of refused (training on real text)."""
     n = len(problems)
     tokens = np.full((n, max_len), tokenizer.pad_id, np.int32)
