@@ -29,7 +29,7 @@ from experiments import device_peaks
 from experiments.config import ROLES, Config, ConfigError
 from experiments.train import Trainer, hf_overrides, init_role_model, make_mesh
 from game import defenses as dfn
-from models import hf_loader
+from models import hf_config
 from models import sharding as shd
 from models import transformer as tfm
 from models.sampling import Single, generate, greedy_uncached
@@ -87,12 +87,12 @@ def with_hf_architectures(cfg: Config) -> Config:
     try:
         roles = {
             r: dataclasses.replace(
-                cfg.role(r), model=hf_loader.architecture(cfg.role(r).hf_dir, **hf_overrides(cfg.role(r)))[0]
+                cfg.role(r), model=hf_config.architecture(cfg.role(r).hf_dir, **hf_overrides(cfg.role(r)))[0]
             )
             for r in ROLES
             if cfg.role(r).hf_dir
         }
-    except hf_loader.HFLoadError as e:
+    except hf_config.HFLoadError as e:
         raise ConfigError(f"bench: {e}") from None
     return dataclasses.replace(cfg, **roles)
 

@@ -13,11 +13,11 @@ from experiments import preemption
 from experiments.cli_args import parse_args
 from experiments.config import ROLES, ConfigError, describe, load_config
 from experiments.distributed import CoordinatorError, initialize_distributed, is_main_process, keep_off_absent_tpu
-from experiments.tasks.registry import TaskError
+from experiments.tasks.task_config import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
 from models.checkpoint import CheckpointError
-from models.hf_loader import HFLoadError
+from models.hf_config import HFLoadError
 
 USER_ERRORS = (ConfigError, CheckpointError, TaskError, TokenizerError, CoordinatorError, HFLoadError)
 
@@ -61,7 +61,7 @@ def _protocol(args, cfg) -> dict:
         **results["headline"],
     }
     if "ablation" in results:  # attacker ablation (experiments/attacker.py): per defense, paired points vs passive
-        from experiments.attacker import compact
+        from experiments.ablation_report import compact
 
         summary["ablation"] = compact(results["ablation"])
     return summary

@@ -19,7 +19,7 @@ from experiments.attacker import AttackerConfig
 from experiments.distributed import DistributedConfig
 from experiments.fields import documented as _help
 from experiments.tasks.reasoning import STYLES
-from experiments.tasks.registry import TaskConfig
+from experiments.tasks.task_config import TaskConfig
 from game.solver import SolverConfig
 from models.lora import LoraConfig
 from models.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig

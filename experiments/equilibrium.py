@@ -38,14 +38,14 @@ from experiments import preemption
 from experiments import retokenize as retok
 from experiments.config import Config, DefenseSetting, to_dict
 from experiments.distributed import is_main_process
+from experiments.equilibrium_plots import plot_equilibrium
 from experiments.io import save_json
-from experiments.plots import plot_equilibrium
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.protocol import Protocol, ensure_models
 from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.stats import mean_stderr, pm
-from experiments.tasks.arithmetic import encode_problems
 from experiments.tasks.batches import trim_columns
+from experiments.tasks.encoding import encode_problems
 from game import defenses as dfn
 from game import solver as sv
 from game.poe_game import make_poe_game

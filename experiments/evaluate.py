@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from experiments.tasks.arithmetic import Problem, encode_prompts, is_correct
+from experiments.tasks.arithmetic import Problem, is_correct
+from experiments.tasks.encoding import encode_prompts
 from experiments.tasks.tokenizer import Tokenizer
 from models.sampling import Combiner, ExpertSpec, Single, generate
 from models.sharding import batch_divisor, process_slice, shard_batch, to_host

@@ -41,9 +41,10 @@ from experiments.iterate_average import IterateAverage, ema_update
 from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.stats import mean_stderr, pm
-from experiments.tasks.arithmetic import encode_problems, encode_prompts
 from experiments.tasks.batches import trim_columns
-from experiments.tasks.registry import Task, build_task, encode_truncated
+from experiments.tasks.encoding import encode_problems, encode_prompts
+from experiments.tasks.registry import Task, build_task
+from experiments.tasks.text_task import encode_truncated
 from experiments.train import RoleModel, Trainer, float32_moments, load_hf_role, load_role_params, make_mesh, masked_nll
 from game import defenses as dfn
 from game import students as stu

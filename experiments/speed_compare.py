@@ -48,7 +48,7 @@ def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: 
 
     from experiments import protocol as P
     from experiments.config import DefenseSetting, load_config
-    from experiments.tasks.arithmetic import encode_prompts
+    from experiments.tasks.encoding import encode_prompts
     from experiments.tasks.registry import build_task
     from experiments.train import init_role_model, make_mesh
     from models.sampling import generate

@@ -26,8 +26,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from game import example_values as ev
+from game import example_weights as ew
 from game import sampling
-from game import students as stu
 from game.solver import Game
 
 Forward = Callable[..., jax.Array]  # (theta, tokens_bt) -> logits_btv
@@ -96,8 +97,8 @@ def make_poe_game(
         held = batch["heldout"]
         g_S = jax.grad(lambda th: masked_nll(forward, th, held["tokens_bt"], held["loss_mask_bt"]))(theta)
         sg_gamma = jax.lax.stop_gradient(gamma)
-        v_b = stu.example_values(lambda th: per_example(th, sg_gamma, batch, "soft"), theta, g_S)
-        w_b = stu.adaptive_weights(v_b, beta, max_weight=max_weight, standardize=standardize)
+        v_b = ev.example_values(lambda th: per_example(th, sg_gamma, batch, "soft"), theta, g_S)
+        w_b = ew.adaptive_weights(v_b, beta, max_weight=max_weight, standardize=standardize)
         return jnp.mean(jax.lax.stop_gradient(w_b) * ce_b)
 
     def capability_loss(theta, batch):

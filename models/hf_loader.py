@@ -11,6 +11,11 @@ through ml_dtypes (the `safetensors` package's numpy API cannot represent bf16).
 Layout conversion (HF Linear weights are [out, in]): q/k/v `[n*h, d] -> [d, n, h]`,
 o `[d, n*h] -> [n, h, d]`, MLP `[f, d] -> [d, f]`, lm_head `[V, d] -> [d, V]`. Our
 rotary embedding already uses HF's rotate-half layout, so q/k need no permutation.
+
+Here: the name/layout map, the conversion, and the converted model cached as an orbax checkpoint.
+config.json is read by models/hf_config.py, the tensors by models/hf_safetensors.py, tokenizer.json by
+models/hf_tokenizer.py. ``HFLoadError``, ``load_tokenizer`` and ``check_shared_vocabulary`` are also reachable
+here (experiments/protocol.py and experiments/train.py use them as ``hf_loader.<name>``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from typing import Any, Callable, Iterator
 
 import jax
@@ -29,185 +33,13 @@ from flax import nnx
 
 from models import sharding as shd
 from models import transformer as tfm
+from models.hf_config import HFLoadError, model_config_from_hf
+from models.hf_safetensors import SafetensorsCheckpoint, read_tensor
+from models.hf_tokenizer import check_shared_vocabulary as check_shared_vocabulary  # used as hf_loader.<name>
+from models.hf_tokenizer import load_tokenizer, tokenizer_vocab_size
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-_DTYPES = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F64": np.float64,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 # Buffers some exporters store that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class HFLoadError(ValueError):
-    """A checkpoint directory that cannot become our model; the message names the file or key."""
-
-
-# ---------------------------------------------------------------------------
-# config.json -> ModelConfig
-# ---------------------------------------------------------------------------
-
-
-def _rope_settings(hf: dict, where: str) -> dict:
-    """RoPE base and Llama-3 scaling from either transformers v5 `rope_parameters` or v4 `rope_theta`/`rope_scaling`."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    base = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    merged = {**scaling, **params}
-    kind = merged.get("rope_type", merged.get("type", "default"))
-    out: dict[str, Any] = {"rope_base": float(base)}
-    if kind == "llama3":
-        out.update(
-            rope_scaling_factor=float(merged["factor"]),
-            rope_low_freq_factor=float(merged["low_freq_factor"]),
-            rope_high_freq_factor=float(merged["high_freq_factor"]),
-            rope_original_max_len=int(merged["original_max_position_embeddings"]),
-        )
-    elif kind != "default":
-        raise HFLoadError(f"{where}: rope type {kind!r} is not supported (only 'default' and 'llama3')")
-    return out
-
-
-def model_config_from_hf(hf: dict, where: str = "config.json", **overrides: Any) -> tfm.ModelConfig:
-    """Our ModelConfig for an HF config.json dict; `overrides` (e.g. compute_dtype, vocab_rows) win."""
-    archs = hf.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None or hf.get("model_type") != SUPPORTED_ARCHITECTURES[arch]:
-        raise HFLoadError(
-            f"{where}: architecture {archs or None} / model_type {hf.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(f'{a} ({t})' for a, t in SUPPORTED_ARCHITECTURES.items())}"
-        )
-    family = SUPPORTED_ARCHITECTURES[arch]
-    if hf.get("hidden_act", "silu") != "silu":
-        raise HFLoadError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
-    if family == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-        raise HFLoadError(f"{where}: attention_bias/mlp_bias=true is not supported for Llama")
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        raise HFLoadError(f"{where}: use_sliding_window=true is not supported (full attention only)")
-    try:
-        n_heads = int(hf["num_attention_heads"])
-        d_model = int(hf["hidden_size"])
-        fields = dict(
-            d_model=d_model,
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            d_ff=int(hf["intermediate_size"]),
-            head_size=int(hf.get("head_dim") or d_model // n_heads),
-            qkv_bias=family == "qwen2",
-            tied_embeddings=bool(hf.get("tie_word_embeddings", family == "llama")),
-            scale_tied_logits=False,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            vocab_rows=int(hf["vocab_size"]),
-            **_rope_settings(hf, where),
-        )
-    except KeyError as e:
-        raise HFLoadError(f"{where}: missing key {e.args[0]!r}") from None
-    fields.update(overrides)
-    cfg = tfm.ModelConfig(**fields)
-    try:
-        cfg.validate(where)
-    except ValueError as e:
-        raise HFLoadError(str(e)) from None
-    return cfg
-
-
-PUBLISHED_CONFIGS = epath.Path(__file__).parent / "hf_configs"
-
-
-def architecture(hf_dir: str, **overrides: Any) -> tuple[tfm.ModelConfig, str]:
-    """(ModelConfig, where its config.json came from) of a checkpoint directory without its weights: its own
-    config.json when readable, else the published one bundled in models/hf_configs/ under the directory's last
-    name (so a placeholder or unreachable gs:// path still has an architecture for compile-check and bench)."""
-    source = epath.Path(hf_dir) / "config.json"
-    try:
-        hf = json.loads(source.read_text())
-    except Exception:  # unreachable bucket, no gcsfs or credentials, placeholder path
-        source = PUBLISHED_CONFIGS / f"{str(hf_dir).rstrip('/').rsplit('/', 1)[-1]}.json"
-        if not source.exists():
-            known = ", ".join(sorted(p.stem for p in PUBLISHED_CONFIGS.glob("*.json")))
-            raise HFLoadError(
-                f"{hf_dir}: cannot read its config.json, and models/hf_configs/ has no {source.name} (known: {known})"
-            ) from None
-        hf = json.loads(source.read_text())
-    return model_config_from_hf(hf, str(source), **overrides), str(source)
-
-
-# ---------------------------------------------------------------------------
-# safetensors, one tensor at a time
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    path: epath.Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    stop: int
-
-
-def _read_header(path: epath.Path) -> dict[str, TensorInfo]:
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise HFLoadError(f"{path}: not a safetensors file (shorter than its header)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise HFLoadError(f"{path}: not a safetensors file (header is not JSON)") from None
-    header.pop("__metadata__", None)
-    return {
-        key: TensorInfo(path, h["dtype"], tuple(h["shape"]), 8 + n + h["data_offsets"][0], 8 + n + h["data_offsets"][1])
-        for key, h in header.items()
-    }
-
-
-def _read_tensor(info: TensorInfo) -> np.ndarray:
-    """The tensor as a numpy array: a read-only memory map for local files, a ranged read otherwise."""
-    if info.dtype not in _DTYPES:
-        raise HFLoadError(f"{info.path}: tensor dtype {info.dtype} is not supported")
-    dtype = np.dtype(_DTYPES[info.dtype])
-    local = os.fspath(info.path) if os.path.exists(os.fspath(info.path)) else None
-    if local is not None:
-        count = (info.stop - info.start) // dtype.itemsize
-        return np.memmap(local, dtype=dtype, mode="r", offset=info.start, shape=(count,)).reshape(info.shape)
-    with info.path.open("rb") as f:
-        f.seek(info.start)
-        return np.frombuffer(f.read(info.stop - info.start), dtype=dtype).reshape(info.shape)
-
-
-class SafetensorsCheckpoint:
-    """The tensors of a checkpoint directory, by HF name, from one or several safetensors files."""
-
-    def __init__(self, directory: epath.Path):
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
-        if not files:
-            raise HFLoadError(f"{directory}: no *.safetensors files (expected model.safetensors or an index json)")
-        self.tensors: dict[str, TensorInfo] = {}
-        for name in files:
-            if not (directory / name).exists():
-                raise HFLoadError(f"{directory / name}: listed in model.safetensors.index.json but missing")
-            self.tensors.update(_read_header(directory / name))
-
-    def info(self, key: str) -> TensorInfo:
-        if key not in self.tensors:
-            raise HFLoadError(f"tensor {key!r} is not in the checkpoint ({len(self.tensors)} tensors)")
-        return self.tensors[key]
 
 
 # ---------------------------------------------------------------------------
@@ -270,41 +102,6 @@ def _fit_rows(w_vd: np.ndarray, rows: int, vocab_size: int, key: str) -> np.ndar
             raise HFLoadError(f"{key}: cannot cut {have} vocabulary rows to {rows}, below the tokenizer's {vocab_size}")
         return w_vd[:rows]
     return np.concatenate([w_vd, np.zeros((rows - have, w_vd.shape[1]), w_vd.dtype)])
-
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------
-
-
-def load_tokenizer(directory: str | os.PathLike):
-    """The `tokenizers.Tokenizer` of `directory/tokenizer.json`."""
-    from tokenizers import Tokenizer  # light, but only needed here
-
-    path = epath.Path(directory) / "tokenizer.json"
-    if not path.exists():
-        raise HFLoadError(f"{path}: missing (the checkpoint directory needs tokenizer.json)")
-    try:
-        return Tokenizer.from_str(path.read_text())
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise HFLoadError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
-
-
-def tokenizer_vocab_size(tokenizer) -> int:
-    """Ids 0..n-1 the tokenizer can emit (added/special tokens included)."""
-    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-
-
-def check_shared_vocabulary(tok_a, tok_b, names: tuple[str, str] = ("teacher", "proxy")) -> None:
-    """PoE/ADS mix two models' logits id by id: refuse tokenizers that map any token to a different id."""
-    va, vb = tok_a.get_vocab(with_added_tokens=True), tok_b.get_vocab(with_added_tokens=True)
-    if va != vb:
-        only_a = sorted(set(va.items()) - set(vb.items()))[:3]
-        only_b = sorted(set(vb.items()) - set(va.items()))[:3]
-        raise HFLoadError(
-            f"{names[0]} and {names[1]} tokenizers differ ({len(va)} vs {len(vb)} tokens; e.g. {names[0]} has "
-            f"{only_a}, {names[1]} has {only_b}); PoE and ADS need one shared vocabulary"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +185,7 @@ def load_hf_model(
                 f"{info.path.name}: tensor {key!r} has shape {list(info.shape)} but config.json implies {list(hf_shape)}"
             )
         # A view of the file in our layout (transposes and head splits are strided views, not copies) ...
-        value = convert(_read_tensor(info))
+        value = convert(read_tensor(info))
         if path[-1] in ("embed_vd", "unembed_dv"):
             value = _fit_rows(value, rows, vocab_size, key)
             if path[-1] == "unembed_dv":

@@ -1,4 +1,4 @@
-"""The attacker's recipes in the protocol (experiments/attacker.py): tuned β chosen on the
+"""The attacker's recipes in the protocol (experiments/attacker.py, ablation_report.py): tuned β chosen on the
 validation split only, recipes resolved once, ablation summary numbers against hand sums."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from experiments import ablation_report as AR
 from experiments import attacker as A
 from experiments.config import ConfigError, DefenseSetting, DistillConfig, load_config
+from game import student_losses as SL
 from game import students as S
 
 
@@ -47,7 +49,7 @@ def test_tuned_student_is_selected_on_validation_only():
     assert out["tuned"]["accuracy"] == [0.45, 0.44]
     # β = 0 is the passive student itself (no separate training), the others the configured adaptive recipe
     assert ("passive", 0.0) in proto.calls and ("adaptive", 0.3) in proto.calls and ("adaptive", 1.0) in proto.calls
-    summary = A.ablation_summary([{"label": "standard", "ablation_students": out}])["standard"]
+    summary = AR.ablation_summary([{"label": "standard", "ablation_students": out}])["standard"]
     # paired: (0.45 - 0.40, 0.44 - 0.39) -> +5.0 points, SE 0
     assert summary["tuned_minus_passive"] == pytest.approx(5.0)
     assert summary["tuned_minus_passive_se"] == pytest.approx(0.0, abs=1e-9)
@@ -161,7 +163,7 @@ def test_dataset_level_weights_at_the_base_and_their_shuffled_control():
     g = jax.grad(lambda p: masked_nll(base.graphdef, p, heldout["tokens_bt"], heldout["loss_mask_bt"]))(base.params)
 
     def per_ex(p, tk, m):
-        return S.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
+        return SL.sequence_nll(tfm.token_logprobs(base.graphdef, p, tk), m[:, :-1])
 
     a = S.recipe_scores(ref32, per_ex, base.params, g, tokens[1], mask[1])
     want = S.recipe_weights(ref32, a, 0.5, mask[1, :, :-1].sum(-1) > 0)

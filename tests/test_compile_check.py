@@ -17,7 +17,8 @@ from experiments.cli import main as distgame
 from experiments.config import load_config
 from experiments.train import Trainer, make_mesh
 from launch.accelerators import ACCELERATORS
-from launch.compile_check import compile_train_step, run_compile_check
+from launch.compile_check import run_compile_check
+from launch.compile_steps import compile_train_step
 from models import sharding as shd
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

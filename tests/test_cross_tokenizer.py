@@ -171,7 +171,7 @@ def test_retokenized_traces_are_the_same_text_and_keep_the_answer_checkable():
     import test_text_task as t
     from tokenizers import Tokenizer
 
-    from experiments.tasks.registry import TextProblem, checker
+    from experiments.tasks.text_task import TextProblem, checker
 
     teacher = retok.wrap_hf_tokenizer(Tokenizer.from_str(QWEN_TOKENIZER), "qwen")
     student = retok.wrap_hf_tokenizer(Tokenizer.from_str(LLAMA_TOKENIZER), "llama")

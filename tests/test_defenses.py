@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from game import defenses as D
-from game import students as S
+from game import example_values as EV
 
 B, V = 3, 7
 
@@ -180,7 +180,7 @@ def proxy():
 
     params = {"w1": f(D_IN, H), "b1": 0.1 * f(H), "w2": f(H, V), "b2": 0.1 * f(V)}
     x_ho, y_ho = f(16, D_IN), jnp.asarray(rng.integers(0, V, size=16))
-    g = S.heldout_gradient(heldout_nll, params, x_ho, y_ho)
+    g = EV.heldout_gradient(heldout_nll, params, x_ho, y_ho)
     x = f(B, D_IN)  # the current decoding contexts
     z_T = 2.0 * f(B, V)
     return params, g, x, x_ho, y_ho, z_T
@@ -277,7 +277,7 @@ def test_ads_is_suppression_by_example_value(proxy):
         return -jax.nn.log_softmax(mlp(p, xi[None]))[0]  # [V]: loss of each token
 
     for i in range(B):
-        values = S.example_values(per_token_loss, params, g, x[i])
+        values = EV.example_values(per_token_loss, params, g, x[i])
         np.testing.assert_allclose(values, -delta[i], rtol=1e-4, atol=1e-5)
 
 

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from models import hf_loader as hfl  # noqa: E402
+from models import hf_tokenizer as hft  # noqa: E402
 from models import transformer as tfm  # noqa: E402
 from models.checkpoint import CheckpointError  # noqa: E402
 from models.sampling import ExpertSpec, Single, generate  # noqa: E402
@@ -260,9 +261,9 @@ def test_shape_disagreeing_with_config_is_refused(hf_models, mesh, tmp_path):
 
 
 def test_differing_tokenizers_are_refused(hf_models, tmp_path):
-    a = hfl.load_tokenizer(hf_models["llama"]["dir"])
-    assert hfl.tokenizer_vocab_size(a) == 250
-    hfl.check_shared_vocabulary(a, hfl.load_tokenizer(hf_models["llama"]["dir"]))
+    a = hft.load_tokenizer(hf_models["llama"]["dir"])
+    assert hft.tokenizer_vocab_size(a) == 250
+    hft.check_shared_vocabulary(a, hft.load_tokenizer(hf_models["llama"]["dir"]))
     _write_tokenizer(tmp_path, 250, prefix="w")
     with pytest.raises(hfl.HFLoadError, match="teacher and proxy tokenizers differ"):
-        hfl.check_shared_vocabulary(a, hfl.load_tokenizer(tmp_path))
+        hft.check_shared_vocabulary(a, hft.load_tokenizer(tmp_path))

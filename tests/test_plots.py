@@ -1,4 +1,5 @@
-"""experiments.plots: every figure is a real PNG and its CSV holds exactly the input numbers."""
+"""experiments.plots and experiments.equilibrium_plots: every figure is a real PNG and its CSV holds exactly the input
+numbers."""
 
 import csv
 import math
@@ -7,7 +8,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from experiments.plots import plot_equilibrium, plot_protocol
+from experiments.equilibrium_plots import plot_equilibrium
+from experiments.plots import plot_protocol
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,8 @@ import pytest
 
 from experiments.tasks import arithmetic as ar
 from experiments.tasks import reasoning as rs
-from experiments.tasks.registry import TaskConfig, build_task
+from experiments.tasks.registry import build_task
+from experiments.tasks.task_config import TaskConfig
 
 CFG = TaskConfig(name="reasoning", min_steps=2, max_steps=3, max_len=88)
 STEPS = [(7, "+", 5, 12), (12, "-", 3, 9), (9, "*", 2, 18), (18, "+", 4, 22)]

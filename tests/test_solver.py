@@ -465,7 +465,8 @@ def test_vmapped_scan_hypergradient_is_right_on_this_jax():
     0.10.2) does not reproduce: the scan unroll agrees with a Python loop for a plain and an
     adaptive (nested-jvp, stop-gradient weights) student loss, and with finite differences
     for the plain one."""
-    from game import students as stu
+    from game import example_values as ev
+    from game import example_weights as ew
 
     w = jax.random.normal(jax.random.key(0), (6, 4))
 
@@ -476,8 +477,8 @@ def test_vmapped_scan_hypergradient_is_right_on_this_jax():
         def per(t, gg):
             return jnp.mean((jnp.tanh(b @ t) - gg * jnp.sin(b @ w).sum(-1, keepdims=True)) ** 2, -1)
 
-        v = stu.example_values(lambda t: per(t, jax.lax.stop_gradient(g)), th, jax.grad(lambda t: jnp.sum(t**2))(th))
-        return jnp.mean(jax.lax.stop_gradient(stu.adaptive_weights(v, 2.0)) * per(th, g))
+        v = ev.example_values(lambda t: per(t, jax.lax.stop_gradient(g)), th, jax.grad(lambda t: jnp.sum(t**2))(th))
+        return jnp.mean(jax.lax.stop_gradient(ew.adaptive_weights(v, 2.0)) * per(th, g))
 
     theta = jax.random.normal(jax.random.key(1), (6, 3))
     batches = jax.random.normal(jax.random.key(2), (3, 5, 6))

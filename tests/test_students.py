@@ -1,4 +1,5 @@
-"""Tests for game/students.py against closed forms and hand computations."""
+"""Tests for the student maths (game/example_values.py, example_weights.py, student_losses.py, trace_filter.py and
+the recipes in students.py) against closed forms and hand computations."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from game import example_values as EV
+from game import example_weights as EW
+from game import student_losses as SL
 from game import students as S
+from game import trace_filter as TF
 
 # ---------------------------------------------------------------------------
 # A logistic-regression "student": per-example gradients in closed form.
@@ -52,7 +57,7 @@ def mean_logistic(params, x, y):
 
 def test_heldout_gradient_closed_form(problem):
     params, _, _, x_ho, y_ho = problem
-    g = S.heldout_gradient(mean_logistic, params, x_ho, y_ho)
+    g = EV.heldout_gradient(mean_logistic, params, x_ho, y_ho)
     gw, gb = np_grads(params, x_ho, y_ho)
     np.testing.assert_allclose(g["w"], gw.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(g["b"], gb.mean(), rtol=1e-5, atol=1e-7)
@@ -60,8 +65,8 @@ def test_heldout_gradient_closed_form(problem):
 
 def test_example_values_equal_per_example_gradient_dot_g(problem):
     params, x, y, x_ho, y_ho = problem
-    g = S.heldout_gradient(mean_logistic, params, x_ho, y_ho)
-    v = S.example_values(logistic_losses, params, g, x, y)
+    g = EV.heldout_gradient(mean_logistic, params, x_ho, y_ho)
+    v = EV.example_values(logistic_losses, params, g, x, y)
     chex.assert_shape(v, (6,))
     assert v.dtype == jnp.float32
     gw, gb = np_grads(params, x, y)
@@ -76,26 +81,26 @@ def test_example_values_equal_per_example_gradient_dot_g(problem):
 
 def test_example_values_fd_matches_jvp(problem):
     params, x, y, x_ho, y_ho = problem
-    g = S.heldout_gradient(mean_logistic, params, x_ho, y_ho)
-    v = S.example_values(logistic_losses, params, g, x, y)
-    v_fd = S.example_values_fd(logistic_losses, params, g, x, y, eps=1e-2)
+    g = EV.heldout_gradient(mean_logistic, params, x_ho, y_ho)
+    v = EV.example_values(logistic_losses, params, g, x, y)
+    v_fd = EV.example_values_fd(logistic_losses, params, g, x, y, eps=1e-2)
     np.testing.assert_allclose(v_fd, v, rtol=1e-3, atol=1e-4)
 
 
 def test_reference_code_compat_is_negated(problem):
     params, x, y, x_ho, y_ho = problem
-    g = S.heldout_gradient(mean_logistic, params, x_ho, y_ho)
-    v = np.asarray(S.example_values(logistic_losses, params, g, x, y))
-    c32 = S.example_values_reference_code_compat(logistic_losses, params, g, x, y, eps=1e-2, dtype=jnp.float32)
+    g = EV.heldout_gradient(mean_logistic, params, x_ho, y_ho)
+    v = np.asarray(EV.example_values(logistic_losses, params, g, x, y))
+    c32 = EV.example_values_reference_code_compat(logistic_losses, params, g, x, y, eps=1e-2, dtype=jnp.float32)
     np.testing.assert_allclose(c32, -v, rtol=1e-3, atol=1e-4)
-    cbf = np.asarray(S.example_values_reference_code_compat(logistic_losses, params, g, x, y, eps=0.1))
+    cbf = np.asarray(EV.example_values_reference_code_compat(logistic_losses, params, g, x, y, eps=0.1))
     big = np.abs(v) > 0.3 * np.abs(v).max()
     assert np.all(np.sign(cbf[big]) == -np.sign(v[big]))
 
 
 def test_example_values_casts_to_float32_and_skips_int_leaves(problem):
     params, x, y, x_ho, y_ho = problem
-    g = S.heldout_gradient(mean_logistic, params, x_ho, y_ho)
+    g = EV.heldout_gradient(mean_logistic, params, x_ho, y_ho)
     p16 = {"w": params["w"].astype(jnp.bfloat16), "b": params["b"].astype(jnp.bfloat16), "step": jnp.int32(7)}
     g16 = {"w": g["w"].astype(jnp.bfloat16), "b": g["b"].astype(jnp.bfloat16), "step": jnp.int32(0)}
 
@@ -103,7 +108,7 @@ def test_example_values_casts_to_float32_and_skips_int_leaves(problem):
         assert p["w"].dtype == jnp.float32  # cast happened before the jvp
         return logistic_losses(p, x, y)
 
-    v = S.example_values(loss, p16, g16, x, y)
+    v = EV.example_values(loss, p16, g16, x, y)
     p_r = {k: np.asarray(p16[k], np.float32) for k in ("w", "b")}
     g_r = {k: np.asarray(g16[k], np.float64) for k in ("w", "b")}
     gw, gb = np_grads(p_r, x, y)
@@ -122,7 +127,7 @@ def sq_losses(theta, x, y):
 def test_adaptive_student_prefers_aligned_example():
     theta = jnp.array([0.5, -1.0, 2.0])
     x_h, y_h = jnp.array([[1.0, 2.0, 0.5]]), jnp.array([3.0])
-    g = S.heldout_gradient(lambda t, x, y: jnp.mean(sq_losses(t, x, y)), theta, x_h, y_h)
+    g = EV.heldout_gradient(lambda t, x, y: jnp.mean(sq_losses(t, x, y)), theta, x_h, y_h)
     r_h = float(x_h[0] @ theta - y_h[0])
     np.testing.assert_allclose(g, r_h * x_h[0], rtol=1e-6)
     # example 0: same residual -> ∇ℓ = g (aligned); example 1: negated residual
@@ -130,7 +135,7 @@ def test_adaptive_student_prefers_aligned_example():
     x_orth = jnp.array([2.0, -1.0, 0.0])  # ⟂ x_h
     x = jnp.stack([x_h[0], x_h[0], x_orth])
     y = jnp.array([y_h[0], 2 * float(x_h[0] @ theta) - y_h[0], 0.0])
-    v = S.example_values(sq_losses, theta, g, x, y)
+    v = EV.example_values(sq_losses, theta, g, x, y)
     gg = float(g @ g)
     np.testing.assert_allclose(v, [gg, -gg, 0.0], rtol=1e-5, atol=1e-5)
 
@@ -141,9 +146,9 @@ def test_adaptive_student_prefers_aligned_example():
     for i, sign in ((0, -1), (1, +1)):
         step = theta - 1e-3 * jax.grad(lambda t: sq_losses(t, x[i : i + 1], y[i : i + 1])[0])(theta)
         assert sign * (L(step) - L(theta)) > 0
-    w_adapt = S.adaptive_weights(v, beta=0.1)
-    w_pass = S.adaptive_weights(v, beta=0.0)
-    w_rev = S.adaptive_weights(v, beta=-0.1)
+    w_adapt = EW.adaptive_weights(v, beta=0.1)
+    w_pass = EW.adaptive_weights(v, beta=0.0)
+    w_rev = EW.adaptive_weights(v, beta=-0.1)
     assert w_adapt[0] > w_adapt[2] > w_adapt[1]
     np.testing.assert_array_equal(w_pass, np.ones(3, np.float32))
     assert w_rev[1] > w_rev[2] > w_rev[0]
@@ -159,20 +164,20 @@ def test_adaptive_weights_uncapped_closed_form():
     beta = 0.8
     u = np.exp(beta * v)
     want = u / u.mean()
-    np.testing.assert_allclose(S.adaptive_weights(v, beta, max_weight=None), want, rtol=1e-5)
-    np.testing.assert_allclose(S.adaptive_weights(v, beta, max_weight=100.0), want, rtol=1e-5)
+    np.testing.assert_allclose(EW.adaptive_weights(v, beta, max_weight=None), want, rtol=1e-5)
+    np.testing.assert_allclose(EW.adaptive_weights(v, beta, max_weight=100.0), want, rtol=1e-5)
 
 
 def test_adaptive_weights_cap_hand_computed():
     v = np.array([math.log(100.0), 0.0, 0.0, 0.0])
     # u = [100, 1, 1, 1]; cap 2: [2, c, c, c] with 2 + 3c = 4 -> c = 2/3
-    w = S.adaptive_weights(v, 1.0, max_weight=2.0)
+    w = EW.adaptive_weights(v, 1.0, max_weight=2.0)
     np.testing.assert_allclose(w, [2.0, 2 / 3, 2 / 3, 2 / 3], rtol=1e-6)
     # masking the last one: [2, c, c, 0] with 2 + 2c = 3 -> c = 1/2
-    w = S.adaptive_weights(v, 1.0, max_weight=2.0, mask_b=np.array([1, 1, 1, 0], bool))
+    w = EW.adaptive_weights(v, 1.0, max_weight=2.0, mask_b=np.array([1, 1, 1, 0], bool))
     np.testing.assert_allclose(w, [2.0, 0.5, 0.5, 0.0], rtol=1e-6)
     # extreme β: the others underflow in exp but are floored, still mean 1, no NaN
-    w = S.adaptive_weights(np.array([1.0, 0.0, 0.0, 0.0]), 1e4, max_weight=2.0)
+    w = EW.adaptive_weights(np.array([1.0, 0.0, 0.0, 0.0]), 1e4, max_weight=2.0)
     np.testing.assert_allclose(w, [2.0, 2 / 3, 2 / 3, 2 / 3], rtol=1e-6)
 
 
@@ -184,7 +189,7 @@ def test_adaptive_weights_random_cap_properties():
         mask = rng.random(n) < 0.8
         mask[0] = True
         M = 1.5 + trial
-        w = np.asarray(S.adaptive_weights(v, 1.3, max_weight=M, mask_b=mask))
+        w = np.asarray(EW.adaptive_weights(v, 1.3, max_weight=M, mask_b=mask))
         assert np.all(w[~mask] == 0)
         np.testing.assert_allclose(w[mask].mean(), 1.0, rtol=1e-5)
         assert w.max() <= M + 1e-6
@@ -203,16 +208,16 @@ def test_adaptive_weights_standardize():
     std = v[mask].std()
     want = np.exp(2.0 * v / std) * mask
     want = want / want[mask].mean()
-    got = S.adaptive_weights(v, 2.0, mask_b=mask, standardize=True, max_weight=None)
+    got = EW.adaptive_weights(v, 2.0, mask_b=mask, standardize=True, max_weight=None)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    got_scaled = S.adaptive_weights(1000 * v, 2.0, mask_b=mask, standardize=True, max_weight=None)
+    got_scaled = EW.adaptive_weights(1000 * v, 2.0, mask_b=mask, standardize=True, max_weight=None)
     np.testing.assert_allclose(got_scaled, want, rtol=1e-4)
 
 
 def test_adaptive_weights_validation():
     with pytest.raises(ValueError, match="max_weight=0.5"):
-        S.adaptive_weights(np.zeros(3), 1.0, max_weight=0.5)
-    np.testing.assert_array_equal(S.adaptive_weights(np.zeros(3), 1.0, mask_b=np.zeros(3, bool)), np.zeros(3))
+        EW.adaptive_weights(np.zeros(3), 1.0, max_weight=0.5)
+    np.testing.assert_array_equal(EW.adaptive_weights(np.zeros(3), 1.0, mask_b=np.zeros(3, bool)), np.zeros(3))
 
 
 # ---------------------------------------------------------------------------
@@ -224,22 +229,22 @@ MASK = np.array([[1, 1, 1], [1, 0, 0]], bool)
 
 
 def test_sequence_nll_hand():
-    np.testing.assert_allclose(S.sequence_nll(LOGP, MASK), [2.0, 4.0])
+    np.testing.assert_allclose(SL.sequence_nll(LOGP, MASK), [2.0, 4.0])
 
 
 def test_weighted_nll_token_vs_sequence_hand():
-    assert float(S.weighted_nll(LOGP, MASK, None, "token")) == pytest.approx(10 / 4)
-    assert float(S.weighted_nll(LOGP, MASK, None, "sequence")) == pytest.approx(3.0)
+    assert float(SL.weighted_nll(LOGP, MASK, None, "token")) == pytest.approx(10 / 4)
+    assert float(SL.weighted_nll(LOGP, MASK, None, "sequence")) == pytest.approx(3.0)
     w = np.array([0.5, 1.5])
-    assert float(S.weighted_nll(LOGP, MASK, w, "token")) == pytest.approx((0.5 * 6 + 1.5 * 4) / 4)
-    assert float(S.weighted_nll(LOGP, MASK, w, "sequence")) == pytest.approx((0.5 * 2 + 1.5 * 4) / 2)
+    assert float(SL.weighted_nll(LOGP, MASK, w, "token")) == pytest.approx((0.5 * 6 + 1.5 * 4) / 4)
+    assert float(SL.weighted_nll(LOGP, MASK, w, "sequence")) == pytest.approx((0.5 * 2 + 1.5 * 4) / 2)
     # an excluded example (mask row zeroed) leaves both denominators
     m2 = MASK.copy()
     m2[1] = False
-    assert float(S.weighted_nll(LOGP, m2, w, "sequence")) == pytest.approx(0.5 * 2)
-    assert float(S.weighted_nll(LOGP, m2, w, "token")) == pytest.approx(0.5 * 6 / 3)
+    assert float(SL.weighted_nll(LOGP, m2, w, "sequence")) == pytest.approx(0.5 * 2)
+    assert float(SL.weighted_nll(LOGP, m2, w, "token")) == pytest.approx(0.5 * 6 / 3)
     with pytest.raises(ValueError, match="averaging='tokens'"):
-        S.weighted_nll(LOGP, MASK, w, "tokens")
+        SL.weighted_nll(LOGP, MASK, w, "tokens")
 
 
 def test_soft_target_loss_hand():
@@ -260,8 +265,8 @@ def test_soft_target_loss_hand():
     tok = (w[:, None] * ce * mask).sum() / mask.sum()
     seq = (w * (ce * mask).sum(1) / mask.sum(1)).mean()
     args = (jnp.asarray(s_logp, jnp.float32), ids, jnp.asarray(t_top, jnp.float32), mask, w)
-    assert float(S.soft_target_loss(*args, averaging="token")) == pytest.approx(tok, rel=1e-5)
-    assert float(S.soft_target_loss(*args, averaging="sequence")) == pytest.approx(seq, rel=1e-5)
+    assert float(SL.soft_target_loss(*args, averaging="token")) == pytest.approx(tok, rel=1e-5)
+    assert float(SL.soft_target_loss(*args, averaging="sequence")) == pytest.approx(seq, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -282,14 +287,14 @@ def test_degenerate_mask_hand():
         [a, b, c, d, a, b, c, d],  # 4-gram x2 only -> keep
     ]
     lens = [7, 7, 6, 4, 7, 5, 8]
-    keep = S.degenerate_mask(jnp.array(seqs), jnp.array(lens), min_repeats=3, junk_ids=(9,))
+    keep = TF.degenerate_mask(jnp.array(seqs), jnp.array(lens), min_repeats=3, junk_ids=(9,))
     np.testing.assert_array_equal(keep, [False, True, False, True, False, True, True])
     # a 3-gram repeated 3x is found only when n=3 is checked
     tri = jnp.array([[a, b, c, a, b, c, a, b, c, d]])
-    assert not bool(S.degenerate_mask(tri, jnp.array([10]), min_repeats=3)[0])
-    assert bool(S.degenerate_mask(tri, jnp.array([10]), max_repeat_ngram=2, min_repeats=3)[0])
+    assert not bool(TF.degenerate_mask(tri, jnp.array([10]), min_repeats=3)[0])
+    assert bool(TF.degenerate_mask(tri, jnp.array([10]), max_repeat_ngram=2, min_repeats=3)[0])
     # the same 3-gram cut off by len before the third copy ends -> keep
-    assert bool(S.degenerate_mask(tri, jnp.array([8]), min_repeats=3)[0])
+    assert bool(TF.degenerate_mask(tri, jnp.array([8]), min_repeats=3)[0])
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +312,7 @@ def test_invert_poe_recovers_teacher(tau):
     mixed = ((1 - gamma[:, None]) * z_T + gamma[:, None] * z_P) / tau
     logp_g = mixed - np.log(np.exp(mixed).sum(-1, keepdims=True))  # numpy PoE, float64
     lt = z_T - np.log(np.exp(z_T).sum(-1, keepdims=True))
-    got = S.invert_poe(jnp.asarray(logp_g, jnp.float32), jnp.asarray(z_P, jnp.float32), gamma, tau)
+    got = SL.invert_poe(jnp.asarray(logp_g, jnp.float32), jnp.asarray(z_P, jnp.float32), gamma, tau)
     np.testing.assert_allclose(got, lt, atol=1e-4)
     # top-k subset exposed by the API: recovers the teacher renormalised over those ids
     ids = np.argsort(-logp_g, axis=-1)[:, :K]
@@ -315,7 +320,7 @@ def test_invert_poe_recovers_teacher(tau):
     def sub(a):
         return np.take_along_axis(a, ids, -1)
 
-    got_k = S.invert_poe(jnp.asarray(sub(logp_g), jnp.float32), jnp.asarray(sub(z_P), jnp.float32), gamma, tau)
+    got_k = SL.invert_poe(jnp.asarray(sub(logp_g), jnp.float32), jnp.asarray(sub(z_P), jnp.float32), gamma, tau)
     want_k = sub(z_T) - np.log(np.exp(sub(z_T)).sum(-1, keepdims=True))
     np.testing.assert_allclose(got_k, want_k, atol=1e-4)
     # not the identity: the defended distribution itself is far from the teacher's
@@ -324,9 +329,9 @@ def test_invert_poe_recovers_teacher(tau):
 
 def test_invert_poe_validation():
     with pytest.raises(ValueError, match="gamma=1.0"):
-        S.invert_poe(jnp.zeros((1, 3)), jnp.zeros((1, 3)), 1.0)
+        SL.invert_poe(jnp.zeros((1, 3)), jnp.zeros((1, 3)), 1.0)
     with pytest.raises(ValueError, match="temperature=0"):
-        S.invert_poe(jnp.zeros((1, 3)), jnp.zeros((1, 3)), 0.5, 0)
+        SL.invert_poe(jnp.zeros((1, 3)), jnp.zeros((1, 3)), 0.5, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -343,9 +348,9 @@ def test_reference_recipe_scores_are_minus_design_values_up_to_bf16_rounding():
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)
     y = jnp.asarray(rng.normal(size=64) * 3, jnp.float32)
-    v = np.asarray(S.example_values(sq_losses, theta, g, x, y))
+    v = np.asarray(EV.example_values(sq_losses, theta, g, x, y))
     a = np.asarray(S.recipe_scores(S.REFERENCE_RECIPE, sq_losses, theta, g, x, y))
-    np.testing.assert_array_equal(a, S.example_values_reference_code_compat(sq_losses, theta, g, x, y, eps=0.01))
+    np.testing.assert_array_equal(a, EV.example_values_reference_code_compat(sq_losses, theta, g, x, y, eps=0.01))
     eps = float(jnp.asarray(0.01, jnp.bfloat16))  # the step actually taken
     lp = np.asarray(sq_losses(theta + eps * g, x, y), np.float64)
     lm = np.asarray(sq_losses(theta - eps * g, x, y), np.float64)
@@ -383,7 +388,7 @@ def test_recipe_weights_closed_forms():
     design = S.Recipe(standardize=True, max_weight=5.0)
     np.testing.assert_allclose(
         S.recipe_weights(design, a, 1.0, mask),
-        S.adaptive_weights(a, 1.0, max_weight=5.0, mask_b=mask, standardize=True),
+        EW.adaptive_weights(a, 1.0, max_weight=5.0, mask_b=mask, standardize=True),
         rtol=1e-6,
     )
 
@@ -395,7 +400,7 @@ def test_shuffled_weights_keep_the_multiset():
     w = np.where(mask, w, 0.0).astype(np.float32)
     moved = 0
     for trial in range(4):
-        s = np.asarray(S.shuffle_weights(w, mask, rng.random(20)))
+        s = np.asarray(EW.shuffle_weights(w, mask, rng.random(20)))
         np.testing.assert_array_equal(np.sort(s[mask]), np.sort(w[mask]))  # same multiset on the valid examples
         assert np.all(s[~mask] == 0)
         moved += np.sum(s != w)
@@ -403,11 +408,11 @@ def test_shuffled_weights_keep_the_multiset():
 
 
 def test_ess_fraction_closed_forms():
-    assert float(S.ess_fraction(np.ones(8))) == pytest.approx(1.0)
-    assert float(S.ess_fraction(np.array([4.0, 0, 0, 0]))) == pytest.approx(0.25)
+    assert float(EW.ess_fraction(np.ones(8))) == pytest.approx(1.0)
+    assert float(EW.ess_fraction(np.array([4.0, 0, 0, 0]))) == pytest.approx(0.25)
     w = np.array([2.0, 1.0, 1.0, 0.0, 7.0])
     m = np.array([1, 1, 1, 1, 0], bool)
-    assert float(S.ess_fraction(w, m)) == pytest.approx(16 / (4 * 6))
+    assert float(EW.ess_fraction(w, m)) == pytest.approx(16 / (4 * 6))
 
 
 def _toy_token_problem(seed=0, B=6, T=4):
@@ -437,9 +442,9 @@ def test_recipe_loss_per_batch_equals_hand_assembly():
     g = jax.grad(held)(theta)
 
     def per_ex(th):
-        return S.sequence_nll(-token_loss(th)[0], mask)
+        return SL.sequence_nll(-token_loss(th)[0], mask)
 
-    v = S.example_values(per_ex, theta, g)
+    v = EV.example_values(per_ex, theta, g)
     mask_b = np.asarray(mask.sum(-1) > 0)
     for recipe, beta in [
         (S.Recipe(averaging="sequence", max_weight=2.0), 1.0),
@@ -447,18 +452,18 @@ def test_recipe_loss_per_batch_equals_hand_assembly():
         (S.Recipe(averaging="token", standardize=False, max_weight=None, sign=-1), 3.0),
     ]:
         w = S.recipe_weights(recipe, recipe.sign * v, beta, mask_b)
-        want = S.weighted_nll(-token_loss(theta)[0], mask, w, recipe.averaging)
+        want = SL.weighted_nll(-token_loss(theta)[0], mask, w, recipe.averaging)
         loss, aux = S.recipe_loss(recipe, beta, token_loss, theta, heldout_loss_fn=held)
         np.testing.assert_allclose(loss, want, rtol=1e-6)
-        np.testing.assert_allclose(aux["ess_fraction"], S.ess_fraction(w, mask_b), rtol=1e-6)
+        np.testing.assert_allclose(aux["ess_fraction"], EW.ess_fraction(w, mask_b), rtol=1e-6)
         assert float(aux["ess_fraction"]) < 1.0
         # weights carry no gradient: ∇loss = Σ w_i ∇ℓ_i / n with w held fixed
         grad = jax.grad(lambda th: S.recipe_loss(recipe, beta, token_loss, th, heldout_loss_fn=held)[0])(theta)
-        want_grad = jax.grad(lambda th: S.weighted_nll(-token_loss(th)[0], mask, w, recipe.averaging))(theta)
+        want_grad = jax.grad(lambda th: SL.weighted_nll(-token_loss(th)[0], mask, w, recipe.averaging))(theta)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
     # passive: the plain token mean, ESS 1
     loss, aux = S.recipe_loss(S.PASSIVE_RECIPE, 5.0, token_loss, theta)
-    np.testing.assert_allclose(loss, S.weighted_nll(-token_loss(theta)[0], mask), rtol=1e-6)
+    np.testing.assert_allclose(loss, SL.weighted_nll(-token_loss(theta)[0], mask), rtol=1e-6)
     assert float(aux["ess_fraction"]) == 1.0
     # precomputed (dataset-level) weights are used as given
     w_given = jnp.arange(6, dtype=jnp.float32)
@@ -488,7 +493,7 @@ def test_dataset_gradient_and_weights_match_whole_set():
     np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
 
     def per_ex(th, r):
-        return S.sequence_nll(-tok(th, r), r["m"])
+        return SL.sequence_nll(-tok(th, r), r["m"])
 
     mask_n = np.asarray(data["m"].sum(-1) > 0)
     for recipe in (S.Recipe(refresh_every=0), dataclasses.replace(S.REFERENCE_RECIPE, fd_dtype="float32")):

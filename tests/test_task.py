@@ -1,4 +1,4 @@
-"""Tests for the built-in arithmetic task and its tokenizer (pure Python + numpy)."""
+"""Tests for the built-in arithmetic task, its encoding into arrays and its tokenizer (pure Python + numpy)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ from experiments.tasks import arithmetic as ar
 from experiments.tasks.arithmetic import (
     ArithmeticTaskConfig,
     Problem,
-    encode_problems,
-    encode_prompts,
     extract_answer,
     is_correct,
     make_split,
 )
+from experiments.tasks.encoding import encode_problems, encode_prompts
 from experiments.tasks.tokenizer import Tokenizer, build_tokenizer
 
 CFG = ArithmeticTaskConfig()

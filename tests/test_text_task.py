@@ -12,7 +12,8 @@ import tensorflow_datasets as tfds
 from experiments import cli
 from experiments.tasks import answers, tfds_builders  # noqa: F401  (registers distgame_gsm8k / distgame_math)
 from experiments.tasks.batches import ArrayRows, LazyRows, global_batch_indices, local_batch, process_slice
-from experiments.tasks.registry import TaskConfig, TaskError, build_task
+from experiments.tasks.registry import build_task
+from experiments.tasks.task_config import TaskConfig, TaskError
 
 # --- GSM8K-format rows (the release's exact layout: calculator annotations, "#### <answer>") -------
 
