@@ -4,7 +4,7 @@
 - decoding: tokens/s of the cached sampler (sampling, τ=1) vs full uncached forward passes;
 - PoE decoding: teacher + proxy in one jitted sampler, its time over standard decoding
   (`poe_cost_ratio`) next to the FLOPs bound 1 + proxy FLOPs / teacher FLOPs (`poe_flop_bound`);
-- the protocol's distillation step (`protocol.distil`: passive and adaptive students, all
+- the protocol's distillation step (`distillation.distil`: passive and adaptive students, all
   `protocol.seeds` seeds under vmap, host-side batch gathering included): steps/s;
 - model FLOPs per token (2 per multiply-add; training = 3x forward) and achieved FLOP/s as a
   fraction of a dense float32 matmul peak measured on the same devices in the same run, and of
@@ -59,8 +59,8 @@ def matmul_peak_flops(mesh, n: int = 1024, iters: int = 10) -> float:
 
 
 def _distill_runner(cfg: Config, models, vocab: int, kind: str, steps: int):
-    """A call of `protocol.distil` (what the protocol runs per student) on random traces; returns (fn, steps)."""
-    from experiments.protocol import distil
+    """A call of `distillation.distil` (what the protocol runs per student) on random traces; returns (fn, steps)."""
+    from experiments.distillation import distil
 
     pc = cfg.protocol
     dc = dataclasses.replace(pc.distill, steps=steps)

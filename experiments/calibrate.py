@@ -33,12 +33,13 @@ from experiments import io as rio
 from experiments import retokenize as retok
 from experiments.calibration_plot import plot_calibration
 from experiments.config import Config, to_dict
+from experiments.distillation import distil
 from experiments.distributed import is_main_process
 from experiments.equilibrium import EquilibriumSweep, make_game, setting_for, solver_setup
 from experiments.evaluate import correct_mask, decode_problems
 from experiments.io import fingerprint, save_json
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
-from experiments.protocol import distil, ensure_models
+from experiments.protocol import ensure_models
 from experiments.stats import mean_stderr
 from game import solver as sv
 from game.poe_game import masked_nll

@@ -45,7 +45,7 @@ from experiments.protocol import Protocol, ensure_models
 from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.stats import mean_stderr, pm
 from experiments.tasks.batches import trim_columns
-from experiments.tasks.encoding import encode_problems
+from experiments.tasks.encoding import answer_mask, encode_problems
 from game import defenses as dfn
 from game import solver as sv
 from game.poe_game import make_poe_game
@@ -80,7 +80,7 @@ def make_game(student, beta: float, dc, tau: float, estimator: str = "score") ->
 
 
 def horizon_optimizer(dc, steps: int) -> optax.GradientTransformation:
-    """The protocol's distillation optimizer (experiments.protocol.distill_optimizer: AdamW,
+    """The protocol's distillation optimizer (experiments.distillation.distill_optimizer: AdamW,
     warmup + cosine, here over `steps`) with eps_root > 0, so forward mode through it stays finite."""
     warmup = min(dc.warmup_steps, steps - 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, steps, dc.lr * 0.1)
@@ -99,17 +99,6 @@ def solver_setup(cfg: Config) -> tuple[sv.SolverConfig, sv.Optimizers]:
     return scfg, sv.make_optimizers(scfg)
 
 
-def answer_mask(problems, tokenizer, data) -> np.ndarray:
-    """loss_mask_bt restricted to the final answer's tokens and the EOS (the last
-    len(encode(str(answer))) + 1 targets of each row)."""
-    mask = np.zeros_like(data["loss_mask_bt"])
-    for i, p in enumerate(problems):
-        targets = np.nonzero(data["loss_mask_bt"][i])[0]
-        k = min(len(tokenizer.encode(str(p.answer))) + 1, len(targets))
-        mask[i, targets[-k:]] = 1.0
-    return mask
-
-
 class EquilibriumSweep:
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg, self.ec, self.progress = cfg, cfg.equilibrium, progress
@@ -125,7 +114,7 @@ class EquilibriumSweep:
         if capability == "answer":
             data["loss_mask_bt"] = answer_mask(problems, self.tokenizer, data)
         data = trim_columns({k: data[k] for k in ("tokens_bt", "loss_mask_bt")})
-        batch = {"tokens_bt": jnp.asarray(data["tokens_bt"]), "loss_mask_bt": jnp.asarray(data["loss_mask_bt"])}
+        batch = {k: jnp.asarray(v) for k, v in data.items()}
         batch["z_teacher"] = _logits(models["teacher"], batch["tokens_bt"])
         batch["z_proxy"] = _logits(models["proxy"], batch["tokens_bt"])
         return batch
@@ -283,12 +272,9 @@ class EquilibriumSweep:
         points, trajectories = [], []
         resuming = any(self.checkpoint_dir(beta).exists() for beta in self.ec.betas)
         gamma_max = horizon = None
-        # SIGTERM from here on: checkpoint after the iteration. The log is opened inside, so a SIGTERM that arrives
-        # once it exists (what a supervisor may watch for) is always caught.
-        with (
-            preemption.checkpointed(),
-            rio.JsonlLog(self.dir / "solver_log.jsonl", append=resuming) if main else contextlib.nullcontext() as log,
-        ):
+        # SIGTERM from here on (the log file's creation included): checkpoint after the iteration, then stop
+        open_log = functools.partial(rio.JsonlLog, self.dir / "solver_log.jsonl", resuming) if main else None
+        with preemption.checkpointed(), (open_log or contextlib.nullcontext)() as log:
             for beta in self.ec.betas:
                 res = self.solve_beta(beta, models, eval_batch, util_batch, heldout, log)
                 d, best, ns = res["diag"], res["best"], res["n_starts"]

@@ -6,7 +6,7 @@ One worker process per checkout (its code on PYTHONPATH), each compiled once, th
 alternating A / B / B / A ..., so drift in a shared machine's speed hits both alike; the result is the ratio
 of the medians. What each round times, on the config's default shapes with random weights (throughput does not
 depend on the values):
-- distillation: `protocol.distil` of the passive student, all `protocol.seeds` seeds under vmap, batch
+- distillation: `distillation.distil` of the passive student, all `protocol.seeds` seeds under vmap, batch
   `protocol.distill.batch_size` rows of `task.max_len` tokens, host-side batch gathering included;
 - defended decoding: the protocol's sampler (`models.sampling.generate`) for `sample.batch_size` test prompts,
   `sample.max_new_tokens` tokens each (no early EOS), PoE at the config's strongest `poe` setting (γ = 0.5 when it

@@ -149,7 +149,7 @@ def compile_proxy_gradient(cfg: Config, mesh):
 
 def compile_distill_step(cfg: Config, mesh):
     """One step of the protocol's student distillation (all protocol.seeds under vmap; LoRA or full)."""
-    from experiments.protocol import distill_optimizer, make_distill_step
+    from experiments.distillation import distill_optimizer, make_distill_step
 
     dc, seeds = cfg.protocol.distill, cfg.protocol.seeds
     student, _ = _abstract_model(cfg, "student", mesh)
@@ -174,7 +174,7 @@ def compile_distill_step(cfg: Config, mesh):
     opt = jax.tree.map(lambda x, s=None: _batch(x.shape, x.dtype, rep), opt)
     t = cfg.task.max_len  # the widest a batch gets (tasks.batches.trim_columns cuts unused columns)
 
-    # placed as protocol.distil places them (protocol.seed_rows_sharded: rows over the batch axes when they divide)
+    # placed as distillation.distil places them (protocol.seed_rows_sharded: rows over the batch axes when they divide)
     def rows(n):
         return {k: _batch((seeds, n, t), dt, rep) for k, dt in (("tokens_bt", np.int32), ("loss_mask_bt", np.float32))}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.config import ConfigError, DistillConfig
-from experiments.protocol import distil
+from experiments.distillation import distil
 from experiments.train import RoleModel
 from models import lora
 from models import transformer as tfm

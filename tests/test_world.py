@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from experiments.config import DistillConfig
-from experiments.protocol import distil, headline, mask_traces, token_entropy_stats
+from experiments.distillation import distil
+from experiments.protocol import headline, mask_traces, token_entropy_stats
 from experiments.train import init_role_model
 from models.transformer import ModelConfig
 
@@ -96,9 +97,9 @@ def test_learning_curve_prefix_is_exactly_a_shorter_run(ema):
 def test_fused_distillation_is_the_per_step_loop(kind, beta, ema, monkeypatch):
     """The compiled chunks (device-side batch gather, average and divergence check inside a scan) give bitwise
     the per-step loop's students, snapshots included, with chunks that end between snapshots."""
-    import experiments.protocol as protocol
+    import experiments.distillation as distillation
 
-    monkeypatch.setattr(protocol, "FUSED_CHUNK", 4)  # chunk ends 4, 8 besides the snapshots 3, 6, 12
+    monkeypatch.setattr(distillation, "FUSED_CHUNK", 4)  # chunk ends 4, 8 besides the snapshots 3, 6, 12
     model, traces, heldout = _tiny_world()
     dc = DistillConfig(steps=6, batch_size=4, warmup_steps=2, lr=1e-2, betas=(), attacks=(), ema=ema)
     run = functools.partial(distil, model, traces, heldout, dc, kind, beta, 2, progress=False, snapshots=(3, 6, 12))

@@ -1,5 +1,6 @@
 """Problems -> token arrays, for every task: right-padded training rows with their next-token loss mask
-(:func:`encode_problems`) and left-padded sampling prompts (:func:`encode_prompts`). A problem is anything with
+(:func:`encode_problems`, :func:`answer_mask` for the final answer only) and left-padded sampling prompts
+(:func:`encode_prompts`). A problem is anything with
 ``prompt``, ``solution`` and ``answer`` (an arithmetic :class:`experiments.tasks.arithmetic.Problem`, a text
 task's problem); text tasks truncate long rows instead (:func:`experiments.tasks.text_task.encode_truncated`)."""
 
@@ -111,3 +112,14 @@ def encode_prompts(
         tokens[i, max_prompt_len - len(ids) :] = ids
         lens[i] = len(ids)
     return tokens, lens
+
+
+def answer_mask(problems, tokenizer, data) -> np.ndarray:
+    """loss_mask_bt restricted to the final answer's tokens and the EOS (the last
+    len(encode(str(answer))) + 1 targets of each row)."""
+    mask = np.zeros_like(data["loss_mask_bt"])
+    for i, p in enumerate(problems):
+        targets = np.nonzero(data["loss_mask_bt"][i])[0]
+        k = min(len(tokenizer.encode(str(p.answer))) + 1, len(targets))
+        mask[i, targets[-k:]] = 1.0
+    return mask
