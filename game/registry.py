@@ -42,6 +42,7 @@ __all__ = [
     "Expert",
     "EXPERTS",
     "Defense",
+    "aligned",
     "FixedStrength",
     "PerRowStrength",
     "register",
@@ -116,6 +117,12 @@ EXPERTS: dict[str, Expert] = {
 """Expert kinds a defense may ask for (experiments/defense_wiring.py builds each one)."""
 
 Logits = Callable[[tuple, Any, Any], jax.Array]  # (outs, strength, tau) -> logits
+
+
+def aligned(strength: Any, logits: jax.Array) -> jax.Array:
+    """A scalar or per-row strength ([B], the sampler's per-row carry) as float32, shaped to broadcast against
+    ``logits`` along its leading axes: a ``logits`` function must accept both."""
+    return dfn._lead(strength, jax.numpy.ndim(logits))
 
 
 @dataclasses.dataclass(frozen=True)

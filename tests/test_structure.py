@@ -11,14 +11,14 @@ MAX_LINES = 400
 
 OVERSIZE = {
     "experiments/attacker.py": 457,
-    "experiments/config.py": 625,
-    "experiments/equilibrium.py": 466,
+    "experiments/config.py": 623,
+    "experiments/equilibrium.py": 463,
     "experiments/plots.py": 748,
-    "experiments/protocol.py": 992,
+    "experiments/protocol.py": 931,
     "experiments/tasks/arithmetic.py": 432,
     "experiments/tasks/registry.py": 401,
     "game/defenses.py": 453,
-    "game/solver.py": 935,
+    "game/solver.py": 929,
     "game/students.py": 682,
     "launch/compile_check.py": 418,
     "models/hf_loader.py": 492,
