@@ -57,7 +57,7 @@ def student_forward(graphdef):
     return lambda theta, tokens_bt: tfm.forward(graphdef, theta, tokens_bt)[0]
 
 
-def make_game(student, beta: float, dc, tau: float, estimator: str = "score", defense: str = "poe") -> sv.Game:
+def make_game(student, beta: float, dc, tau: float, estimator: str = "score", defense: str = registry.POE) -> sv.Game:
     """The game of `defense` for one student tilt β_s (0 = passive), on the student's network."""
     return make_defense_game(
         student_forward(student.graphdef),

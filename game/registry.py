@@ -20,8 +20,9 @@ A :class:`Defense` says
 * the cost model: forward passes and FLOPs per generated token, by default the sum of its experts' costs
   (:data:`EXPERTS`); ``cost`` overrides it.
 
-Adding a defense is one declaration passed to :func:`register` (see tests/test_defense_registry.py, which
-registers a throw-away defense and runs the ci protocol with it). Pure: no I/O, no experiment code; the
+Adding a defense is one declaration passed to :func:`register` (at the bottom of this file, with its logits
+function if its maths is new) and its test: nothing else names defenses. tests/test_defense_registry.py registers
+a throw-away defense from the test file and runs the ci protocol with it. Pure: no I/O, no experiment code; the
 settings handed to ``combiner``/``label`` are any object with the fields ``name``, ``strength`` and those in
 ``params`` (experiments/config.py's DefenseSetting).
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import jax
 
@@ -125,7 +126,7 @@ def aligned(strength: Any, logits: jax.Array) -> jax.Array:
     return dfn._lead(strength, jax.numpy.ndim(logits))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Defense:
     """One defense, as the config, the protocol, the cost table and the equilibrium sweep see it."""
 
@@ -133,6 +134,8 @@ class Defense:
     experts: tuple[str, ...]
     logits: Logits | None = None
     combiner: Callable[[Any, float], Any] | None = None
+    per_row: Callable[[float], Any] | None = None
+    """tau -> the sampler combiner with the strength as data (carry = strength_b); None = from ``logits``"""
     strength: Param | None = None
     params: dict[str, Param] = dataclasses.field(default_factory=dict)
     differentiable: bool = False
@@ -163,9 +166,7 @@ class Defense:
         argument (one compiled sampler for every strength; the equilibrium resamples at each state's)."""
         if not self.differentiable:
             raise ValueError(f"defense {self.name!r}: its strength is not differentiable")
-        if self.name == POE:  # the historical class: same sampler, same compiled programs
-            return dfn.PoEPerRow(tau)
-        return PerRowStrength(self.logits, tau)
+        return self.per_row(tau) if self.per_row is not None else PerRowStrength(self.logits, tau)
 
     def logprobs(self, outs: tuple, strength: Any, tau: Any) -> jax.Array:
         """log_softmax of ``logits`` over the last axis (the game's defended teacher on cached outputs)."""
@@ -205,7 +206,6 @@ class FixedStrength:
     logits_fn: Logits
     strength: float
     temperature: float = 1.0
-    experts: ClassVar[tuple[str, ...]] = ()
 
     def init(self, batch_size: int):
         return ()
@@ -310,6 +310,7 @@ register(
         ("teacher", "proxy"),
         _poe_logits,
         combiner=lambda d, tau: dfn.PoE(d.strength, tau),
+        per_row=dfn.PoEPerRow,
         strength=_GAMMA,
         differentiable=True,
         invertible=True,
