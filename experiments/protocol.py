@@ -34,7 +34,7 @@ from experiments import io as rio
 from experiments import retokenize as retok
 from experiments.chunked import mean_nll_grad, padded, row_chunks, seed_rows_sharded
 from experiments.config import Config, ConfigError, DefenseSetting, DistillConfig
-from experiments.defense_wiring import cost_model, defense_setup  # noqa: F401 (defense_setup: speed_compare's API)
+from experiments.defense_wiring import cost_model, defense_setup  # protocol.defense_setup: speed_compare's API
 from experiments.distributed import is_main_process
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.io import fingerprint, save_json, save_npz
