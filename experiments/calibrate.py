@@ -1,6 +1,6 @@
 """`distgame calibrate`: does the game rank the defenses as the protocol measures them?
 
-On a grid of PoE weights γ (equilibrium.calibration_gammas):
+On a grid of strengths γ of equilibrium.defense (PoE weights by default; equilibrium.calibration_gammas):
 
 - predicted (the game alone): J(θ_T(γ)) and dJ/dγ, the student's capability loss after the
   game's horizon from its base on the game's own PoE(γ) prefix pools (fresh problems per
@@ -101,9 +101,8 @@ class Calibration:
     # -- the game's prediction ----------------------------------------------------
     def predict(self, models, eval_batch, heldout) -> dict:
         scfg, optimizers = solver_setup(self.cfg)
-        game = make_game(
-            models["student"], 0.0, self.cfg.protocol.distill, self.cfg.protocol.temperature, self.ec.estimator
-        )
+        dc, tau = self.cfg.protocol.distill, self.cfg.protocol.temperature
+        game = make_game(models["student"], 0.0, dc, tau, self.ec.estimator, self.ec.defense)
         steps = scfg.unroll_steps if scfg.unroll_from == "base" else 1
         hyper = jax.jit(
             lambda g, b: sv.capability_hypergradient(game, scfg, models["student"].params, g, b, eval_batch, optimizers)
@@ -150,8 +149,8 @@ class Calibration:
         )
         nll, acc = [], []
         for gamma in tqdm(self.ec.calibration_gammas, desc="protocol students", leave=False, disable=not self.progress):
-            d = setting_for(gamma)
-            traces = self.protocol.traces(d, models, None)
+            d = setting_for(gamma, self.ec.defense)
+            traces = self.protocol.traces(d, models, self.sweep.g_P)
             train = {k: traces[k] for k in ("tokens_bt", "loss_mask_bt", "topk_ids_btk", "topk_logprob_btk")}
             if dc.degeneracy_filter:
                 train["loss_mask_bt"] = train["loss_mask_bt"] * traces["keep"][..., None]
@@ -201,6 +200,7 @@ class Calibration:
         models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
         retok.require_shared_vocabulary(models, self.protocol.tokenizer, "distgame calibrate (the game's soft targets)")
         clean = self.protocol.heldout_traces(models)
+        self.sweep.set_models(models, clean)
         heldout = self.protocol.attacker_heldout(clean)
         ref = self.sweep.reference("test", self.ec.n_eval, models, capability=self.ec.capability)
         eval_batch = {k: ref[k] for k in ("tokens_bt", "loss_mask_bt")}

@@ -20,6 +20,7 @@ from experiments.distributed import DistributedConfig
 from experiments.fields import documented as _help
 from experiments.tasks.reasoning import STYLES
 from experiments.tasks.task_config import TaskConfig
+from game import registry
 from game.solver import SolverConfig
 from models.lora import LoraConfig
 from models.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig
@@ -136,15 +137,14 @@ class BenchConfig:
     )
 
 
-DEFENSES = ("standard", "poe", "ads", "ads_fd", "strategic_poe", "strategic_ads")
 ATTACKS = ("soft_topk", "poe_inversion")
 
 
 @dataclasses.dataclass(frozen=True)
 class DefenseSetting:
-    """One point of the defense grid."""
+    """One point of the defense grid. What each defense reads and accepts is declared in game/registry.py."""
 
-    name: str = _help(f"defense: one of {', '.join(DEFENSES)}", "standard")
+    name: str = _help(f"defense: one of {', '.join(registry.names())} (game/registry.py)", "standard")
     strength: float = _help("PoE gamma in [0, 1) or ADS lambda >= 0 (ignored by 'standard')", 0.0)
     eta: float = _help("strategic variants: growth rate of the strength along the sequence", 0.0)
     max_strength: float = _help("strategic variants: cap gamma_max in (0, 1) or lambda_max", 0.9)
@@ -152,28 +152,19 @@ class DefenseSetting:
 
     @property
     def label(self) -> str:
-        if self.name == "standard":
-            return "standard"
-        sym = "γ" if "poe" in self.name else "λ"
-        extra = f", η={self.eta:g}" if self.name.startswith("strategic") else ""
-        return f"{self.name} {sym}={self.strength:g}{extra}"
+        return registry.get(self.name).label(self) if self.name in registry.names() else self.name
 
     @property
     def key(self) -> str:
         """File-system-safe identifier."""
-        return self.label.replace(" ", "_").replace("γ=", "g").replace("λ=", "l").replace("η=", "eta").replace(",", "")
+        key = self.label.replace(" ", "_").replace("γ=", "g").replace("λ=", "l").replace("η=", "eta")
+        return key.replace(",", "").replace("=", "")
 
     def validate(self, where: str) -> None:
-        if self.name not in DEFENSES:
-            raise ConfigError(f"{where}.name={self.name!r} is not a defense; choose one of {', '.join(DEFENSES)}")
-        if "poe" in self.name and not 0 <= self.strength < 1:
-            raise ConfigError(f"{where}.strength={self.strength} must be a PoE gamma in [0, 1)")
-        if "ads" in self.name and self.strength < 0:
-            raise ConfigError(f"{where}.strength={self.strength} must be an ADS lambda >= 0")
-        if self.name == "strategic_poe" and not 0 < self.max_strength < 1:
-            raise ConfigError(f"{where}.max_strength={self.max_strength} must be in (0, 1)")
-        if self.name == "ads_fd" and not self.eps > 0:
-            raise ConfigError(f"{where}.eps={self.eps} must be > 0")
+        try:
+            registry.check(self, where)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +193,8 @@ class DistillConfig:
     degeneracy_filter: bool = _help("drop traces with long repeats before training", True)
     attacks: tuple[str, ...] = _help(f"extra attacks: any of {', '.join(ATTACKS)}", ("soft_topk", "poe_inversion"))
     attack_defenses: tuple[str, ...] = _help(
-        "defense names the extra attacks are run against (poe_inversion only ever runs against poe)", ("poe",)
+        "defense names the extra attacks are run against (poe_inversion only against the invertible ones: poe)",
+        ("poe",),
     )
     inversion_gamma_error: float = _help(
         "poe_inversion: the attacker's estimate of gamma is the true gamma plus this", 0.0
@@ -265,10 +257,8 @@ class ProtocolConfig:
             raise ConfigError(f"protocol.defenses has duplicates: {labels}")
         dc = self.distill
         for name in dc.attack_defenses:
-            if name not in DEFENSES:
-                raise ConfigError(
-                    f"protocol.distill.attack_defenses: unknown defense {name!r}; choose from {', '.join(DEFENSES)}"
-                )
+            if name not in registry.names():
+                raise ConfigError(f"protocol.distill.attack_defenses: {registry.unknown(name)}")
         for a in dc.attacks:
             if a not in ATTACKS:
                 raise ConfigError(f"protocol.distill.attacks: unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
@@ -329,8 +319,13 @@ class ProtocolConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EquilibriumConfig:
-    """The PoE game solved on the trained models (distgame equilibrium)."""
+    """The defense game solved on the trained models (distgame equilibrium)."""
 
+    defense: str = _help(
+        "the defense whose strength the teacher plays (γ in the solver): a registered defense with a differentiable "
+        "strength (game/registry.py): 'poe' (γ in [0, 1)) or 'ads' (λ >= 0); solver.gamma_max bounds it",
+        "poe",
+    )
     budgets: tuple[float, ...] = _help(
         "utility budgets δ (nats/token the teacher may lose), increasing, solved at once under vmap", (0.01, 0.03, 0.1)
     )
@@ -341,7 +336,7 @@ class EquilibriumConfig:
     n_eval: int = _help("reference solutions of test prompts in J (student capability loss)", 128)
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
     empirical_check: bool = _help(
-        "at each equilibrium gamma*, sample PoE traces and distill real students (protocol.distill)", True
+        "at each equilibrium gamma*, sample defended traces and distill real students (protocol.distill)", True
     )
     check_seeds: int = _help("seeds of the empirical check", 1)
     horizon: int = _help(
@@ -363,7 +358,7 @@ class EquilibriumConfig:
         "solve every budget from gamma0 in {0, gamma_max/2, gamma_max} and keep the best feasible objective", True
     )
     calibration_gammas: tuple[float, ...] = _help(
-        "distgame calibrate: the PoE weights (>= 5, increasing, in [0, 1)) where the game's J is compared with the protocol's",
+        "distgame calibrate: strengths (>= 5, increasing, in the defense's range) where the game's J meets the protocol's",
         (0.0, 0.15, 0.3, 0.45, 0.6),
     )
     calibration_seeds: int = _help("distgame calibrate: protocol seeds per gamma (paired)", 3)
@@ -386,9 +381,16 @@ class EquilibriumConfig:
         for name in ("horizon", "horizon_batch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"equilibrium.{name}={getattr(self, name)} must be >= 0")
-        g = self.calibration_gammas
-        if len(g) < 2 or any(y <= x for x, y in zip(g, g[1:])) or g[0] < 0 or g[-1] >= 1:
-            raise ConfigError(f"equilibrium.calibration_gammas={list(g)} must be >= 2 increasing values in [0, 1)")
+        if self.defense not in registry.differentiable_names():
+            raise ConfigError(
+                f"equilibrium.defense={self.defense!r} must be a defense with a differentiable strength: "
+                f"{', '.join(registry.differentiable_names())}"
+            )
+        g, r = self.calibration_gammas, registry.get(self.defense).strength.range
+        if len(g) < 2 or any(y <= x for x, y in zip(g, g[1:])) or not all(x in r for x in g):
+            raise ConfigError(
+                f"equilibrium.calibration_gammas={list(g)} must be >= 2 increasing values {r.describe(False)}"
+            )
         if self.calibration_seeds < 1 or self.calibration_game_seeds < 1:
             raise ConfigError("equilibrium.calibration_seeds and equilibrium.calibration_game_seeds must be >= 1")
         if self.estimator not in ("score", "soft"):
@@ -396,7 +398,7 @@ class EquilibriumConfig:
         if self.capability not in ("solution", "answer"):
             raise ConfigError(f"equilibrium.capability={self.capability!r} must be 'solution' or 'answer'")
         try:
-            self.solver.validate()
+            self.solver.validate(registry.get(self.defense).strength.range.high)
         except ValueError as e:
             raise ConfigError(str(e).replace("SolverConfig.", "equilibrium.solver.")) from None
 

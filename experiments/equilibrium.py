@@ -1,12 +1,13 @@
-"""`distgame equilibrium`: solve the PoE game on the trained models for a grid of
-utility budgets δ (vectorised with vmap) and student tilts β_s, then check each
-equilibrium γ* empirically (PoE traces, distilled students, real accuracies).
+"""`distgame equilibrium`: solve the defense game (equilibrium.defense: PoE γ by default, ADS λ,
+any registered defense with a differentiable strength; the solver calls it γ) on the trained
+models for a grid of utility budgets δ (vectorised with vmap) and student tilts β_s, then check
+each equilibrium γ* empirically (defended traces, distilled students, real accuracies).
 
 The game (docs/design.md, "The differentiable game", assembled in game/poe_game.py from the
 student's forward function), wired to real models:
-- student batch: a pool of prefixes sampled from PoE(γ) at the current γ of each state
-  (budget × start), fresh problems every `resample_every` iterations, with the teacher's
-  and proxy's logits on them cached; L_D carries the sampling channel (score function,
+- student batch: a pool of prefixes sampled from the defense at the current γ of each state
+  (budget × start), fresh problems every `resample_every` iterations, with the defense's
+  expert outputs on them cached; L_D carries the sampling channel (score function,
   game/sampling.py) unless equilibrium.estimator='soft';
 - the student's response: `horizon` steps (default: the protocol's distillation steps)
   of the protocol's optimizer from the student's base, minibatches drawn from the pool
@@ -14,7 +15,7 @@ student's forward function), wired to real models:
 - J(θ): the student's NLL of reference solutions of test prompts (whole solution, or
   the final answer only: equilibrium.capability);
 - U(γ): the teacher's mean log-likelihood per token of reference solutions of
-  held-out prompts under PoE(γ) (cached logits, τ=1).
+  held-out prompts under the defense at γ (cached expert outputs, τ=1).
 - multi-start: every budget is solved from γ_0 ∈ {0, γ_max/2, γ_max} at once; the best
   feasible objective is reported, with whether the starts agree.
 """
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import defense_wiring as wiring
 from experiments import io as rio
 from experiments import preemption
 from experiments import retokenize as retok
@@ -46,20 +48,10 @@ from experiments.solver_run import SolverCheckpoint, resumable_solve
 from experiments.stats import mean_stderr, pm
 from experiments.tasks.batches import trim_columns
 from experiments.tasks.encoding import answer_mask, encode_problems
-from game import defenses as dfn
+from game import registry
 from game import solver as sv
-from game.poe_game import make_poe_game
+from game.poe_game import make_defense_game
 from models import transformer as tfm
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _next_token_logits(graphdef, params, tokens_bt):
-    return tfm.forward(graphdef, params, tokens_bt[:, :-1])[0]
-
-
-def _logits(model, tokens_bt):
-    """Cached teacher/proxy logits on fixed sequences (compiled once per model and shape)."""
-    return _next_token_logits(model.graphdef, model.params, tokens_bt)
 
 
 def student_forward(graphdef):
@@ -67,10 +59,11 @@ def student_forward(graphdef):
     return lambda theta, tokens_bt: tfm.forward(graphdef, theta, tokens_bt)[0]
 
 
-def make_game(student, beta: float, dc, tau: float, estimator: str = "score") -> sv.Game:
-    """The PoE game for one student tilt β_s (0 = passive), on the student's network."""
-    return make_poe_game(
+def make_game(student, beta: float, dc, tau: float, estimator: str = "score", defense: str = registry.POE) -> sv.Game:
+    """The game of `defense` for one student tilt β_s (0 = passive), on the student's network."""
+    return make_defense_game(
         student_forward(student.graphdef),
+        defense,
         beta,
         tau=tau,
         estimator=estimator,
@@ -105,6 +98,12 @@ class EquilibriumSweep:
         self.dir = rio.path(cfg.run_dir) / "equilibrium"
         self.protocol = Protocol(cfg, progress=progress, seeds=self.ec.check_seeds)
         self.tokenizer = self.protocol.tokenizer
+        self.g_P = None  # the proxy's held-out gradient, for defenses whose experts read it (ADS): set_models
+
+    def set_models(self, models, clean) -> None:
+        """g_P from the clean held-out traces when equilibrium.defense needs it (ADS's tangent expert)."""
+        if wiring.needs_proxy_gradient(self.ec.defense):
+            self.g_P = self.protocol.proxy_gradient(models, clean)
 
     def reference(self, split: str, n: int, models, seed_offset: int = 0, capability: str = "solution") -> dict:
         """Reference solutions of `split` problems with cached teacher/proxy logits; the mask
@@ -115,24 +114,22 @@ class EquilibriumSweep:
             data["loss_mask_bt"] = answer_mask(problems, self.tokenizer, data)
         data = trim_columns({k: data[k] for k in ("tokens_bt", "loss_mask_bt")})
         batch = {k: jnp.asarray(v) for k, v in data.items()}
-        batch["z_teacher"] = _logits(models["teacher"], batch["tokens_bt"])
-        batch["z_proxy"] = _logits(models["proxy"], batch["tokens_bt"])
+        batch["outs"] = wiring.expert_outputs(self.ec.defense, models, self.g_P, batch["tokens_bt"])
         return batch
 
     def prefixes(
         self, models, gammas: np.ndarray, round_: int, heldout, steps: int, pool_seed: int | None = None
     ) -> dict:
-        """A pool of PoE(γ_j) prefixes for every state j, fresh problems per round (or, with
+        """A pool of prefixes from the defense at γ_j for every state j, fresh problems per round (or, with
         `pool_seed`, problems generated from their own seed), with cached teacher/proxy logits,
-        the sampling γ and the horizon's minibatch order: leaves [n_states, ...]."""
+        the sampling γ and the horizon's minibatch order: leaves [n_states, ...] (cached expert outputs)."""
         n = self.ec.prefixes or self.cfg.protocol.n_traces
         if pool_seed is None:
             problems = self.protocol.task.problems("train", self.cfg.seed + 2, n * (round_ + 1))[n * round_ :]
         else:
             problems = self.protocol.task.problems("train", self.cfg.seed + 1000 + pool_seed, n)
         nb = len(gammas)
-        t, p = models["teacher"], models["proxy"]
-        setup = (dfn.PoEPerRow(self.cfg.protocol.temperature), (t.spec, p.spec), (t.params, p.params), None)
+        setup = wiring.per_row_setup(self.ec.defense, models, self.g_P, self.cfg.protocol.temperature)
         dec = self.protocol._decode(
             problems * nb, setup, jax.random.key(round_), carry_b=np.repeat(gammas.astype(np.float32), n)
         )
@@ -141,8 +138,7 @@ class EquilibriumSweep:
         batch = {
             "tokens_bt": tokens,
             "loss_mask_bt": jnp.asarray(arrays["loss_mask_bt"]),
-            "z_teacher": _logits(t, tokens),
-            "z_proxy": _logits(p, tokens),
+            "outs": wiring.expert_outputs(self.ec.defense, models, self.g_P, tokens),
         }
         batch = jax.tree.map(lambda x: x.reshape((nb, n) + x.shape[1:]), batch)
         batch["gamma_sample"] = jnp.asarray(gammas, jnp.float32)
@@ -173,9 +169,8 @@ class EquilibriumSweep:
 
     def solve_beta(self, beta: float, models, eval_batch, util_batch, heldout, log) -> dict:
         scfg, optimizers = solver_setup(self.cfg)
-        game = make_game(
-            models["student"], beta, self.cfg.protocol.distill, self.cfg.protocol.temperature, self.ec.estimator
-        )
+        dc, tau = self.cfg.protocol.distill, self.cfg.protocol.temperature
+        game = make_game(models["student"], beta, dc, tau, self.ec.estimator, self.ec.defense)
         starts = sv.start_gammas(scfg) if self.ec.multi_start else (scfg.gamma_init,)
         deltas, gamma0 = sv.multi_start(scfg, self.ec.budgets, starts)
         ns = len(starts)
@@ -199,7 +194,7 @@ class EquilibriumSweep:
 
         def batch_for(i, state, meta, previous):
             round_, fresh = divmod(i, self.ec.resample_every)
-            if fresh == 0:  # resample: PoE(γ) prefixes at the current γ of each state
+            if fresh == 0:  # resample: defended prefixes at the current γ of each state
                 meta["round_gammas"] = np.asarray(sv.state_gamma(state, scfg)).tolist()
             elif previous is not None:
                 return previous
@@ -262,6 +257,7 @@ class EquilibriumSweep:
             models, self.protocol.tokenizer, "distgame equilibrium (soft targets on teacher prefixes)"
         )
         clean = self.protocol.heldout_traces(models)
+        self.set_models(models, clean)
         heldout = self.protocol.attacker_heldout(clean)
         eval_batch = self.reference("test", self.ec.n_eval, models, capability=self.ec.capability)
         eval_batch = {k: eval_batch[k] for k in ("tokens_bt", "loss_mask_bt")}
@@ -310,10 +306,13 @@ class EquilibriumSweep:
                     )
         eq = {
             "config": self.cfg.name,
+            "defense": self.ec.defense,
             "budgets": list(self.ec.budgets),
             "betas": list(self.ec.betas),
             "utility_ref": float(
-                make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0).utility(0.0, util_batch)
+                make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0, defense=self.ec.defense).utility(
+                    0.0, util_batch
+                )
             ),
             "gamma_max": gamma_max,
             "horizon": horizon,
@@ -336,10 +335,10 @@ class EquilibriumSweep:
         return eq
 
     def check(self, points, models, heldout, clean) -> None:
-        """Sample PoE(γ*) traces and distil the matching student at every equilibrium."""
+        """Sample defended traces at γ* and distil the matching student at every equilibrium."""
         for pt in tqdm(points, desc="empirical check", leave=False, disable=not self.progress):
-            d = setting_for(pt["gamma_star"])
-            traces = self.protocol.traces(d, models, None)
+            d = setting_for(pt["gamma_star"], self.ec.defense)
+            traces = self.protocol.traces(d, models, self.g_P)
             kind = "passive" if pt["beta"] == 0 else "adaptive"
             accs = self.protocol.student(d, kind, pt["beta"], models, traces, heldout)
             pt["teacher_accuracy"] = mean_stderr(traces["teacher_correct"].mean(-1))
@@ -354,13 +353,12 @@ class EquilibriumSweep:
         if not passive:
             return {}
         top = max(passive, key=lambda p: p["delta"])
-        d0 = DefenseSetting("standard")
+        d0, d = DefenseSetting(registry.STANDARD), setting_for(top["gamma_star"], self.ec.defense)
         tr0 = self.protocol.traces(d0, models, None)
         acc0 = np.asarray(self.protocol.student(d0, "passive", 0.0, models, tr0, heldout))
-        tr = self.protocol.traces(setting_for(top["gamma_star"]), models, None)
+        tr = self.protocol.traces(d, models, self.g_P)
         acc = np.asarray(
-            top.get("student_accuracy_values")
-            or self.protocol.student(setting_for(top["gamma_star"]), "passive", 0.0, models, tr, heldout)
+            top.get("student_accuracy_values") or self.protocol.student(d, "passive", 0.0, models, tr, heldout)
         )
         teacher = tr["teacher_correct"].mean(-1) - tr0["teacher_correct"].mean(-1)
         return {
@@ -371,11 +369,11 @@ class EquilibriumSweep:
         }
 
 
-def setting_for(gamma: float) -> DefenseSetting:
-    """The protocol's defense setting at an equilibrium γ (rounded to share stage files;
-    PoE at γ=0 is standard decoding, pinned by a test)."""
+def setting_for(gamma: float, defense: str = registry.POE) -> DefenseSetting:
+    """The protocol's defense setting at an equilibrium strength γ (rounded to share stage files;
+    a differentiable defense at strength 0 is standard decoding, pinned by tests)."""
     gamma = round(gamma, 2)
-    return DefenseSetting("poe", gamma) if gamma > 0 else DefenseSetting("standard")
+    return DefenseSetting(defense, gamma) if gamma > 0 else DefenseSetting(registry.STANDARD)
 
 
 SUMMARY_KEYS = (
@@ -421,7 +419,7 @@ def summary_metrics(eq: dict) -> dict:
 
 def equilibrium_markdown(eq: dict) -> str:
     lines = [
-        "# Equilibrium of the PoE game",
+        f"# Equilibrium of the {registry.get(eq.get('defense', registry.POE)).title or eq['defense']} game",
         "",
         f"U(0) = {eq['utility_ref']:.4f} nats/token. γ* solves max J(θ_T(γ)) s.t. U(0) − U(γ) ≤ δ, "
         f"θ_T the student after {eq.get('horizon')} distillation steps from its base (β=0 passive, β>0 adaptive); "

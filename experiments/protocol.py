@@ -31,6 +31,7 @@ from experiments import io as rio
 from experiments import retokenize as retok
 from experiments.chunked import mean_nll_grad, padded, row_chunks
 from experiments.config import Config, ConfigError, DefenseSetting
+from experiments.defense_wiring import cost_model, defense_setup  # protocol.defense_setup: speed_compare's API
 from experiments.distillation import distil
 from experiments.distributed import is_main_process
 from experiments.evaluate import Decoded, correct_mask, decode_problems
@@ -42,12 +43,12 @@ from experiments.tasks.encoding import encode_problems, encode_prompts
 from experiments.tasks.registry import Task, build_task
 from experiments.tasks.text_task import encode_truncated
 from experiments.train import RoleModel, Trainer, load_hf_role, load_role_params, make_mesh
-from game import defenses as dfn
+from game import registry
 from game import students as stu
 from models import hf_loader
 from models import sharding as shd
 from models import transformer as tfm
-from models.sampling import ExpertSpec, generate
+from models.sampling import generate
 
 # ---------------------------------------------------------------------------
 # Models
@@ -129,56 +130,6 @@ def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
                 else ""
             )
         )
-
-
-# ---------------------------------------------------------------------------
-# Defenses -> sampler experts
-# ---------------------------------------------------------------------------
-
-
-def defense_setup(d: DefenseSetting, models: dict[str, RoleModel], g_P: Any, tau: float):
-    """(combiner, expert specs, params, tangents) for one defense setting."""
-    t, p = models["teacher"], models["proxy"]
-    tangent_spec = ExpertSpec(p.graphdef, p.cfg, tangent=True)
-    if d.name == "standard":
-        return dfn.Standard(tau), (t.spec,), (t.params,), None
-    if d.name == "poe":
-        return dfn.PoE(d.strength, tau), (t.spec, p.spec), (t.params, p.params), None
-    if d.name == "strategic_poe":
-        comb = dfn.StrategicPoE(d.strength, d.eta, d.max_strength, tau)
-        return comb, (t.spec, p.spec), (t.params, p.params), None
-    if d.name == "ads":
-        return dfn.ADS(d.strength, tau), (t.spec, tangent_spec), (t.params, p.params), (None, g_P)
-    if d.name == "strategic_ads":
-        comb = dfn.StrategicADS(d.strength, d.eta, d.max_strength, tau)
-        return comb, (t.spec, tangent_spec), (t.params, p.params), (None, g_P)
-    if d.name == "ads_fd":
-        plus = jax.tree.map(lambda w, g: w + d.eps * g, p.params, g_P)
-        minus = jax.tree.map(lambda w, g: w - d.eps * g, p.params, g_P)
-        return dfn.ADSFiniteDifference(d.strength, tau, d.eps), (t.spec, p.spec, p.spec), (t.params, plus, minus), None
-    raise ConfigError(f"unknown defense {d.name!r}")
-
-
-def cost_model(d: DefenseSetting, models: dict[str, RoleModel], context: int) -> dict:
-    """Forward passes and model FLOPs per generated token, relative to standard decoding."""
-    vocab = models["teacher"].params["embed_vd"].shape[0]
-    f_t = tfm.flops_per_token(models["teacher"].cfg, vocab, context)
-    f_p = tfm.flops_per_token(models["proxy"].cfg, vocab, context)
-    # A JVP evaluates each matmul on the primal and twice for the tangent (x dW + dx W): 3x the proxy.
-    passes, flops = {
-        "standard": (1, f_t),
-        "poe": (2, f_t + f_p),
-        "strategic_poe": (2, f_t + f_p),
-        "ads": (2, f_t + 3 * f_p),
-        "strategic_ads": (2, f_t + 3 * f_p),
-        "ads_fd": (3, f_t + 2 * f_p),
-    }[d.name]
-    return {
-        "forward_passes_per_token": passes,
-        "flops_per_token": flops,
-        "flops_ratio": flops / f_t,
-        "poe_wallclock_bound": 1.10 * (1 + f_p / f_t),
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -304,7 +255,7 @@ class Protocol:
         if path.exists():
             return rio.load_npz(path)
         problems = self.task.problems("heldout", self.cfg.seed)
-        setup = defense_setup(DefenseSetting("standard"), models, None, self.pc.temperature)
+        setup = defense_setup(DefenseSetting(registry.STANDARD), models, None, self.pc.temperature)
         decoded = self._decode(problems, setup, jax.random.key(1234))
         arrays = self._train_arrays(problems, decoded)
         arrays.update(self._student_arrays(models, problems, decoded))
@@ -413,7 +364,7 @@ class Protocol:
         along one run, protocol.distill.curve) and `correct_traces` (per seed) for correct_only. `kind` may be a
         `game.students.Recipe` (attacker.py)."""
         dc = self.pc.distill
-        with_curve = kind == "passive" and d.name == "standard" and bool(dc.curve)
+        with_curve = kind == "passive" and d.name == registry.STANDARD and bool(dc.curve)
         # Recipe kinds are keyed by their resolved recipe, so attacker settings invalidate only the students they change.
         dc_key = dataclasses.replace(
             dc,
@@ -518,7 +469,7 @@ class Protocol:
             return kinds
         if "soft_topk" in dc.attacks:
             kinds.append(("soft_topk", "soft_topk", 0.0))
-        if "poe_inversion" in dc.attacks and d.name == "poe":
+        if "poe_inversion" in dc.attacks and registry.get(d.name).invertible:
             kinds.append(("poe_inversion", "poe_inversion", 0.0))
         return kinds
 
@@ -530,7 +481,7 @@ class Protocol:
         g_P = self.proxy_gradient(models, clean)
         heldout = self.attacker_heldout(clean)
         rows, world = [], None
-        standard_time = self.wallclock(DefenseSetting("standard"), models, g_P)
+        standard_time = self.wallclock(DefenseSetting(registry.STANDARD), models, g_P)
         context = encode_prompts(self.task.problems("test", self.cfg.seed, 64), self.tokenizer, None)[1].mean()
         for d in tqdm(self.pc.defenses, desc="defenses", disable=not self.progress):
             tr = self.traces(d, models, g_P)
@@ -553,7 +504,8 @@ class Protocol:
                 p, a = row["students"]["passive"]["mean"], row["students"][row["adaptive_key"]]["mean"]
                 row["relative_gain"] = (a - p) / p if p > 0 else float("nan")
             cost = cost_model(d, models, int(context + self.cfg.sample.max_new_tokens // 2))
-            cost["wallclock_ratio"] = self.wallclock(d, models, g_P) / standard_time if d.name != "standard" else 1.0
+            standard = d.name == registry.STANDARD
+            cost["wallclock_ratio"] = 1.0 if standard else self.wallclock(d, models, g_P) / standard_time
             row["cost"] = cost
             row["mean_trace_length"] = float(tr["trace_lengths"].mean())
             row["degeneracy_rate"] = float(1 - tr["keep"].mean())
@@ -561,7 +513,7 @@ class Protocol:
             for name in TEXT_COLUMNS:  # tasks with text features (the reasoning task)
                 if f"trace_{name}" in tr:
                     row[f"trace_{name}"] = float(tr[f"trace_{name}"].mean())
-            if d.name == "standard":
+            if standard:
                 world = self.teacher_entropy(models, tr)
             rows.append(row)
         results = {
@@ -592,7 +544,7 @@ def add_paired_deltas(rows: list[dict]) -> None:
     Seed s of every defense distils the same student base with the same data order (and the
     teacher samples with the same keys), so the per-seed difference cancels the spread between
     seeds that the unpaired ± of each cell carries. Needs a standard row and >= 2 seeds."""
-    base = next((r for r in rows if r["defense"] == "standard"), None)
+    base = next((r for r in rows if r["defense"] == registry.STANDARD), None)
     if base is None or len(base["teacher_accuracy"]["values"]) < 2:
         return
     for r in rows:
@@ -609,7 +561,7 @@ def headline(results: dict) -> dict:
     The *informative* defense setting is the one whose passive student loses most (paired mean) among the
     settings whose teacher loses at most 5 points: the paper's regime, a teacher still useful to its users."""
     rows = results["rows"]
-    base = next((r for r in rows if r["defense"] == "standard"), None)
+    base = next((r for r in rows if r["defense"] == registry.STANDARD), None)
     out: dict[str, Any] = {}
     if base is None:
         return out
@@ -726,7 +678,7 @@ def results_markdown(results: dict) -> str:
             + [f"{100 * r['trace_valid']:.1f}" if k == "valid" else f"{r[f'trace_{k}']:.2f}" for k in texts]
         )
         lines.append("| " + " | ".join(cells) + " |")
-    poe = [r for r in rows if r["defense"] == "poe"]
+    poe = [r for r in rows if r["defense"] == registry.POE]
     if poe:
         bound = poe[0]["cost"]["poe_wallclock_bound"]
         worst = max(r["cost"]["wallclock_ratio"] for r in poe)

@@ -17,6 +17,7 @@ import numpy as np
 
 from experiments.config import Config, ConfigError
 from experiments.tasks.text_tokenizers import HFTokenizer
+from game import registry
 
 PREFIX = "student_"  # stage-file keys of the re-encoded rows, next to the teacher's own
 
@@ -74,7 +75,7 @@ def token_level_keys(cfg: Config) -> list[str]:
         a
         for a in dc.attacks
         if any(n in defenses for n in dc.attack_defenses)
-        and (a != "poe_inversion" or ("poe" in defenses and "poe" in dc.attack_defenses))
+        and (a != "poe_inversion" or any(registry.get(n).invertible for n in defenses & set(dc.attack_defenses)))
     ]
     return [f"protocol.distill.attacks={attacks}"] if attacks else []
 

@@ -1,22 +1,25 @@
-"""The PoE game on sequence models, assembled from a model's forward function.
+"""The defense game on sequence models (PoE γ, ADS λ, any registered defense whose strength is
+differentiable: game/registry.py), assembled from a model's forward function.
 
 One iteration of the game reads here and in game/solver.py alone: the experiment only
 supplies `forward(theta, tokens_bt) -> logits_btv` (the student's network) and the
-batches (prefixes sampled from PoE(γ) with the teacher's and proxy's logits cached on
-them, reference solutions for J and U).
+batches (prefixes sampled from the defended teacher at strength γ with the defense's expert
+outputs cached on them, reference solutions for J and U). The solver calls the strength γ
+whatever the defense (PoE's γ, ADS's λ).
 
 Batches (dicts of arrays):
 
 - student batch: `tokens_bt`, `loss_mask_bt` (mask[t] = 1 iff tokens[t+1] was generated),
-  `z_teacher`, `z_proxy` ([B, T−1, V], logits at the positions that predict tokens[1:]),
+  `outs` (the defense's expert outputs as its combiner takes them, e.g. PoE (z_T, z_P), ADS
+  (z_T, (z_P, dz_P)); each [B, T−1, V] at the positions that predict tokens[1:]),
   optionally `gamma_sample` (the γ the prefixes were drawn at; default: the current γ),
   `heldout` {tokens_bt, loss_mask_bt} (the adaptive student's g_S) and `minibatch_idx`
   [steps, b] (the horizon's minibatches, drawn from the pool in a fixed order);
 - eval batch (J): `tokens_bt`, `loss_mask_bt` of reference solutions; the mask picks what
   J scores (whole solution, or only the final answer: experiments/equilibrium.py builds
   either);
-- utility batch (U): `tokens_bt`, `loss_mask_bt`, `z_teacher`, `z_proxy` of reference
-  solutions of held-out prompts.
+- utility batch (U): `tokens_bt`, `loss_mask_bt`, `outs` of reference solutions of held-out
+  prompts.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 
 from game import example_values as ev
 from game import example_weights as ew
-from game import sampling
+from game import registry, sampling
 from game.solver import Game
 
 Forward = Callable[..., jax.Array]  # (theta, tokens_bt) -> logits_btv
@@ -48,13 +51,19 @@ def select_minibatch(batch: dict, t) -> dict:
         return batch
     idx = batch["minibatch_idx"][t]
     out = {k: v for k, v in batch.items() if k != "minibatch_idx"}
-    for k in ("tokens_bt", "loss_mask_bt", "z_teacher", "z_proxy"):
-        out[k] = jnp.take(batch[k], idx, axis=0)
+    for k in ("tokens_bt", "loss_mask_bt", "outs"):
+        out[k] = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), batch[k])
     return out
 
 
-def make_poe_game(
+def make_poe_game(forward: Forward, beta: float = 0.0, **kwargs) -> Game:
+    """The PoE game (`make_defense_game` with defense='poe')."""
+    return make_defense_game(forward, registry.POE, beta, **kwargs)
+
+
+def make_defense_game(
     forward: Forward,
+    defense: str,
     beta: float = 0.0,
     *,
     tau: float = 1.0,
@@ -63,31 +72,36 @@ def make_poe_game(
     max_weight: float | None = 10.0,
     standardize: bool = False,
 ) -> Game:
-    """The PoE game for one student tilt β_s (0 = passive).
+    """The game of `defense` (a registered defense with a differentiable strength) for one student
+    tilt β_s (0 = passive).
 
     - L_D: the distillation loss of game/sampling.py (`estimator` 'score': soft targets
       plus the score-function term of the sampling channel; 'soft': sampling channel
       stopped), per example, weighted by the adaptive student's exp(β v_i) weights
       (stop-gradient, values from the soft-target losses);
     - J: the student's NLL of the eval batch's masked tokens;
-    - U: the teacher's mean log-likelihood per token of reference solutions under PoE(γ)
-      at τ = 1 (cached logits)."""
+    - U: the teacher's mean log-likelihood per token of reference solutions under the
+      defense at strength γ and τ = 1 (cached expert outputs)."""
     if estimator not in sampling.ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} must be one of {sampling.ESTIMATORS}")
+    spec = registry.get(defense)
+    if not spec.differentiable:
+        raise ValueError(
+            f"defense {defense!r} has no differentiable strength; the game plays one of "
+            f"{', '.join(registry.differentiable_names())}"
+        )
 
     def per_example(theta, gamma, batch, est):
         logq_btv = jax.nn.log_softmax(forward(theta, batch["tokens_bt"][:, :-1]), axis=-1)
-        return sampling.distillation_ce(
+        return sampling.defended_ce(
             logq_btv,
-            batch["z_teacher"],
-            batch["z_proxy"],
+            lambda g: spec.logprobs(batch["outs"], g, tau),
             batch["tokens_bt"][:, 1:],
             batch["loss_mask_bt"][:, :-1],
             gamma,
-            tau,
-            estimator=est,
-            gamma_sample=batch.get("gamma_sample"),
-            baseline=baseline,
+            est,
+            batch.get("gamma_sample"),
+            baseline,
         )
 
     def student_loss(theta, gamma, batch):
@@ -105,9 +119,10 @@ def make_poe_game(
         return masked_nll(forward, theta, batch["tokens_bt"], batch["loss_mask_bt"])
 
     def utility(gamma, batch):
-        logp_btv = sampling.poe_logprobs(batch["z_teacher"], batch["z_proxy"], gamma, 1.0)
+        logp_btv = spec.logprobs(batch["outs"], gamma, 1.0)
         logp_bt = sampling.picked(logp_btv, batch["tokens_bt"][:, 1:])
         mask_bt = batch["loss_mask_bt"][:, :-1]
         return jnp.sum(logp_bt * mask_bt) / jnp.sum(mask_bt)
 
-    return Game(student_loss, capability_loss, utility, minibatch=select_minibatch)
+    sup = spec.strength.range.high
+    return Game(student_loss, capability_loss, utility, minibatch=select_minibatch, strength_sup=sup)

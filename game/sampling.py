@@ -99,14 +99,31 @@ def distillation_ce(
     estimator='score': the surrogate above (target channel exact, sampling channel by the
     score function with the leave-one-out baseline); 'soft': soft targets on the fixed
     prefixes (sampling channel stopped). `gamma_sample` None = sg(γ) (on-policy)."""
+    return defended_ce(
+        logq_btv,
+        lambda g: poe_logprobs(z_teacher_btv, z_proxy_btv, g, tau),
+        tokens_next_bt,
+        mask_bt,
+        gamma,
+        estimator,
+        gamma_sample,
+        baseline,
+    )
+
+
+def defended_ce(
+    logq_btv, logprobs, tokens_next_bt, mask_bt, strength, estimator="score", strength_sample=None, baseline=True
+):
+    """`distillation_ce` for any defense whose strength is differentiable: `logprobs(s)` is the
+    defended teacher's log p_s [B, T, V] on the sampled sequences (from cached expert outputs)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} must be one of {ESTIMATORS}")
-    logp_btv = poe_logprobs(z_teacher_btv, z_proxy_btv, gamma, tau)
+    logp_btv = logprobs(strength)
     ce_bt = -jnp.sum(jnp.exp(logp_btv) * logq_btv, axis=-1)
     if estimator == "soft":
         return jnp.sum(ce_bt * mask_bt, -1) / jnp.maximum(jnp.sum(mask_bt, -1), 1.0)
-    gs = jax.lax.stop_gradient(gamma) if gamma_sample is None else gamma_sample
+    gs = jax.lax.stop_gradient(strength) if strength_sample is None else strength_sample
     logp_tok = picked(logp_btv, tokens_next_bt)
-    logp_tok_sample = jax.lax.stop_gradient(picked(poe_logprobs(z_teacher_btv, z_proxy_btv, gs, tau), tokens_next_bt))
+    logp_tok_sample = jax.lax.stop_gradient(picked(logprobs(gs), tokens_next_bt))
     weights_bt = prefix_weights(logp_tok, logp_tok_sample, mask_bt)
     return surrogate_ce(ce_bt, weights_bt, mask_bt, baseline)

@@ -122,6 +122,8 @@ class Game:
     """(student_batch, step) -> the batch of unrolled step `step` (a traced int); None = the
     whole student batch at every step. Lets the horizon draw minibatches from a prefix
     pool in a fixed order, as the protocol's distillation does."""
+    strength_sup: float = 1.0
+    """γ's supremum, which cfg.gamma_max must stay below: PoE's 1; ADS λ's inf (game/registry.py)."""
 
 
 def _help(text: str, default: Any):
@@ -185,7 +187,7 @@ class SolverConfig:
         "'projection': γ itself, clipped to [0, gamma_max]; 'sigmoid': γ = gamma_max·sigmoid(ρ_T)",
         "projection",
     )
-    gamma_max: float = _help("upper bound on the PoE weight, in (0, 1)", 0.95)
+    gamma_max: float = _help("upper bound on the defense strength γ (PoE: in (0, 1); ADS λ: > 0)", 0.95)
     gamma_init: float = _help("initial γ, in [0, gamma_max] (strictly inside for gamma_param='sigmoid')", 0.05)
     delta: float = _help(
         "default utility budget δ >= 0 in nats/token (init_state may override it per state, "
@@ -223,7 +225,7 @@ class SolverConfig:
     patience: int = _help("convergence: consecutive iterations meeting every tolerance (>= 1)", 10)
     max_iters: int = _help("solve(): iteration limit (>= 1)", 1000)
 
-    def validate(self) -> "SolverConfig":
+    def validate(self, strength_sup: float = 1.0) -> "SolverConfig":
         def bad(name: str, why: str):
             raise ValueError(f"SolverConfig.{name}={getattr(self, name)!r} {why}")
 
@@ -249,23 +251,15 @@ class SolverConfig:
                 bad(name, "must be > 0")
         if self.unroll_lr is not None and not self.unroll_lr > 0:
             bad("unroll_lr", "must be > 0 or None")
-        if not 0.0 < self.gamma_max < 1.0:
-            bad("gamma_max", "must lie in (0, 1)")
+        if not 0.0 < self.gamma_max < strength_sup:
+            bad("gamma_max", f"must lie in (0, {strength_sup:g})")
         if self.gamma_param == "sigmoid":
             if not 0.0 < self.gamma_init < self.gamma_max:
                 bad("gamma_init", "must lie in (0, gamma_max) when gamma_param='sigmoid'")
         elif not 0.0 <= self.gamma_init <= self.gamma_max:
             bad("gamma_init", "must lie in [0, gamma_max]")
-        for name in (
-            "delta",
-            "mu_init",
-            "penalty",
-            "lr_decay",
-            "tol_gamma",
-            "tol_violation",
-            "tol_grad",
-            "tol_student_grad",
-        ):
+        tolerances = ("tol_gamma", "tol_violation", "tol_grad", "tol_student_grad")
+        for name in ("delta", "mu_init", "penalty", "lr_decay", *tolerances):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 bad(name, "must be >= 0")
         return self
@@ -388,7 +382,7 @@ def init_state(
     state at its own γ (multi-start, see `multi_start`).
     U(0) is evaluated here, once, on `util_batch` (keep that batch fixed, or
     re-initialise, if the utility batch changes)."""
-    cfg.validate()
+    cfg.validate(game.strength_sup)
     opt = optimizers or make_optimizers(cfg)
     delta = jnp.asarray(cfg.delta if delta is None else delta, dtype=jnp.result_type(float))
     if delta.ndim > 1:
@@ -761,7 +755,7 @@ def make_step(
     it is vmapped over the leading (budget/start) axis of the state; batches are shared,
     except the student batch with `per_state_student_batch=True` (each state's own
     prefixes, sampled at its γ)."""
-    cfg.validate()
+    cfg.validate(game.strength_sup)
     opt = optimizers or make_optimizers(cfg)
 
     def step(state, student_batch, eval_batch, util_batch):
@@ -897,7 +891,7 @@ def solve(
       stopped=True) and when it finishes (a finished solve is not rerun).
     Raises SolverDivergedError naming the iteration and the first non-finite quantity
     (the last good state is not saved)."""
-    cfg.validate()
+    cfg.validate(game.strength_sup)
     batched = jnp.ndim(state.delta) == 1
     if jit:
         step = _jitted_step(game, cfg, batched, optimizers, per_state_student_batch)
