@@ -54,7 +54,9 @@ def make_distill_chunk(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, t
     device-resident traces by precomputed row indices, and the iterate average, the first non-finite step and
     the effective-sample-size sum are updated in the loop too. The same updates as calling `make_distill_step`
     once per step, without a host round trip per step (which cost a third of the time of a small student).
-    carry = (trained, opt_state, average, first_bad_s, ess_s); xs = (idx_ksb, heldout_idx_ksh, step_k)."""
+    carry = (trained, opt_state, average, first_bad_s, ess_s); xs = (idx_ksb, heldout_idx_ksh, step_k). Every chunk
+    has FUSED_CHUNK steps, so it compiles once: steps from `end` on (a snapshot or the last step came first) are
+    skipped by a `lax.cond`."""
     step = _seeds_step(graphdef, proxy_graphdef, dc, kind, tau)
     decay = jnp.float32(dc.ema)
 
@@ -65,8 +67,8 @@ def make_distill_chunk(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, t
         spec = PartitionSpec(None, shd.BATCH_AXES, *([None] * (x.ndim - 2)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    def chunk(carry, base, traces, heldout, xs, beta, proxy_params, gamma):
-        def body(carry, x):
+    def chunk(carry, base, traces, heldout, xs, end, beta, proxy_params, gamma):
+        def update(carry, x):
             trained, opt_state, avg, first_bad, ess = carry
             idx_sb, h_idx_sh, i = x
             batch = {
@@ -78,7 +80,10 @@ def make_distill_chunk(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, t
             if avg is not None:
                 avg = ema_update(avg, trained, decay)
             first_bad = jnp.where((first_bad < 0) & ~jnp.isfinite(loss), i, first_bad)
-            return (trained, opt_state, avg, first_bad, ess + aux["ess_fraction"]), None
+            return trained, opt_state, avg, first_bad, ess + aux["ess_fraction"]
+
+        def body(carry, x):
+            return jax.lax.cond(x[2] < end, update, lambda c, _: c, carry, x), None
 
         return jax.lax.scan(body, carry, xs)[0]
 
@@ -150,7 +155,7 @@ def _seeds_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: flo
     return jax.vmap(step, in_axes=(0, 0, None, 0, None, 0, None, None))
 
 
-FUSED_CHUNK = 100  # steps per compiled chunk: the progress bar moves per chunk
+FUSED_CHUNK = 100  # steps per compiled chunk (the last one of a run or before a snapshot may use fewer)
 FUSED_MAX_BYTES = 256 * 2**20  # traces kept on the device for the fused loop (soft top-k targets can be large)
 
 
@@ -236,13 +241,18 @@ def distil(
         ends = sorted({*range(FUSED_CHUNK, total, FUSED_CHUNK), *snapshots, total})
         i = 0
         for end in ends:
-            k = end - i
-            idx_ksb, h_idx_ksh = np.empty((k, seeds, dc.batch_size), np.int32), np.empty((k, seeds, h_b), np.int32)
+            k, size = end - i, FUSED_CHUNK  # rows k.. are padding the chunk skips
+            idx_ksb, h_idx_ksh = (
+                np.zeros((size, seeds, dc.batch_size), np.int32),
+                np.zeros((size, seeds, h_b), np.int32),
+            )
             for j in range(k):  # the same draws, in the same order, as the per-step loop below
                 idx_ksb[j] = np.stack([r.integers(0, n, dc.batch_size) for r in rngs])
                 h_idx_ksh[j] = np.stack([r.integers(0, n_h, h_b) for r in rngs])
-            xs = (jnp.asarray(idx_ksb), jnp.asarray(h_idx_ksh), jnp.arange(i, end, dtype=jnp.int32))
-            carry = chunk(carry, frozen, traces_d, held_d, xs, jnp.float32(beta), proxy_params, jnp.float32(gamma))
+            xs = (jnp.asarray(idx_ksb), jnp.asarray(h_idx_ksh), jnp.arange(i, i + size, dtype=jnp.int32))
+            carry = chunk(
+                carry, frozen, traces_d, held_d, xs, jnp.int32(end), jnp.float32(beta), proxy_params, jnp.float32(gamma)
+            )
             trained, i = carry[0], end
             average.advanced(carry[2], k)
             if end in snapshots:  # a copy: the next chunk donates the carry
