@@ -161,17 +161,18 @@ def kind_label(kind: Any) -> str:
 # ---------------------------------------------------------------------------
 
 
+def params_of_fn(dc):
+    """`params_of(tp, base)`: the student's full params from its trained tree, the params themselves
+    (finetune='full') or LoRA adapters merged into the frozen base (finetune='lora')."""
+    if dc.finetune == "lora":
+        return lambda tp, base: lora.merge(base, tp, dc.lora)
+    return lambda tp, base: tp
+
+
 @functools.lru_cache(maxsize=16)
 def _dataset_weights_fn(graphdef, dc, recipe: stu.Recipe):
     """Jitted, vmapped over seeds: weights of every trace at the current student (tp over `base`)."""
-    if dc.finetune == "lora":
-
-        def params_of(tp, base):
-            return lora.merge(base, tp, dc.lora)
-    else:
-
-        def params_of(tp, base):
-            return tp
+    params_of = params_of_fn(dc)
 
     def one_seed(tp, base, tokens_nt, mask_nt, h_tokens, h_mask, beta, u_n):
         def sum_loss(p, rows):

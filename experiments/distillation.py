@@ -99,14 +99,7 @@ def _seeds_step(graphdef, proxy_graphdef, dc: DistillConfig, kind: str, tau: flo
     over the frozen `base` params (finetune='lora'; then example values and g_S are taken
     with respect to the adapters, the student's actual parameters)."""
     tx = distill_optimizer(dc)
-    if dc.finetune == "lora":
-
-        def params_of(tp, base):
-            return lora.merge(base, tp, dc.lora)
-    else:
-
-        def params_of(tp, base):
-            return tp
+    params_of = attacker.params_of_fn(dc)
 
     recipe = attacker.recipe_of(kind, dc)
 
