@@ -35,8 +35,9 @@ from experiments.calibration_plot import plot_calibration
 from experiments.config import Config, to_dict
 from experiments.distillation import distil
 from experiments.distributed import is_main_process
-from experiments.equilibrium import EquilibriumSweep, make_game, setting_for, solver_setup
+from experiments.equilibrium import EquilibriumSweep, setting_for
 from experiments.evaluate import correct_mask, decode_problems
+from experiments.game_wiring import make_game, solver_setup
 from experiments.io import fingerprint, save_json
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.protocol import ensure_models

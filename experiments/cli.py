@@ -73,7 +73,7 @@ def _equilibrium(args, cfg) -> dict:
     eq = EquilibriumSweep(cfg, progress=not args.no_progress).run()
     if is_main_process():
         print(rio.read_text(rio.path(cfg.run_dir) / "equilibrium" / "EQUILIBRIUM.md"))
-    from experiments.equilibrium import SUMMARY_KEYS
+    from experiments.equilibrium_report import SUMMARY_KEYS
 
     return {
         "equilibrium": str(rio.path(cfg.run_dir) / "equilibrium" / "equilibrium.json"),

@@ -1,29 +1,31 @@
-"""`distgame equilibrium`: solve the defense game (equilibrium.defense: PoE γ by default, ADS λ,
-any registered defense with a differentiable strength; the solver calls it γ) on the trained
-models for a grid of utility budgets δ (vectorised with vmap) and student tilts β_s, then check
-each equilibrium γ* empirically (defended traces, distilled students, real accuracies).
+"""`distgame equilibrium`: the defense game (equilibrium.defense: PoE γ by default, ADS λ,
+any registered defense with a differentiable strength; called γ throughout) on the trained
+models for a grid of utility budgets δ and student tilts β_s, then each equilibrium γ*
+checked empirically (defended traces, distilled students, real accuracies).
 
 The game (docs/design.md, "The differentiable game", assembled in game/poe_game.py from the
 student's forward function), wired to real models:
-- student batch: a pool of prefixes sampled from the defense at the current γ of each state
-  (budget × start), fresh problems every `resample_every` iterations, with the defense's
-  expert outputs on them cached; L_D carries the sampling channel (score function,
-  game/sampling.py) unless equilibrium.estimator='soft';
-- the student's response: `horizon` steps (default: the protocol's distillation steps)
-  of the protocol's optimizer from the student's base, minibatches drawn from the pool
-  in a fixed order (solver.unroll_from='base');
+- student batch: a pool of prefixes sampled from the defense at γ, with the defense's expert
+  outputs on them cached (soft targets; with method 'solver' L_D also carries the sampling
+  channel, score function, unless equilibrium.estimator='soft');
+- the student's response: `horizon` steps (default: the protocol's distillation steps) of the
+  protocol's optimizer from the student's base, minibatches drawn from the pool in a fixed order;
 - J(θ): the student's NLL of reference solutions of test prompts (whole solution, or
   the final answer only: equilibrium.capability);
 - U(γ): the teacher's mean log-likelihood per token of reference solutions of
   held-out prompts under the defense at γ (cached expert outputs, τ=1).
-- multi-start: every budget is solved from γ_0 ∈ {0, γ_max/2, γ_max} at once; the best
-  feasible objective is reported, with whether the starts agree.
+
+γ*(δ) = argmax J s.t. U(0) − U(γ) ≤ δ, found by (equilibrium.method):
+- 'frontier' (default): exact feasible bounds from U, J(γ) on a grid through the horizon
+  (experiments/equilibrium_curve.py, game/frontier.py);
+- 'solver': the gradient min-max solver, every budget from γ_0 ∈ {0, γ_max/2, γ_max} at once
+  (multi-start); the best feasible objective is reported with whether the starts agree, and a
+  budget whose every start ends infeasible gets γ* = NaN (no equilibrium found), not its iterate.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -32,7 +34,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments import defense_wiring as wiring
 from experiments import io as rio
@@ -40,56 +41,19 @@ from experiments import preemption
 from experiments import retokenize as retok
 from experiments.config import Config, DefenseSetting, to_dict
 from experiments.distributed import is_main_process
+from experiments.equilibrium_curve import frontier_points
 from experiments.equilibrium_plots import plot_equilibrium
+from experiments.equilibrium_report import equilibrium_markdown, summary_metrics
+from experiments.game_wiring import make_game, solver_setup
 from experiments.io import save_json
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.protocol import Protocol, ensure_models
 from experiments.solver_run import SolverCheckpoint, resumable_solve
-from experiments.stats import mean_stderr, pm
+from experiments.stats import mean_stderr
 from experiments.tasks.batches import trim_columns
 from experiments.tasks.encoding import answer_mask, encode_problems
 from game import registry
 from game import solver as sv
-from game.poe_game import make_defense_game
-from models import transformer as tfm
-
-
-def student_forward(graphdef):
-    """The student's network as the game sees it: (theta, tokens_bt) -> logits_btv."""
-    return lambda theta, tokens_bt: tfm.forward(graphdef, theta, tokens_bt)[0]
-
-
-def make_game(student, beta: float, dc, tau: float, estimator: str = "score", defense: str = registry.POE) -> sv.Game:
-    """The game of `defense` for one student tilt β_s (0 = passive), on the student's network."""
-    return make_defense_game(
-        student_forward(student.graphdef),
-        defense,
-        beta,
-        tau=tau,
-        estimator=estimator,
-        max_weight=dc.max_weight,
-        standardize=dc.standardize_values,
-    )
-
-
-def horizon_optimizer(dc, steps: int) -> optax.GradientTransformation:
-    """The protocol's distillation optimizer (experiments.distillation.distill_optimizer: AdamW,
-    warmup + cosine, here over `steps`) with eps_root > 0, so forward mode through it stays finite."""
-    warmup = min(dc.warmup_steps, steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, steps, dc.lr * 0.1)
-    return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0, eps_root=sv.UNROLL_ADAM_EPS_ROOT)
-
-
-def solver_setup(cfg: Config) -> tuple[sv.SolverConfig, sv.Optimizers]:
-    """The equilibrium's solver config and optimizers: with unroll_from='base' the horizon
-    is the protocol's (steps, optimizer) unless equilibrium.horizon overrides the steps."""
-    ec, dc = cfg.equilibrium, cfg.protocol.distill
-    scfg = ec.solver
-    if scfg.unroll_from == "base":
-        steps = ec.horizon or dc.steps
-        scfg = dataclasses.replace(scfg, unroll_steps=steps, unroll_lr=dc.lr)
-        return scfg, sv.make_optimizers(scfg, unroll=horizon_optimizer(dc, steps))
-    return scfg, sv.make_optimizers(scfg)
 
 
 class EquilibriumSweep:
@@ -250,38 +214,28 @@ class EquilibriumSweep:
             "horizon": steps,
         }
 
-    def run(self) -> dict:
-        start = time.perf_counter()
-        models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
-        retok.require_shared_vocabulary(
-            models, self.protocol.tokenizer, "distgame equilibrium (soft targets on teacher prefixes)"
-        )
-        clean = self.protocol.heldout_traces(models)
-        self.set_models(models, clean)
-        heldout = self.protocol.attacker_heldout(clean)
-        eval_batch = self.reference("test", self.ec.n_eval, models, capability=self.ec.capability)
-        eval_batch = {k: eval_batch[k] for k in ("tokens_bt", "loss_mask_bt")}
-        util_batch = self.reference("heldout", self.ec.n_utility, models)
-        main = is_main_process()  # only process 0 writes the log, results and plots
-        if main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        points, trajectories = [], []
+    def solver_points(self, models, eval_batch, util_batch, heldout) -> tuple[list, list, dict]:
+        """(points, trajectories, info) of the gradient solver, one solve per tilt (method 'solver')."""
+        points, trajectories, info = [], [], {}
+        main = is_main_process()  # only process 0 writes the log
         resuming = any(self.checkpoint_dir(beta).exists() for beta in self.ec.betas)
-        gamma_max = horizon = None
         # SIGTERM from here on (the log file's creation included): checkpoint after the iteration, then stop
         open_log = functools.partial(rio.JsonlLog, self.dir / "solver_log.jsonl", resuming) if main else None
         with preemption.checkpointed(), (open_log or contextlib.nullcontext)() as log:
             for beta in self.ec.betas:
                 res = self.solve_beta(beta, models, eval_batch, util_batch, heldout, log)
                 d, best, ns = res["diag"], res["best"], res["n_starts"]
-                gamma_max, horizon = res["gamma_max"], res["horizon"]
+                info = {"gamma_max": res["gamma_max"], "horizon": res["horizon"]}
                 for j, delta in enumerate(self.ec.budgets):
                     k = j * ns + int(best["best_start"][j])  # the state of the best start
+                    feasible = bool(d["violation"][k] <= self.ec.solver.tol_violation)
                     points.append(
                         {
                             "beta": beta,
                             "delta": delta,
-                            "gamma_star": float(best["gamma"][j]),
+                            "gamma_star": float(best["gamma"][j]) if feasible else float("nan"),
+                            "feasible": feasible,
+                            "gamma_last": float(best["gamma"][j]),
                             "converged": bool(best["converged"][j]),
                             "iterations": res["iterations"],
                             "seconds_per_iteration": res["seconds_per_iteration"],
@@ -304,23 +258,35 @@ class EquilibriumSweep:
                             "mu": [m[k] for m in res["trajectory"]["mu"]],
                         }
                     )
-        eq = {
-            "config": self.cfg.name,
-            "defense": self.ec.defense,
-            "budgets": list(self.ec.budgets),
-            "betas": list(self.ec.betas),
-            "utility_ref": float(
-                make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0, defense=self.ec.defense).utility(
-                    0.0, util_batch
-                )
-            ),
-            "gamma_max": gamma_max,
-            "horizon": horizon,
-            "estimator": self.ec.estimator,
-            "capability": self.ec.capability,
-            "points": points,
-            "trajectories": trajectories,
-        }
+        return points, trajectories, info
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        models = ensure_models(self.cfg, self.protocol.mesh, self.progress, self.protocol.task)
+        retok.require_shared_vocabulary(
+            models, self.protocol.tokenizer, "distgame equilibrium (soft targets on teacher prefixes)"
+        )
+        clean = self.protocol.heldout_traces(models)
+        self.set_models(models, clean)
+        heldout = self.protocol.attacker_heldout(clean)
+        eval_batch = self.reference("test", self.ec.n_eval, models, capability=self.ec.capability)
+        eval_batch = {k: eval_batch[k] for k in ("tokens_bt", "loss_mask_bt")}
+        util_batch = self.reference("heldout", self.ec.n_utility, models)
+        main = is_main_process()  # only process 0 writes the log, results and plots
+        if main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        eq = {"config": self.cfg.name, "defense": self.ec.defense, "method": self.ec.method}
+        eq.update(budgets=list(self.ec.budgets), betas=list(self.ec.betas), gamma_max=self.ec.solver.gamma_max)
+        eq.update(estimator=self.ec.estimator, capability=self.ec.capability)
+        if self.ec.method == "frontier":
+            points, curves, info = frontier_points(self, models, eval_batch, util_batch, heldout, self.progress)
+            eq.update(info, estimator="soft (J evaluated, not differentiated)", points=points, curves=curves)
+            eq["trajectories"] = []
+        else:
+            points, trajectories, info = self.solver_points(models, eval_batch, util_batch, heldout)
+            game0 = make_game(models["student"], 0.0, self.cfg.protocol.distill, 1.0, defense=self.ec.defense)
+            eq.update(info, utility_ref=float(game0.utility(0.0, util_batch)), points=points)
+            eq["trajectories"] = trajectories
         if self.ec.empirical_check:
             self.check(points, models, heldout, clean)
             eq["check"] = self.check_largest_budget(points, models, heldout)
@@ -336,7 +302,8 @@ class EquilibriumSweep:
 
     def check(self, points, models, heldout, clean) -> None:
         """Sample defended traces at γ* and distil the matching student at every equilibrium."""
-        for pt in tqdm(points, desc="empirical check", leave=False, disable=not self.progress):
+        found = [pt for pt in points if np.isfinite(pt["gamma_star"])]  # no check where no equilibrium was found
+        for pt in tqdm(found, desc="empirical check", leave=False, disable=not self.progress):
             d = setting_for(pt["gamma_star"], self.ec.defense)
             traces = self.protocol.traces(d, models, self.g_P)
             kind = "passive" if pt["beta"] == 0 else "adaptive"
@@ -353,6 +320,8 @@ class EquilibriumSweep:
         if not passive:
             return {}
         top = max(passive, key=lambda p: p["delta"])
+        if not np.isfinite(top["gamma_star"]):
+            return {"delta": top["delta"], "gamma_star": top["gamma_star"]}
         d0, d = DefenseSetting(registry.STANDARD), setting_for(top["gamma_star"], self.ec.defense)
         tr0 = self.protocol.traces(d0, models, None)
         acc0 = np.asarray(self.protocol.student(d0, "passive", 0.0, models, tr0, heldout))
@@ -366,6 +335,7 @@ class EquilibriumSweep:
             "gamma_star": top["gamma_star"],
             "passive_change": mean_stderr(acc - acc0),
             "teacher_change": mean_stderr(teacher),
+            "utility": top["U"],
         }
 
 
@@ -374,83 +344,3 @@ def setting_for(gamma: float, defense: str = registry.POE) -> DefenseSetting:
     a differentiable defense at strength 0 is standard decoding, pinned by tests)."""
     gamma = round(gamma, 2)
     return DefenseSetting(defense, gamma) if gamma > 0 else DefenseSetting(registry.STANDARD)
-
-
-SUMMARY_KEYS = (
-    "interior_budgets_passive",
-    "interior_budgets_adaptive",
-    "monotone_passive",
-    "starts_agree",
-    "check_delta_passive",
-    "check_delta_passive_se",
-    "check_delta_teacher",
-)
-
-
-def summary_metrics(eq: dict) -> dict:
-    """The numbers the equilibrium is judged by (last-line JSON of `distgame equilibrium`):
-    interior budgets per student kind (0.01 < γ* < γ_max − 0.01), whether the passive γ* is
-    non-decreasing in δ, and the empirical check at the largest budget."""
-    gmax = eq.get("gamma_max") or 1.0
-
-    def of(betas):
-        return [p for p in eq["points"] if p["beta"] in betas]
-
-    adaptive_betas = [b for b in eq["betas"] if b != 0]
-    passive = sorted(of([0.0]), key=lambda p: p["delta"])
-    gs = [p["gamma_star"] for p in passive]
-
-    def interior(pts):
-        return sum(0.01 < p["gamma_star"] < gmax - 0.01 for p in pts)
-
-    out = {
-        "interior_budgets_passive": interior(passive),
-        "interior_budgets_adaptive": interior(of(adaptive_betas[-1:])) if adaptive_betas else 0,
-        "monotone_passive": int(all(b >= a - 1e-3 for a, b in zip(gs, gs[1:]))),
-        "starts_agree": int(all(p.get("starts_agree", True) for p in eq["points"])),
-    }
-    check = eq.get("check") or {}
-    if check:
-        out["check_delta_passive"] = check["passive_change"]["mean"]
-        out["check_delta_passive_se"] = check["passive_change"]["stderr"]
-        out["check_delta_teacher"] = check["teacher_change"]["mean"]
-    return out
-
-
-def equilibrium_markdown(eq: dict) -> str:
-    lines = [
-        f"# Equilibrium of the {registry.get(eq.get('defense', registry.POE)).title or eq['defense']} game",
-        "",
-        f"U(0) = {eq['utility_ref']:.4f} nats/token. γ* solves max J(θ_T(γ)) s.t. U(0) − U(γ) ≤ δ, "
-        f"θ_T the student after {eq.get('horizon')} distillation steps from its base (β=0 passive, β>0 adaptive); "
-        f"sampling channel: {eq.get('estimator')}; J scores the {eq.get('capability')}. "
-        "γ*(starts): the equilibrium from each start γ_0.",
-        "",
-        "| β | δ (nats/token) | γ* | γ*(starts) | starts agree | converged | iterations | s/iter | J | U | teacher acc (%) | student acc (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p in eq["points"]:
-        by_start = ", ".join(f"{g:.3f}" for g in p.get("gamma_by_start", []))
-        lines.append(
-            f"| {p['beta']:g} | {p['delta']:g} | {p['gamma_star']:.4f} | {by_start} | {'yes' if p.get('starts_agree', True) else 'NO'} | "
-            f"{'yes' if p['converged'] else 'NO'} | "
-            f"{p['iterations']} | {p['seconds_per_iteration']:.3f} | {p['J']:.4f} | {p['U']:.4f} | {pm(p.get('teacher_accuracy'))} | {pm(p.get('student_accuracy'))} |"
-        )
-    summary = {
-        k: eq[k]
-        for k in (
-            "interior_budgets_passive",
-            "interior_budgets_adaptive",
-            "monotone_passive",
-            "check_delta_passive",
-            "check_delta_passive_se",
-            "check_delta_teacher",
-        )
-        if k in eq
-    }
-    lines += [
-        "",
-        "Summary: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in summary.items()),
-    ]
-    lines += ["", "Plots: `gamma_star.png`, `frontier.png`, `gap.png`, `trajectories.png` (data in the matching CSVs)."]
-    return "\n".join(lines) + "\n"

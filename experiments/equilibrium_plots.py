@@ -16,6 +16,7 @@ from typing import Mapping
 from etils import epath
 from matplotlib.lines import Line2D
 
+from experiments.equilibrium_curve_plot import plot_curve
 from experiments.plot_common import (
     beta_label,
     beta_styles,
@@ -343,7 +344,8 @@ def plot_equilibrium(eq: Mapping, out_dir) -> list[epath.Path]:
       gamma_star   γ*(δ) per β (unconverged points hollow)
       frontier     teacher vs student accuracy (%) per β, points annotated with δ
       gap          adaptive − passive student accuracy (pp) per δ, bar per adaptive β
-      trajectories γ and μ against solver iteration, one line per (β, δ) run
+      trajectories γ and μ against solver iteration, one line per (β, δ) run (method 'solver')
+      curve        J(γ) ± SE per β with the feasible bounds and γ* (method 'frontier')
     """
     pts = [p for p in _eq_points(eq) if math.isfinite(p["beta"])]
     betas = _all_betas(eq, pts)
@@ -352,5 +354,5 @@ def plot_equilibrium(eq: Mapping, out_dir) -> list[epath.Path]:
     paths += _plot_gamma_star(pts, styles, out_dir)
     paths += _plot_frontier(pts, styles, out_dir)
     paths += _plot_gap(pts, betas, styles, out_dir)
-    paths += _plot_trajectories(eq, styles, out_dir)
+    paths += plot_curve(eq, styles, out_dir) if eq.get("curves") else _plot_trajectories(eq, styles, out_dir)
     return paths

@@ -15,3 +15,7 @@ def documented(text: str, default: Any = dataclasses.MISSING, factory: Any = dat
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata={"help": text})
     return dataclasses.field(default=default, metadata={"help": text})
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the CLI prints it as one line."""

@@ -10,7 +10,8 @@ import time
 from experiments import io as rio
 from experiments.config import Config
 from experiments.distributed import is_main_process
-from experiments.equilibrium import EquilibriumSweep, equilibrium_markdown
+from experiments.equilibrium import EquilibriumSweep
+from experiments.equilibrium_report import equilibrium_markdown
 from experiments.protocol import Protocol, ensure_models, results_markdown
 from experiments.train import make_mesh
 

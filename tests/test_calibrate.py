@@ -7,7 +7,7 @@ import pytest
 
 from experiments.calibrate import rank, sign_agreement, spearman
 from experiments.calibration_plot import CSV_HEADER, plot_calibration
-from experiments.equilibrium import summary_metrics
+from experiments.equilibrium_report import summary_metrics
 
 
 def test_spearman_against_hand_ranks():
@@ -67,11 +67,23 @@ def test_equilibrium_summary_metrics():
         "betas": [0.0, 4.0],
         "gamma_max": 0.9,
         "points": pts(0.0, [0.0, 0.2, 0.5]) + pts(4.0, [0.005, 0.3, 0.895]),
-        "check": {"passive_change": {"mean": -0.04, "stderr": 0.01}, "teacher_change": {"mean": -0.01, "stderr": 0.0}},
+        "utility_ref": -0.25,
+        "check": {
+            "delta": 0.1,
+            "utility": -0.3,
+            "passive_change": {"mean": -0.04, "stderr": 0.01},
+            "teacher_change": {"mean": -0.01, "stderr": 0.0},
+        },
     }
     out = summary_metrics(eq)
     assert out["interior_budgets_passive"] == 2 and out["interior_budgets_adaptive"] == 1
     assert out["monotone_passive"] == 1 and out["starts_agree"] == 1
     assert out["check_delta_passive"] == -0.04 and out["check_delta_passive_se"] == 0.01
+    assert out["check_utility_loss"] == pytest.approx(0.05) and out["check_within_budget"] == 1
+    eq["check"]["utility"] = -0.36  # U(0) − U(γ*) = 0.11 > δ = 0.1
+    assert summary_metrics(eq)["check_within_budget"] == 0
     eq["points"][1]["gamma_star"] = 0.6  # 0, 0.6, 0.5: not monotone
     assert summary_metrics(eq)["monotone_passive"] == 0
+    eq["points"][1]["gamma_star"] = float("nan")  # no equilibrium found at that budget: neither interior nor monotone
+    out = summary_metrics(eq)
+    assert out["interior_budgets_passive"] == 1 and out["monotone_passive"] == 0

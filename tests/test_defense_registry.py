@@ -199,7 +199,8 @@ def tiny_sweep(tmp_path_factory):
 
 @pytest.mark.parametrize("name", registry.differentiable_names())
 def test_the_equilibrium_game_builds_for_each_differentiable_defense(tiny_sweep, name):
-    from experiments.equilibrium import EquilibriumSweep, make_game, setting_for, solver_setup
+    from experiments.equilibrium import EquilibriumSweep, setting_for
+    from experiments.game_wiring import make_game, solver_setup
 
     cfg, models, clean = tiny_sweep
     cfg = dataclasses.replace(cfg, equilibrium=dataclasses.replace(cfg.equilibrium, defense=name))

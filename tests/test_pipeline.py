@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 
@@ -151,9 +152,34 @@ def test_equilibrium_end_to_end(trained):
     )
 
 
+def test_equilibrium_frontier_end_to_end(trained, tmp_path):
+    """method 'frontier': every γ* is the best grid point of its β's J curve within the budget's exact bound,
+    the teacher's utility loss at γ* is within the budget, and the curve plot replaces the trajectories."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium", "*.png", "*.csv"))
+    result = distgame("equilibrium", "--config", "ci", f"run_dir={run}", "equilibrium.method=frontier", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    eq = json.loads(pathlib.Path(summary["equilibrium"]).read_text())
+    assert len(eq["points"]) == 4 and [c["beta"] for c in eq["curves"]] == [0.0, 2.0]
+    for p in eq["points"]:
+        curve = next(c for c in eq["curves"] if c["beta"] == p["beta"])
+        feasible = [(m, g) for g, m in zip(curve["gamma"], curve["J_mean"]) if g <= p["gamma_bound"] + 1e-9]
+        assert p["gamma_star"] == max(feasible)[1] and p["J"] == max(feasible)[0]
+        assert eq["utility_ref"] - p["U"] <= p["delta"] + 1e-9 and p["violation"] <= 1e-9
+        assert np.array(curve["J"]).shape == (2, len(curve["gamma"]))  # curve_seeds pools per strength
+    names = sorted(pathlib.Path(p).name for p in summary["plots"])
+    assert names == ["curve.png", "frontier.png", "gamma_star.png", "gap.png"]
+    assert summary["check_within_budget"] == 1
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
+        ("equilibrium.method=newton", "equilibrium.method='newton' must be one of frontier, solver"),
+        ("equilibrium.curve_gammas=[0.5, 0.2]", "equilibrium.curve_gammas=[0.5, 0.2] must be >= 2 increasing"),
         ("equilibrium.budgets=[0.1, 0.05]", "must be strictly increasing"),
         ("equilibrium.budgets=[-0.1]", "must be >= 0"),
         ("equilibrium.solver.gamma_max=1.2", "equilibrium.solver.gamma_max=1.2 must lie in (0, 1)"),

@@ -1,0 +1,58 @@
+"""The game wired to the trained models: the student's forward function, the game of a defense for
+one student tilt, and the horizon (the protocol's distillation optimizer) its student is unrolled over.
+Shared by the equilibrium (both methods) and the calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+from experiments.config import Config
+from game import registry
+from game import solver as sv
+from game.poe_game import make_defense_game
+from models import transformer as tfm
+
+
+def student_forward(graphdef):
+    """The student's network as the game sees it: (theta, tokens_bt) -> logits_btv."""
+    return lambda theta, tokens_bt: tfm.forward(graphdef, theta, tokens_bt)[0]
+
+
+def make_game(student, beta: float, dc, tau: float, estimator: str = "score", defense: str = registry.POE) -> sv.Game:
+    """The game of `defense` for one student tilt β_s (0 = passive), on the student's network."""
+    return make_defense_game(
+        student_forward(student.graphdef),
+        defense,
+        beta,
+        tau=tau,
+        estimator=estimator,
+        max_weight=dc.max_weight,
+        standardize=dc.standardize_values,
+    )
+
+
+def horizon_optimizer(dc, steps: int) -> optax.GradientTransformation:
+    """The protocol's distillation optimizer (experiments.distillation.distill_optimizer: AdamW,
+    warmup + cosine, here over `steps`) with eps_root > 0, so forward mode through it stays finite."""
+    warmup = min(dc.warmup_steps, steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, dc.lr, warmup, steps, dc.lr * 0.1)
+    return optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0, eps_root=sv.UNROLL_ADAM_EPS_ROOT)
+
+
+def solver_setup(cfg: Config) -> tuple[sv.SolverConfig, sv.Optimizers]:
+    """The equilibrium's solver config and optimizers: with unroll_from='base' the horizon
+    is the protocol's (steps, optimizer) unless equilibrium.horizon overrides the steps."""
+    ec, dc = cfg.equilibrium, cfg.protocol.distill
+    scfg = ec.solver
+    if scfg.unroll_from == "base":
+        steps = horizon_steps(cfg)
+        scfg = dataclasses.replace(scfg, unroll_steps=steps, unroll_lr=dc.lr)
+        return scfg, sv.make_optimizers(scfg, unroll=horizon_optimizer(dc, steps))
+    return scfg, sv.make_optimizers(scfg)
+
+
+def horizon_steps(cfg: Config) -> int:
+    """T: the student steps of the game's horizon (equilibrium.horizon, 0 = protocol.distill.steps)."""
+    return cfg.equilibrium.horizon or cfg.protocol.distill.steps
