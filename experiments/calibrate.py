@@ -2,9 +2,10 @@
 
 On a grid of strengths γ of equilibrium.defense (PoE weights by default; equilibrium.calibration_gammas):
 
-- predicted (the game alone): J(θ_T(γ)) and dJ/dγ, the student's capability loss after the
-  game's horizon from its base on the game's own PoE(γ) prefix pools (fresh problems per
-  game seed, not the protocol's traces), mean ± SE over equilibrium.calibration_game_seeds;
+- predicted (the game alone): J(θ_T(γ)), the student's capability loss after the game's
+  horizon from its base on the game's own PoE(γ) prefix pools (fresh problems per game seed,
+  common random numbers across γ, not the protocol's traces), and dJ/dγ as the slope of that
+  curve, mean ± SE over equilibrium.calibration_game_seeds;
 - measured (the protocol's pieces: Protocol.traces, distil, the test-set decoding): the
   passive student's NLL of the same reference solutions and its test accuracy after the
   protocol's distillation on PoE(γ) traces, per seed; changes between adjacent γ are
@@ -26,7 +27,6 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import io as rio
@@ -36,13 +36,12 @@ from experiments.config import Config, to_dict
 from experiments.distillation import distil
 from experiments.distributed import is_main_process
 from experiments.equilibrium import EquilibriumSweep, setting_for
+from experiments.equilibrium_curve import capability_curve
 from experiments.evaluate import correct_mask, decode_problems
-from experiments.game_wiring import make_game, solver_setup
 from experiments.io import fingerprint, save_json
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
 from experiments.protocol import ensure_models
 from experiments.stats import mean_stderr
-from game import solver as sv
 from game.poe_game import masked_nll
 from models import transformer as tfm
 
@@ -101,26 +100,15 @@ class Calibration:
 
     # -- the game's prediction ----------------------------------------------------
     def predict(self, models, eval_batch, heldout) -> dict:
-        scfg, optimizers = solver_setup(self.cfg)
-        dc, tau = self.cfg.protocol.distill, self.cfg.protocol.temperature
-        game = make_game(models["student"], 0.0, dc, tau, self.ec.estimator, self.ec.defense)
-        steps = scfg.unroll_steps if scfg.unroll_from == "base" else 1
-        hyper = jax.jit(
-            lambda g, b: sv.capability_hypergradient(game, scfg, models["student"].params, g, b, eval_batch, optimizers)
+        """J(γ) on the grid from the game's own pools (experiments/equilibrium_curve.py: common random
+        numbers across γ, pool seeds of their own) and dJ/dγ as the slope of each seed's curve
+        (np.gradient). Not the exact derivative through the horizon: that one is chaotic at the
+        protocol's horizon (game/frontier.py), the curve's slope is what ranks the defenses."""
+        gammas = np.asarray(self.ec.calibration_gammas, np.float64)
+        J = capability_curve(
+            self.sweep, models, 0.0, gammas, heldout, eval_batch, self.ec.calibration_game_seeds, self.progress
         )
-        gammas = np.asarray(self.ec.calibration_gammas, np.float32)
-        J = np.zeros((self.ec.calibration_game_seeds, len(gammas)))
-        dJ = np.zeros_like(J)
-        for s in tqdm(
-            range(self.ec.calibration_game_seeds), desc="game prediction", leave=False, disable=not self.progress
-        ):
-            # pools of problems generated from their own seeds (not the protocol's traces' or the solve's)
-            pool = self.sweep.prefixes(models, gammas, 10_000 + s, heldout, steps, pool_seed=s)
-            for k in range(len(gammas)):
-                b = jax.tree.map(lambda x: x[k], pool)
-                j, d = hyper(jnp.float32(gammas[k]), b)
-                J[s, k], dJ[s, k] = float(j), float(d)
-        return {"J": J, "dJ": dJ}
+        return {"J": J, "dJ": np.gradient(J, gammas, axis=1)}
 
     # -- the protocol's measurement -----------------------------------------------
     def measure(self, models, eval_batch, heldout) -> dict:

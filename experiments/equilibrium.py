@@ -288,7 +288,8 @@ class EquilibriumSweep:
             eq.update(info, utility_ref=float(game0.utility(0.0, util_batch)), points=points)
             eq["trajectories"] = trajectories
         if self.ec.empirical_check:
-            self.check(points, models, heldout, clean)
+            if self.ec.check_points == "all":
+                self.check(points, models, heldout, clean)
             eq["check"] = self.check_largest_budget(points, models, heldout)
         eq.update(summary_metrics(eq))
         eq["seconds"] = round(time.perf_counter() - start, 1)
@@ -330,6 +331,8 @@ class EquilibriumSweep:
             top.get("student_accuracy_values") or self.protocol.student(d, "passive", 0.0, models, tr, heldout)
         )
         teacher = tr["teacher_correct"].mean(-1) - tr0["teacher_correct"].mean(-1)
+        top.setdefault("student_accuracy", mean_stderr(acc))  # check_points='largest': the one point checked
+        top.setdefault("teacher_accuracy", mean_stderr(tr["teacher_correct"].mean(-1)))
         return {
             "delta": top["delta"],
             "gamma_star": top["gamma_star"],

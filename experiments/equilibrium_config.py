@@ -37,17 +37,25 @@ class EquilibriumConfig:
         "utility budgets δ (nats/token the teacher may lose), increasing, solved at once under vmap", (0.01, 0.03, 0.1)
     )
     betas: tuple[float, ...] = _help("student tilts beta_s (0 = passive); one solve per tilt", (0.0, 4.0))
-    prefixes: int = _help("prefixes sampled from the defended teacher per budget (the student batch)", 64)
+    prefixes: int = _help(
+        "prefixes sampled from the defended teacher per strength (frontier: per pool seed; solver: per budget)", 64
+    )
     resample_every: int = _help("iterations between prefix resamples (R)", 25)
     heldout_batch: int = _help("the adaptive student's held-out examples per resample (its g_S)", 16)
     n_eval: int = _help("reference solutions of test prompts in J (student capability loss)", 128)
     n_utility: int = _help("reference solutions of held-out prompts in U (teacher utility)", 128)
     empirical_check: bool = _help(
-        "at each equilibrium gamma*, sample defended traces and distill real students (protocol.distill)", True
+        "sample defended traces at the equilibria and distill real students (protocol.distill)", True
+    )
+    check_points: str = _help(
+        "which equilibria the empirical check distills students at: 'all' (every β and budget) or 'largest' "
+        "(the passive student at the largest budget's γ*, against γ = 0: the summary's check_delta_passive)",
+        "all",
     )
     check_seeds: int = _help("seeds of the empirical check", 1)
     horizon: int = _help(
-        "student steps in the teacher's objective with solver.unroll_from='base' (0 = protocol.distill.steps, with the protocol's optimizer)",
+        "T: student steps of the protocol's optimizer from the base in the teacher's objective J(θ_T(γ)) "
+        "(method 'frontier', and 'solver' with solver.unroll_from='base'); 0 = protocol.distill.steps",
         0,
     )
     horizon_batch: int = _help(
@@ -82,6 +90,8 @@ class EquilibriumConfig:
             raise ConfigError(f"equilibrium.budgets={list(b)} must be strictly increasing")
         if not self.betas:
             raise ConfigError("equilibrium.betas is empty; give at least 0 (the passive student)")
+        if self.check_points not in ("all", "largest"):
+            raise ConfigError(f"equilibrium.check_points={self.check_points!r} must be 'all' or 'largest'")
         if self.method not in METHODS:
             raise ConfigError(f"equilibrium.method={self.method!r} must be one of {', '.join(METHODS)}")
         for name in (

@@ -21,8 +21,10 @@ from game import frontier
 from game import solver as sv
 
 
-def capability_curve(sweep, models, beta: float, gammas, heldout, eval_batch, progress: bool = True) -> np.ndarray:
-    """J(θ_T(γ)) for every γ of `gammas` and pool seed: [curve_seeds, len(gammas)]."""
+def capability_curve(
+    sweep, models, beta: float, gammas, heldout, eval_batch, seeds: int, progress: bool = True
+) -> np.ndarray:
+    """J(θ_T(γ)) for every γ of `gammas` and each of `seeds` pool seeds: [seeds, len(gammas)]."""
     cfg, ec = sweep.cfg, sweep.ec
     steps = horizon_steps(cfg)
     tx = horizon_optimizer(cfg.protocol.distill, steps)
@@ -35,9 +37,9 @@ def capability_curve(sweep, models, beta: float, gammas, heldout, eval_batch, pr
         return game.capability_loss(theta, eval_batch)
 
     gammas = np.asarray(gammas, np.float32)
-    J = np.zeros((ec.curve_seeds, len(gammas)))
+    J = np.zeros((seeds, len(gammas)))
     bar = tqdm(total=J.size, desc=f"J(γ) curve β={beta:g}", leave=False, disable=not progress)
-    for s in range(ec.curve_seeds):
+    for s in range(seeds):
         for k, g in enumerate(gammas):
             # round 30_000 + s: one sampling key per pool seed, the same for every γ (common random numbers)
             pool = sweep.prefixes(models, gammas[k : k + 1], 30_000 + s, heldout, steps, pool_seed=s)
@@ -65,7 +67,7 @@ def frontier_points(sweep, models, eval_batch, util_batch, heldout, progress: bo
     U = utility(gammas)
     points, curves = [], []
     for beta in ec.betas:
-        J = capability_curve(sweep, models, beta, gammas, heldout, eval_batch, progress)
+        J = capability_curve(sweep, models, beta, gammas, heldout, eval_batch, ec.curve_seeds, progress)
         n = J.shape[0]
         mean, se = J.mean(0), (J.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(J.shape[1], np.nan))
         curves.append(
