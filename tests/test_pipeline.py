@@ -175,9 +175,37 @@ def test_equilibrium_frontier_end_to_end(trained, tmp_path):
     assert summary["check_within_budget"] == 1
 
 
+def test_equilibrium_solver_never_calls_an_infeasible_iterate_an_equilibrium(trained, tmp_path):
+    """One iteration from γ_0 = γ_max with a budget of 1e-6 nats/token ends far outside it: that budget's γ* is
+    NaN (feasible false, the iterate kept as gamma_last) and the empirical check skips it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium", "*.png", "*.csv"))
+    result = distgame(
+        "equilibrium",
+        "--config",
+        "ci",
+        f"run_dir={run}",
+        "equilibrium.budgets=[1e-6]",
+        "equilibrium.betas=[0.0]",
+        "equilibrium.multi_start=false",
+        "equilibrium.solver.gamma_init=0.9",
+        "equilibrium.solver.max_iters=1",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    (p,) = json.loads(pathlib.Path(summary["equilibrium"]).read_text())["points"]
+    assert not p["feasible"] and p["violation"] > 1e-4 and p["gamma_last"] > 0.5
+    assert p["gamma_star"] is None and "student_accuracy" not in p  # NaN, written as null
+    assert summary["interior_budgets_passive"] == 0 and "check_delta_passive" not in summary
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
+        ("equilibrium.check_points=some", "equilibrium.check_points='some' must be 'all' or 'largest'"),
         ("equilibrium.method=newton", "equilibrium.method='newton' must be one of frontier, solver"),
         ("equilibrium.curve_gammas=[0.5, 0.2]", "equilibrium.curve_gammas=[0.5, 0.2] must be >= 2 increasing"),
         ("equilibrium.budgets=[0.1, 0.05]", "must be strictly increasing"),
