@@ -1,10 +1,10 @@
 """The leader's problem solved by enumeration: max_γ J(γ) s.t. U(0) − U(γ) ≤ δ.
 
-Why not gradients by default (measured on the default world, README "The equilibrium"):
+Why not gradients by default (measured on the default world; docs/design.md, "The differentiable game"):
 U(γ) is exact and cheap (cached expert outputs on reference solutions), so the feasible set
 is known exactly; J(γ) is the student's capability loss after the protocol-like horizon from
 its base, and its exact derivative through a long Adam unroll is chaotic (|dJ/dγ| of 5–300
-per unit γ with either sign, where J itself moves by ~1.4 over [0, 0.7]); the meta-learning
+per unit γ with either sign, where J itself rises by ~0.7 over [0, 0.7]); the meta-learning
 literature knows this pathology of long unrolls. J along a grid, with common random numbers
 across γ and several pool seeds, is smooth at the scale that matters. So the leader
 enumerates: the exact feasible bound γ_δ of every budget, J on a grid that contains those
