@@ -121,14 +121,18 @@ def _compile_check(args, cfg) -> dict:
 def enable_compilation_cache() -> str | None:
     """Keep compiled XLA programs on disk so a repeated command skips recompiling its steps and samplers:
     $DISTGAME_COMPILATION_CACHE, default ~/.cache/distgame/jax; set it to '' to turn this off. A cache
-    directory the user already gave jax (JAX_COMPILATION_CACHE_DIR) wins."""
+    directory the user already gave jax (JAX_COMPILATION_CACHE_DIR) wins. Programs that compiled in under
+    $DISTGAME_COMPILATION_CACHE_MIN_S seconds (default 1) are not kept: a disk read is not worth it for them,
+    except in the test suite, whose many small commands recompile the same tiny programs."""
     import jax
 
     path = os.environ.get("DISTGAME_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "distgame" / "jax"))
     if not path or jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir or None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # only what is worth a disk read
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(os.environ.get("DISTGAME_COMPILATION_CACHE_MIN_S", "1.0"))
+    )
     return path
 
 
