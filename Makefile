@@ -24,13 +24,10 @@ run: $(BIN)/distgame
 	$(BIN)/distgame run --config $(CONFIG)
 
 # ruff first (seconds): formatting and lint. JAX_PLATFORMS=cpu: with libtpu installed, JAX would otherwise probe
-# for a TPU first. The tests' many `distgame` subprocesses share one compilation cache that keeps even the tiny
-# programs (experiments/cli.py: enable_compilation_cache), so each tiny program compiles once per suite run.
+# for a TPU first.
 test: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	rm -rf .cache/test-jax
-	DISTGAME_COMPILATION_CACHE=$(CURDIR)/.cache/test-jax DISTGAME_COMPILATION_CACHE_MIN_S=0 \
 	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: $(BIN)/distgame
