@@ -1,6 +1,6 @@
 """The one way experiment configs declare a field: its default and its documentation together.
 
-`distgame config` prints every field's `metadata["help"]`; game/solver.py keeps its own twin
+`distgame config` prints every field's `metadata["help"]`; game/solver_config.py keeps its own twin
 because game/ does not import experiments/.
 """
 

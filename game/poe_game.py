@@ -1,7 +1,7 @@
 """The defense game on sequence models (PoE γ, ADS λ, any registered defense whose strength is
 differentiable: game/registry.py), assembled from a model's forward function.
 
-One iteration of the game reads here and in game/solver.py alone: the experiment only
+One iteration of the game reads here and in the solver (game/solver*.py) alone: the experiment only
 supplies `forward(theta, tokens_bt) -> logits_btv` (the student's network) and the
 batches (prefixes sampled from the defended teacher at strength γ with the defense's expert
 outputs cached on them, reference solutions for J and U). The solver calls the strength γ

@@ -12,8 +12,6 @@ MAX_LINES = 400
 OVERSIZE = {
     "experiments/config.py": 534,
     "experiments/protocol.py": 732,
-    "game/defenses.py": 453,
-    "game/solver.py": 929,
 }
 """Modules over MAX_LINES today (issue 14) and their line counts as `ruff format` lays them out: each may shrink,
 none may grow, and an entry leaves the list once its module is back under the limit. A new module over the limit is
