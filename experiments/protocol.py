@@ -2,13 +2,13 @@
 
 Stages (each output written atomically under <run_dir>/protocol/, keyed by a
 fingerprint of the settings it depends on, so a killed run restarts where it stopped):
-  1. restore teacher, proxy and student base (training any that is missing);
+  1. restore teacher, proxy and student base (training any that is missing; experiments/role_models.py);
   2. clean teacher traces on held-out prompts -> the proxy's held-out gradient g_P;
   3. per defense setting: training traces (all seeds in one batch) and the defended
      teacher's test accuracy under the same sampler; wall-clock cost per token;
   4. per defense setting and student kind: distil the student base, all seeds
      vectorised with `vmap`, then evaluate each student greedily on the test prompts;
-  5. results.json, RESULTS.md and the teacher-vs-student plot.
+  5. results.json, RESULTS.md and the teacher-vs-student plot (experiments/protocol_report.py).
 
 With several processes every process computes every stage (decoded arrays are gathered to
 each host) and writes the stage files to its run_dir (same content, unique temporary
@@ -20,178 +20,37 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import attacker
 from experiments import io as rio
 from experiments import retokenize as retok
 from experiments.chunked import mean_nll_grad, padded, row_chunks
-from experiments.config import Config, ConfigError, DefenseSetting
+from experiments.config import Config, DefenseSetting
 from experiments.defense_wiring import cost_model, defense_setup  # protocol.defense_setup: speed_compare's API
-from experiments.distillation import distil
+from experiments.distillation import distil  # protocol.distil: speed_compare's API
 from experiments.distributed import is_main_process
 from experiments.evaluate import Decoded, correct_mask, decode_problems
 from experiments.io import fingerprint, save_json, save_npz
-from experiments.plots import plot_learning_curve, plot_protocol
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
-from experiments.stats import mean_stderr, pm
+from experiments.protocol_report import TEXT_COLUMNS, add_paired_deltas, headline, write_results
+from experiments.protocol_report import results_markdown as results_markdown  # re-exported (run.py, tests)
+from experiments.role_models import check_task_vocabulary as check_task_vocabulary  # re-exported (tests)
+from experiments.role_models import ensure_models
+from experiments.stats import mean_stderr
 from experiments.tasks.encoding import encode_problems, encode_prompts
-from experiments.tasks.registry import Task, build_task
+from experiments.tasks.registry import build_task
 from experiments.tasks.text_task import encode_truncated
-from experiments.train import RoleModel, Trainer, load_hf_role, load_role_params, make_mesh
+from experiments.trace_arrays import assemble, entropy_summary, entropy_sums, mask_traces
+from experiments.trace_arrays import token_entropy_stats as token_entropy_stats  # re-exported (tests)
+from experiments.train import make_mesh
 from game import registry
 from game import students as stu
-from models import hf_loader
 from models import sharding as shd
 from models import transformer as tfm
 from models.sampling import generate
-
-# ---------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------
-
-
-def ensure_models(cfg: Config, mesh, progress: bool, task: Task | None = None) -> dict[str, RoleModel]:
-    """Load HF roles (`ROLE.hf_dir`); restore the others from their checkpoints, training any that has none yet."""
-    task = task or build_task(cfg.task)
-    tokenizer = task.tokenizer
-    models, hf_tokenizers = {}, {}
-    student_tok = cross_tokenizer_student(cfg, tokenizer)  # before any model loads: a refusal costs nothing
-    for role in ("teacher", "proxy", "student"):
-        if cfg.role(role).hf_dir:
-            models[role], hf_tokenizers[role] = load_hf_role(cfg, role, mesh)
-            if role == "student" and student_tok is not None:  # its own vocabulary: traces reach it as text
-                models[role].tokenizer = student_tok
-            else:
-                check_task_vocabulary(tokenizer, hf_tokenizers[role], role)
-            continue
-        ckpt_dir = rio.path(cfg.run_dir) / role / "checkpoints"
-        if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-            summary = Trainer(cfg, role, mesh, task=task).fit(progress=progress)
-            if is_main_process():
-                print(f"trained {role}: test accuracy {summary['test_accuracy']:.3f} in {summary['seconds']:.0f}s")
-        models[role] = load_role_params(cfg, role, mesh, tokenizer.vocab_size)
-    if "teacher" in hf_tokenizers and "proxy" in hf_tokenizers:
-        hf_loader.check_shared_vocabulary(hf_tokenizers["teacher"], hf_tokenizers["proxy"])
-    t_vocab = models["teacher"].params["embed_vd"].shape[0]
-    p_vocab = models["proxy"].params["embed_vd"].shape[0]
-    if t_vocab != p_vocab:
-        raise ConfigError(
-            f"teacher and proxy vocabularies differ ({t_vocab} vs {p_vocab} embedding rows); PoE and ADS need one "
-            f"vocabulary: if the tokenizers agree and only the padding differs, set "
-            f"{'proxy' if p_vocab < t_vocab else 'teacher'}.model.vocab_rows={max(t_vocab, p_vocab)}"
-        )
-    return models
-
-
-def cross_tokenizer_student(cfg: Config, task_tokenizer):
-    """The HF student's own tokenizer when it is not the task's (= the teacher's), else None; refuses, in one
-    line naming the keys, token-level attacks that cannot cross vocabularies (experiments/retokenize.py)."""
-    if not cfg.student.hf_dir:
-        return None
-    try:
-        hf_tok = hf_loader.load_tokenizer(cfg.student.hf_dir)
-    except hf_loader.HFLoadError:
-        return None  # the loader reports the directory, naming the role
-    try:
-        check_task_vocabulary(task_tokenizer, hf_tok, "student")
-        return None
-    except ConfigError:
-        pass
-    student_tok = retok.wrap_hf_tokenizer(hf_tok, f"{cfg.student.hf_dir}/tokenizer.json")
-    retok.refuse_token_level(cfg, student_tok.vocab_size, task_tokenizer.vocab_size)
-    return student_tok
-
-
-def check_task_vocabulary(task_tokenizer, hf_tokenizer, role: str) -> None:
-    """The task's token ids must mean the same tokens to an HF role (its tokenizer.json)."""
-    if hasattr(task_tokenizer, "tokens"):
-        task_vocab = {t: i for i, t in enumerate(task_tokenizer.tokens)}
-    elif hasattr(task_tokenizer, "get_vocab"):
-        task_vocab = task_tokenizer.get_vocab(with_added_tokens=True)
-    else:
-        raise ConfigError(
-            f"{role}.hf_dir: cannot compare the task tokenizer {task_tokenizer!r} with its tokenizer.json"
-        )
-    hf_vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
-    if task_vocab != hf_vocab:
-        diff = sorted(set(task_vocab.items()) ^ set(hf_vocab.items()))[:3]
-        raise ConfigError(
-            f"{role}.hf_dir: its tokenizer.json ({len(hf_vocab)} tokens) is not the task's tokenizer "
-            f"({len(task_vocab)} tokens; e.g. {diff} differ); the task must be tokenized with the model's tokenizer"
-            + (
-                "; PoE and ADS mix the teacher's and the proxy's logits id by id, so the proxy needs the teacher's (= the "
-                "task's) vocabulary"
-                if role == "proxy"
-                else ""
-            )
-        )
-
-
-# ---------------------------------------------------------------------------
-# Traces -> training arrays
-# ---------------------------------------------------------------------------
-
-
-def assemble(prompts_bp, lens_b, decoded: Decoded, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded [BOS+prompt+trace] rows; mask[t]=1 iff tokens[t+1] is a generated token.
-
-    Exposed top-k log-probs (if any) are placed at the position that predicts their token.
-    """
-    b, p = prompts_bp.shape
-    tokens = np.full((b, max_len), pad_id, np.int32)
-    mask = np.zeros((b, max_len), np.float32)
-    k = 0 if decoded.topk_ids_bnk is None else decoded.topk_ids_bnk.shape[-1]
-    top_ids = np.zeros((b, max_len, max(k, 1)), np.int32)
-    top_lp = np.zeros((b, max_len, max(k, 1)), np.float32)
-    for i in range(b):
-        prompt = prompts_bp[i, p - lens_b[i] :]
-        n = min(int(decoded.lengths_b[i]), max_len - len(prompt))
-        row = np.concatenate([prompt, decoded.tokens_bn[i, :n]])
-        tokens[i, : len(row)] = row
-        mask[i, len(prompt) - 1 : len(prompt) - 1 + n] = 1.0
-        if k:
-            top_ids[i, len(prompt) - 1 : len(prompt) - 1 + n] = decoded.topk_ids_bnk[i, :n]
-            top_lp[i, len(prompt) - 1 : len(prompt) - 1 + n] = decoded.topk_logprob_bnk[i, :n]
-    return {"tokens_bt": tokens, "loss_mask_bt": mask, "topk_ids_btk": top_ids, "topk_logprob_btk": top_lp}
-
-
-def entropy_sums(logits_btv, mask_bt, top_below: float = 0.9):
-    """(Σ entropy, Σ [top probability < top_below], Σ mask) over the masked positions; jittable, so a chunk's
-    full-vocabulary logits never leave the device."""
-    logp = jax.nn.log_softmax(jnp.asarray(logits_btv, jnp.float32), axis=-1)
-    ent_bt = -(jnp.exp(logp) * logp).sum(-1)
-    top_bt = jnp.exp(logp.max(-1))
-    m = jnp.asarray(mask_bt, jnp.float32)
-    return (ent_bt * m).sum(), ((top_bt < top_below) * m).sum(), m.sum()
-
-
-def token_entropy_stats(logits_btv: np.ndarray, mask_bt: np.ndarray, top_below: float = 0.9) -> dict:
-    """Mean entropy (nats) of softmax(logits) over the masked positions, and the share of them whose top
-    probability is below `top_below`."""
-    return entropy_summary(*(float(x) for x in entropy_sums(logits_btv, mask_bt, top_below)), top_below)
-
-
-def entropy_summary(ent: float, below: float, n: float, top_below: float = 0.9) -> dict:
-    """The sums of :func:`entropy_sums` as means over the positions (nan when there are none)."""
-
-    def mean(x):
-        return x / n if n else float("nan")
-
-    return {"entropy_nats": mean(ent), f"share_top_below_{top_below:g}": mean(below), "positions": int(n)}
-
-
-def mask_traces(train: dict[str, np.ndarray], kept_sb: np.ndarray) -> dict[str, np.ndarray]:
-    """`train` with the loss of every trace outside `kept_sb` [seeds, n] masked out; rows and data order stay.
-    The degeneracy filter keeps the non-degenerate traces; the learnability control keeps only the correct ones,
-    and since seed s of every defense shares the data order and sampling keys, a paired gap between defenses
-    that survives that mask is about the correct texts, not wrong answers."""
-    return {**train, "loss_mask_bt": train["loss_mask_bt"] * kept_sb[..., None]}
-
 
 # ---------------------------------------------------------------------------
 # The pipeline
@@ -536,197 +395,3 @@ class Protocol:
         if is_main_process():  # every process holds the same results; one writes them
             write_results(self.dir.parent, results)
         return results
-
-
-def add_paired_deltas(rows: list[dict]) -> None:
-    """Each row's per-seed change vs the standard row, mean ± SE over seeds (`row["paired_delta"]`).
-
-    Seed s of every defense distils the same student base with the same data order (and the
-    teacher samples with the same keys), so the per-seed difference cancels the spread between
-    seeds that the unpaired ± of each cell carries. Needs a standard row and >= 2 seeds."""
-    base = next((r for r in rows if r["defense"] == registry.STANDARD), None)
-    if base is None or len(base["teacher_accuracy"]["values"]) < 2:
-        return
-    for r in rows:
-        deltas = {"teacher": np.subtract(r["teacher_accuracy"]["values"], base["teacher_accuracy"]["values"])}
-        for kind in ("passive", "correct_only"):
-            if kind in r["students"] and kind in base["students"]:
-                deltas[kind] = np.subtract(r["students"][kind]["values"], base["students"][kind]["values"])
-        r["paired_delta"] = {k: mean_stderr(v) for k, v in deltas.items()}
-
-
-def headline(results: dict) -> dict:
-    """The figures a reader looks for first (accuracies in percent points).
-
-    The *informative* defense setting is the one whose passive student loses most (paired mean) among the
-    settings whose teacher loses at most 5 points: the paper's regime, a teacher still useful to its users."""
-    rows = results["rows"]
-    base = next((r for r in rows if r["defense"] == registry.STANDARD), None)
-    out: dict[str, Any] = {}
-    if base is None:
-        return out
-    out["teacher_accuracy_standard"] = 100 * base["teacher_accuracy"]["mean"]
-    out["passive_accuracy_standard"] = 100 * base["students"]["passive"]["mean"]
-    if results.get("world"):
-        out["teacher_entropy_nats"] = results["world"]["entropy_nats"]
-    curve = base.get("learning_curve")
-    if curve:
-        steps = sorted(curve, key=int)
-        one = str(results.get("distill_steps"))
-        if one in curve and str(2 * int(one)) in curve:
-            out["plateau_delta_points"] = 100 * (curve[str(2 * int(one))]["mean"] - curve[one]["mean"])
-        out["learning_curve"] = {n: 100 * curve[n]["mean"] for n in steps}
-    useful = [
-        r
-        for r in rows
-        if r is not base
-        and "paired_delta" in r
-        and "passive" in r["paired_delta"]
-        and r["paired_delta"]["teacher"]["mean"] >= -0.05
-    ]
-    if useful:
-        r = min(useful, key=lambda r: r["paired_delta"]["passive"]["mean"])
-        pd = r["paired_delta"]
-        info = {
-            "defense": r["label"],
-            "delta_teacher": 100 * pd["teacher"]["mean"],
-            "delta_passive": 100 * pd["passive"]["mean"],
-            "delta_passive_se": 100 * pd["passive"]["stderr"],
-        }
-        if "correct_only" in pd:
-            info.update(
-                delta_passive_correct_only=100 * pd["correct_only"]["mean"],
-                delta_passive_correct_only_se=100 * pd["correct_only"]["stderr"],
-            )
-        out["informative"] = info
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------
-
-
-TEXT_COLUMNS = {
-    "valid": "valid reasoning (%)",
-    "checks": "checks/trace",
-    "fused": "fused lines/trace",
-    "times": "× lines/trace",
-}
-"""Per-trace text features of the reasoning task (:func:`experiments.tasks.reasoning.text_features`) and their column."""
-
-
-def results_markdown(results: dict) -> str:
-    rows = results["rows"]
-    kinds = []
-    for r in rows:
-        kinds += [k for k in r["students"] if k not in kinds]
-    paired = any("paired_delta" in r for r in rows)
-    paired_kinds = [
-        k for k in ("teacher", "passive", "correct_only") if any(k in r.get("paired_delta", {}) for r in rows)
-    ]
-    texts = [k for k in TEXT_COLUMNS if all(f"trace_{k}" in r for r in rows)]
-    head = (
-        ["defense", "teacher acc (%)"]
-        + [f"{k} (%)" for k in kinds]
-        + [f"Δ {k}, paired (pts)" for k in paired_kinds]
-        + [
-            "rel. gain",
-            "fwd passes/token",
-            "FLOPs ratio",
-            "wall-clock ratio",
-            "trace acc (%)",
-            "trace len",
-            "degenerate (%)",
-        ]
-        + ([TEXT_COLUMNS[k] for k in texts])
-    )
-    lines = [
-        "# Results: passive vs adaptive students under antidistillation defenses",
-        "",
-        f"Config `{results['config']}`; {results['seeds']} seed(s), mean ± standard error over seeds; "
-        f"{results['n_test']} test problems; {results['n_traces']} training traces per seed sampled at "
-        f"τ={results['temperature']:g}. Accuracies are exact final answers; the teacher is decoded with the "
-        "same defended sampler as the traces, students greedily. Relative gain = (adaptive − passive) / passive."
-        + (
-            " Δ paired = per-seed change vs standard (seed s of every defense shares the student's data order "
-            "and the sampling keys), mean ± SE over seeds."
-            if paired
-            else ""
-        ),
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for r in rows:
-        c = r["cost"]
-        gain = r.get("relative_gain")
-        delta = r.get("paired_delta", {})
-        cells = (
-            [r["label"], pm(r["teacher_accuracy"])]
-            + [pm(r["students"].get(k)) for k in kinds]
-            + [pm(delta.get(k), signed=True) for k in paired_kinds]
-            + [
-                "–" if gain is None or not np.isfinite(gain) else f"{100 * gain:+.0f}%",
-                str(c["forward_passes_per_token"]),
-                f"{c['flops_ratio']:.2f}×",
-                f"{c['wallclock_ratio']:.2f}×",
-                "–" if "trace_accuracy" not in r else f"{100 * r['trace_accuracy']:.1f}",
-                f"{r['mean_trace_length']:.1f}",
-                f"{100 * r['degeneracy_rate']:.1f}",
-            ]
-            + [f"{100 * r['trace_valid']:.1f}" if k == "valid" else f"{r[f'trace_{k}']:.2f}" for k in texts]
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    poe = [r for r in rows if r["defense"] == registry.POE]
-    if poe:
-        bound = poe[0]["cost"]["poe_wallclock_bound"]
-        worst = max(r["cost"]["wallclock_ratio"] for r in poe)
-        lines += [
-            "",
-            f"PoE wall-clock ratio {worst:.2f}× vs the bound 1.10 × (1 + proxy/teacher FLOPs) = {bound:.2f}× "
-            f"({'within' if worst <= bound else 'ABOVE'} bound).",
-        ]
-    world, head_ = results.get("world"), results.get("headline", {})
-    if world:
-        lines += [
-            "",
-            f"The world: the standard teacher's next-token entropy at τ=1 on its own traces is {world['entropy_nats']:.3f} "
-            f"nats per token; {100 * world['share_top_below_0.9']:.1f}% of positions have a top probability below 0.9.",
-        ]
-    if "learning_curve" in head_:
-        curve = ", ".join(f"{n} steps {v:.1f}%" for n, v in head_["learning_curve"].items())
-        lines += [
-            "",
-            f"Passive student under standard decoding, one run: {curve}"
-            + (
-                f" (2× the table's steps changes it by {head_['plateau_delta_points']:+.1f} points)."
-                if "plateau_delta_points" in head_
-                else "."
-            )
-            + " Plot: `learning_curve.png`.",
-        ]
-    info = head_.get("informative")
-    if info:
-        text = (
-            f"Informative setting (largest paired passive loss with the teacher losing ≤ 5 points): {info['defense']}: "
-            f"teacher {info['delta_teacher']:+.1f}, passive {info['delta_passive']:+.1f} ± {info['delta_passive_se']:.1f} points"
-        )
-        if "delta_passive_correct_only" in info:
-            text += (
-                f", passive on correct traces only {info['delta_passive_correct_only']:+.1f} ± "
-                f"{info['delta_passive_correct_only_se']:.1f} (the same traces with the wrong ones masked out: what is "
-                f"left is the learnability of the correct texts)"
-            )
-        lines += ["", text + "."]
-    lines += ["", f"Finished in {results['seconds']:.0f}s. Plot: `teacher_vs_student.png`."]
-    return "\n".join(lines) + "\n" + attacker.ablation_markdown(results)
-
-
-def write_results(run_dir, results: dict) -> list:
-    """results.json, RESULTS.md and the plots into `run_dir` (local or gs://); their paths."""
-    run_dir = rio.path(run_dir)
-    save_json(run_dir / "results.json", results)
-    rio.write_text(run_dir / "RESULTS.md", results_markdown(results))
-    paths = [run_dir / "results.json", run_dir / "RESULTS.md"]
-    return paths + plot_protocol(results, run_dir) + plot_learning_curve(results, run_dir)
