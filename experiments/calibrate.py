@@ -36,7 +36,7 @@ from experiments.config import Config, to_dict
 from experiments.distillation import distil
 from experiments.distributed import is_main_process
 from experiments.equilibrium import EquilibriumSweep, setting_for
-from experiments.equilibrium_curve import capability_curve
+from experiments.equilibrium_curve import capability_curves
 from experiments.evaluate import correct_mask, decode_problems
 from experiments.io import fingerprint, save_json
 from experiments.progress import tqdm  # tqdm's bar on a terminal, a line per 10% in a log file
@@ -105,9 +105,9 @@ class Calibration:
         (np.gradient). Not the exact derivative through the horizon: that one is chaotic at the
         protocol's horizon (game/frontier.py), the curve's slope is what ranks the defenses."""
         gammas = np.asarray(self.ec.calibration_gammas, np.float64)
-        J = capability_curve(
-            self.sweep, models, 0.0, gammas, heldout, eval_batch, self.ec.calibration_game_seeds, self.progress
-        )
+        J = capability_curves(
+            self.sweep, models, [0.0], gammas, heldout, eval_batch, self.ec.calibration_game_seeds, self.progress
+        )[0.0]
         return {"J": J, "dJ": np.gradient(J, gammas, axis=1)}
 
     # -- the protocol's measurement -----------------------------------------------

@@ -17,34 +17,41 @@ import numpy as np
 
 from experiments.game_wiring import horizon_optimizer, horizon_steps, make_game
 from experiments.progress import tqdm
+from experiments.stats import mean_stderr
 from game import frontier
 from game import solver as sv
 
 
-def capability_curve(
-    sweep, models, beta: float, gammas, heldout, eval_batch, seeds: int, progress: bool = True
-) -> np.ndarray:
-    """J(θ_T(γ)) for every γ of `gammas` and each of `seeds` pool seeds: [seeds, len(gammas)]."""
+def capability_curves(
+    sweep, models, betas, gammas, heldout, eval_batch, seeds: int, progress: bool = True
+) -> dict[float, np.ndarray]:
+    """J(θ_T(γ)) of every student tilt β for every γ of `gammas` and each of `seeds` pool seeds:
+    {β: [seeds, len(gammas)]}. A pool does not depend on β, so each is sampled once and every β trains on it."""
     cfg, ec = sweep.cfg, sweep.ec
     steps = horizon_steps(cfg)
     tx = horizon_optimizer(cfg.protocol.distill, steps)
-    game = make_game(models["student"], beta, cfg.protocol.distill, cfg.protocol.temperature, "soft", ec.defense)
     theta0 = models["student"].params
 
-    @jax.jit
-    def J_after_horizon(gamma, pool):
-        theta = sv.horizon_student(game, tx, theta0, gamma, pool, steps)
-        return game.capability_loss(theta, eval_batch)
+    def J_after_horizon(beta):
+        game = make_game(models["student"], beta, cfg.protocol.distill, cfg.protocol.temperature, "soft", ec.defense)
+        return jax.jit(
+            lambda gamma, pool: game.capability_loss(
+                sv.horizon_student(game, tx, theta0, gamma, pool, steps), eval_batch
+            )
+        )
 
+    J_of = {beta: J_after_horizon(beta) for beta in betas}
     gammas = np.asarray(gammas, np.float32)
-    J = np.zeros((seeds, len(gammas)))
-    bar = tqdm(total=J.size, desc=f"J(γ) curve β={beta:g}", leave=False, disable=not progress)
+    J = {beta: np.zeros((seeds, len(gammas))) for beta in betas}
+    bar = tqdm(total=seeds * len(gammas) * len(betas), desc="J(γ) curves", leave=False, disable=not progress)
     for s in range(seeds):
         for k, g in enumerate(gammas):
             # round 30_000 + s: one sampling key per pool seed, the same for every γ (common random numbers)
             pool = sweep.prefixes(models, gammas[k : k + 1], 30_000 + s, heldout, steps, pool_seed=s)
-            J[s, k] = float(J_after_horizon(jnp.float32(g), jax.tree.map(lambda x: x[0], pool)))
-            bar.update()
+            pool = jax.tree.map(lambda x: x[0], pool)
+            for beta in betas:
+                J[beta][s, k] = float(J_of[beta](jnp.float32(g), pool))
+                bar.update()
     bar.close()
     return J
 
@@ -66,10 +73,11 @@ def frontier_points(sweep, models, eval_batch, util_batch, heldout, progress: bo
     gammas = frontier.curve_grid([g for g in ec.curve_gammas if g <= gamma_max], fb["bound"])
     U = utility(gammas)
     points, curves = [], []
+    J_by_beta = capability_curves(sweep, models, ec.betas, gammas, heldout, eval_batch, ec.curve_seeds, progress)
     for beta in ec.betas:
-        J = capability_curve(sweep, models, beta, gammas, heldout, eval_batch, ec.curve_seeds, progress)
-        n = J.shape[0]
-        mean, se = J.mean(0), (J.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(J.shape[1], np.nan))
+        J = J_by_beta[beta]
+        per_gamma = [mean_stderr(J[:, k]) for k in range(len(gammas))]
+        mean, se = np.array([m["mean"] for m in per_gamma]), np.array([m["stderr"] for m in per_gamma])
         curves.append(
             {"beta": beta, "gamma": gammas.tolist(), "J": J.tolist(), "J_mean": mean.tolist(), "J_se": se.tolist()}
         )
@@ -104,4 +112,4 @@ def frontier_points(sweep, models, eval_batch, util_batch, heldout, progress: bo
     )
 
 
-__all__ = ["capability_curve", "frontier_points", "utility_of"]
+__all__ = ["capability_curves", "frontier_points", "utility_of"]
