@@ -195,11 +195,7 @@ class Defense:
         return f"{self.name} {self.strength.symbol}={setting.strength:g}{extra}"
 
 
-def _static_dataclass(cls):
-    return jax.tree_util.register_static(dataclasses.dataclass(frozen=True)(cls))
-
-
-@_static_dataclass
+@dfn._static_dataclass  # the sampler combiners' convention (game/defenses.py): static, frozen
 class FixedStrength:
     """The sampler combiner of a stateless defense at one strength: ``logits_fn(outs, strength, τ)``."""
 
@@ -217,7 +213,7 @@ class FixedStrength:
         return carry
 
 
-@_static_dataclass
+@dfn._static_dataclass
 class PerRowStrength:
     """``logits_fn(outs, strength_b, τ)`` with the strength as data: carry = strength_b [B]."""
 
