@@ -50,12 +50,16 @@ def test_cached_greedy_equals_uncached_argmax_token_by_token(model):
     )
     uncached = greedy_uncached(spec, params, prompts, lens, max_new_tokens=n, eos_id=-1, pad_id=0)
     np.testing.assert_array_equal(np.asarray(cached["tokens_bn"]), np.asarray(uncached))
-    # Independent check, one row at a time without padding: argmax of a full forward pass.
+    # Independent check, one row at a time without left padding: argmax of a full forward pass. The row is
+    # right-padded to one width (one compiled forward); under the causal mask the padding after position
+    # len(seq) - 1 cannot change its logits.
+    width = prompts.shape[1] + n
+    forward = jax.jit(lambda tokens_bt: tfm.forward(spec.graphdef, params, tokens_bt)[0])
     for row in range(len(lens)):
         seq = list(prompts[row, len(prompts[row]) - lens[row] :])
         for t in range(n):
-            logits, _ = tfm.forward(spec.graphdef, params, jnp.asarray([seq], jnp.int32))
-            nxt = int(jnp.argmax(logits[0, -1]))
+            logits = forward(jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32))
+            nxt = int(jnp.argmax(logits[0, len(seq) - 1]))
             assert nxt == int(cached["tokens_bn"][row, t]), (row, t)
             seq.append(nxt)
 
