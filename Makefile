@@ -28,7 +28,7 @@ run: $(BIN)/distgame
 test: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 --dist loadfile tests
+	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: $(BIN)/distgame
 	$(BIN)/distgame bench --config $(CONFIG)

@@ -21,3 +21,28 @@ def one_device_mesh():
     from models.sharding import MeshConfig, make_mesh
 
     return make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+
+
+# The suite runs as `pytest -n 2 --dist loadfile --no-loadscope-reorder` (Makefile): each file goes to one worker, in
+# collection order, as a worker runs out of work. The files below hold the long subprocess runs (protocols, the
+# equilibrium, two-process jax.distributed); started last they left one worker running alone for minutes. Longest
+# first (seconds of one file under `-n 2` on the 2-core dev machine, `pytest --durations=0`), the rest after them in
+# their usual order: the short files fill in at the end.
+SLOW_FILES_FIRST = (
+    "test_pipeline.py",  # ~380 s
+    "test_multihost.py",  # ~190 s
+    "test_defense_registry.py",  # ~135 s
+    "test_cross_tokenizer.py",  # ~100 s
+    "test_attacker.py",  # ~80 s
+    "test_world.py",  # ~70 s
+    "test_hf_protocol.py",  # ~70 s
+    "test_text_task.py",  # ~70 s
+    "test_cli.py",  # ~65 s
+    "test_reliability.py",  # ~60 s
+    "test_paper_scale.py",  # ~60 s
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file

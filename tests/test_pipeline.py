@@ -159,7 +159,15 @@ def test_equilibrium_frontier_end_to_end(trained, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("equilibrium", "*.png", "*.csv"))
-    result = distgame("equilibrium", "--config", "ci", f"run_dir={run}", "equilibrium.method=frontier", "--json")
+    result = distgame(
+        "equilibrium",
+        "--config",
+        "ci",
+        f"run_dir={run}",
+        "equilibrium.method=frontier",
+        "equilibrium.check_points=largest",  # the default's; 'all' is test_equilibrium_end_to_end's
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     eq = json.loads(pathlib.Path(summary["equilibrium"]).read_text())
