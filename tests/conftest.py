@@ -26,8 +26,8 @@ def one_device_mesh():
 # The suite runs as `pytest -n 2 --dist loadfile --no-loadscope-reorder` (Makefile): each file goes to one worker, in
 # collection order, as a worker runs out of work. The files below hold the long subprocess runs (protocols, the
 # equilibrium, two-process jax.distributed); started last they left one worker running alone for minutes. Longest
-# first (seconds of one file under `-n 2` on the 2-core dev machine, `pytest --durations=0`), the rest after them in
-# their usual order: the short files fill in at the end.
+# first (rough seconds of one file under `-n 2` on the 2-core dev machine, summed from `pytest --durations=50`), the
+# rest after them in their usual order: the short files fill in at the end.
 SLOW_FILES_FIRST = (
     "test_pipeline.py",  # ~380 s
     "test_multihost.py",  # ~190 s
