@@ -1,6 +1,10 @@
 """Every test process sees 8 simulated CPU devices (set before jax is imported)."""
 
+import fcntl
 import os
+import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,6 +18,39 @@ def tokenizer():
     from experiments.tasks.tokenizer import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def ci_models(tmp_path_factory, worker_id):
+    """A run directory with the ci config's three models, trained once per test session (by whichever xdist
+    worker asks first; the others wait on the lock) as a user trains them: `distgame train` in a process with one
+    device. Tests write into a copy (`ci_run`)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if worker_id != "master" else base  # the session's directory, shared by its workers
+    run_dir = root / "ci_models"
+    with open(root / "ci_models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run_dir / ".complete").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+            for role in ("teacher", "proxy", "student"):
+                result = subprocess.run(
+                    [sys.executable, "-m", "experiments.cli", "train", "--role", role, "--config", "ci"]
+                    + [f"run_dir={run_dir}", "--no-progress"],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=1800,
+                )
+                assert result.returncode == 0, result.stderr[-3000:]
+            (run_dir / ".complete").touch()
+    return run_dir
+
+
+@pytest.fixture
+def ci_run(ci_models, tmp_path):
+    """A fresh run directory of the test's own holding a copy of the trained ci models."""
+    return shutil.copytree(ci_models, tmp_path / "ci_run", ignore=shutil.ignore_patterns(".complete"))
 
 
 @pytest.fixture

@@ -2,7 +2,12 @@
 run through the ci protocol, and the equilibrium sweep's game for every defense with a differentiable strength."""
 
 import dataclasses
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -138,22 +143,32 @@ def test_equilibrium_config_reads_the_registry(tmp_path):
         load_config("ci", base + ["equilibrium.calibration_gammas=[0.0, 1.5]"])
 
 
-def test_a_throwaway_defense_runs_through_the_ci_protocol(sharpen, tmp_path):
-    from experiments.protocol import Protocol
-
-    cfg = load_config(
-        "ci",
-        [
-            f"run_dir={tmp_path}",
-            "protocol.defenses=[{name: standard}, {name: sharpen, strength: 1.0}]",
-            "protocol.distill.attack_defenses=[sharpen]",
-            "protocol.distill.attacks=[soft_topk]",
-            "protocol.distill.curve=[]",  # cheaper than the ci protocol, still every stage a defense touches
-            "protocol.distill.betas=[]",
-            "sample.max_new_tokens=16",
-        ],
+def test_a_throwaway_defense_runs_through_the_ci_protocol(tmp_path):
+    """`distgame protocol` in a process that registered SHARPEN first, as a user's own module would (one
+    device: the defense's plumbing is the point here, not sharding)."""
+    overrides = [
+        f"run_dir={tmp_path}",
+        "protocol.defenses=[{name: standard}, {name: sharpen, strength: 1.0}]",
+        "protocol.distill.attack_defenses=[sharpen]",
+        "protocol.distill.attacks=[soft_topk]",
+        "protocol.distill.curve=[]",  # cheaper than the ci protocol, still every stage a defense touches
+        "protocol.distill.betas=[]",
+        "sample.max_new_tokens=16",
+    ]
+    register_and_run = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_defense_registry as t; from game import registry; "
+        "registry.register(t.SHARPEN); from experiments.cli import main; sys.exit(main(sys.argv[2:]))"
     )
-    results = Protocol(cfg, progress=False).run()
+    proc = subprocess.run(
+        [sys.executable, "-c", register_and_run, str(pathlib.Path(__file__).parent)]
+        + ["protocol", "--config", "ci", *overrides, "--no-progress"],
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["label"]: r for r in results["rows"]}
     assert list(rows) == ["standard", "sharpen s=1"]
     row = rows["sharpen s=1"]

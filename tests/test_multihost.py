@@ -180,16 +180,22 @@ def test_resolution_order():
     assert resolve(DistributedConfig(mode="off"), env=env, tpu=True).kind == "single"
 
 
-def test_protocol_on_two_processes_writes_results_once(tmp_path):
-    """`distgame protocol` joined over 2 processes: every process computes every stage; process 0
-    alone prints and writes the results (the stage files are written by both, atomically)."""
+def test_protocol_on_two_processes_writes_results_once(ci_run):
+    """`distgame protocol` joined over 2 processes, on models trained by one (conftest.ci_models): every process
+    restores them and computes every stage; process 0 alone prints and writes the results (the stage files are
+    written by both, atomically)."""
+    tmp_path = ci_run
     port = free_port()
     overrides = [
         "protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]",
         "protocol.distill.attacks=[]",
-        "protocol.distill.betas=[1.0]",
+        "protocol.distill.betas=[]",  # the passive student's distillation step is the collective under test
         "protocol.distill.steps=5",
         "protocol.seeds=2",
+        "protocol.n_traces=16",
+        "protocol.cost_batch=8",
+        "task.n_test=16",
+        "sample.max_new_tokens=16",
         f"distributed.initialization_timeout={JOIN_S}",
     ]
     procs = [
