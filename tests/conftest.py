@@ -27,10 +27,10 @@ def ci_models(tmp_path_factory, worker_id):
     device. Tests write into a copy (`ci_run`)."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if worker_id != "master" else base  # the session's directory, shared by its workers
-    run_dir = root / "ci_models"
+    run_dir, complete = root / "ci_models", root / "ci_models.complete"  # the marker outside: copies are plain
     with open(root / "ci_models.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (run_dir / ".complete").exists():
+        if not complete.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
             env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
             for role in ("teacher", "proxy", "student"):
@@ -43,14 +43,14 @@ def ci_models(tmp_path_factory, worker_id):
                     timeout=1800,
                 )
                 assert result.returncode == 0, result.stderr[-3000:]
-            (run_dir / ".complete").touch()
+            complete.touch()
     return run_dir
 
 
 @pytest.fixture
 def ci_run(ci_models, tmp_path):
     """A fresh run directory of the test's own holding a copy of the trained ci models."""
-    return shutil.copytree(ci_models, tmp_path / "ci_run", ignore=shutil.ignore_patterns(".complete"))
+    return shutil.copytree(ci_models, tmp_path / "ci_run")
 
 
 @pytest.fixture

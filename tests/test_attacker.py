@@ -200,12 +200,11 @@ def test_protocol_ablation_end_to_end(ci_run):
             timeout=900,
         )
 
-    tmp_path = ci_run
     r = run(
         "protocol",
         "--config",
         "ci",
-        f"run_dir={tmp_path}",
+        f"run_dir={ci_run}",
         "--json",
         "protocol.defenses=[{name: standard}]",
         "protocol.distill.attacks=[]",
@@ -237,5 +236,5 @@ def test_protocol_ablation_end_to_end(ci_run):
     assert (
         students["design"]["accuracy"] == results["rows"][0]["students"]["adaptive(beta=2)"]["values"]
     )  # reused, not retrained
-    md = (tmp_path / "RESULTS.md").read_text()
+    md = (ci_run / "RESULTS.md").read_text()
     assert "## Attacker ablation" in md and "| reference |" in md

@@ -184,7 +184,6 @@ def test_protocol_on_two_processes_writes_results_once(ci_run):
     """`distgame protocol` joined over 2 processes, on models trained by one (conftest.ci_models): every process
     restores them and computes every stage; process 0 alone prints and writes the results (the stage files are
     written by both, atomically)."""
-    tmp_path = ci_run
     port = free_port()
     overrides = [
         "protocol.defenses=[{name: standard}, {name: poe, strength: 0.5}]",
@@ -208,7 +207,7 @@ def test_protocol_on_two_processes_writes_results_once(ci_run):
                 "--config",
                 "ci",
                 "--no-progress",
-                f"run_dir={tmp_path}",
+                f"run_dir={ci_run}",
                 *overrides,
             ],
             env=_env(
@@ -226,7 +225,7 @@ def test_protocol_on_two_processes_writes_results_once(ci_run):
         assert p.returncode == 0, err[-3000:]
         outs.append(out)
     assert "# Results" in outs[0] and "# Results" not in outs[1]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((ci_run / "results.json").read_text())
     assert [r["label"] for r in results["rows"]] == ["standard", "poe γ=0.5"]
     assert all(r["mean_trace_length"] > 0 and len(r["students"]["passive"]["values"]) == 2 for r in results["rows"])
-    assert (tmp_path / "RESULTS.md").exists() and not list(tmp_path.rglob("*.tmp"))
+    assert (ci_run / "RESULTS.md").exists() and not list(ci_run.rglob("*.tmp"))

@@ -29,8 +29,7 @@ def trained(ci_models, tmp_path_factory):
     """The trained ci models (conftest.ci_models) in this module's run directory."""
     import shutil
 
-    run_dir = tmp_path_factory.mktemp("run") / "run"
-    return shutil.copytree(ci_models, run_dir, ignore=shutil.ignore_patterns(".complete"))
+    return shutil.copytree(ci_models, tmp_path_factory.mktemp("run") / "run")
 
 
 def _snapshot(directory: pathlib.Path) -> dict:
