@@ -7,13 +7,15 @@ module only knows how to build each expert kind from the roles' models and the p
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from game import registry
 from models import transformer as tfm
-from models.sampling import ExpertSpec
+from models.sampling import ExpertSpec, generate
 
 
 def _shifted(params, g_P, step: float):
@@ -68,6 +70,38 @@ def cost_model(d: Any, models: dict, context: int) -> dict:
         "flops_ratio": flops / f_t,
         "poe_wallclock_bound": 1.10 * (1 + f_p / f_t),
     }
+
+
+def decode_seconds(
+    d: Any, models: dict, g_P: Any, tau: float, prompts, lens, max_new_tokens: int, pad_id: int
+) -> float:
+    """Median seconds of three decodes of `prompts` under defense setting d, full length (no early EOS), after
+    one to compile."""
+
+    combiner, specs, params, tangents = defense_setup(d, models, g_P, tau)
+
+    def run():
+        return generate(
+            specs,
+            params,
+            prompts,
+            lens,
+            jax.random.key(0),
+            combiner=combiner,
+            max_new_tokens=max_new_tokens,
+            eos_id=-1,
+            pad_id=pad_id,
+            greedy=False,
+            tangents=tangents,
+        )["tokens_bn"]
+
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 # ---------------------------------------------------------------------------

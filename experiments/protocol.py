@@ -4,8 +4,9 @@ Stages (each output written atomically under <run_dir>/protocol/, keyed by a
 fingerprint of the settings it depends on, so a killed run restarts where it stopped):
   1. restore teacher, proxy and student base (training any that is missing; experiments/role_models.py);
   2. clean teacher traces on held-out prompts -> the proxy's held-out gradient g_P;
-  3. per defense setting: training traces (all seeds in one batch) and the defended
-     teacher's test accuracy under the same sampler; wall-clock cost per token;
+  3. each defense setting's decoding time over standard decoding's, measured side by side (one file);
+     per defense setting: training traces (all seeds in one batch) and the defended
+     teacher's test accuracy under the same sampler;
   4. per defense setting and student kind: distil the student base, all seeds
      vectorised with `vmap`, then evaluate each student greedily on the test prompts;
   5. results.json, RESULTS.md and the teacher-vs-student plot (experiments/protocol_report.py).
@@ -29,7 +30,7 @@ from experiments import io as rio
 from experiments import retokenize as retok
 from experiments.chunked import mean_nll_grad, padded, row_chunks
 from experiments.config import Config, DefenseSetting
-from experiments.defense_wiring import cost_model, defense_setup  # protocol.defense_setup: speed_compare's API
+from experiments.defense_wiring import cost_model, decode_seconds, defense_setup  # speed_compare: .defense_setup
 from experiments.distillation import distil  # protocol.distil: speed_compare's API
 from experiments.distributed import is_main_process
 from experiments.evaluate import Decoded, correct_mask, decode_problems
@@ -50,7 +51,6 @@ from game import registry
 from game import students as stu
 from models import sharding as shd
 from models import transformer as tfm
-from models.sampling import generate
 
 # ---------------------------------------------------------------------------
 # The pipeline
@@ -184,34 +184,23 @@ class Protocol:
         save_npz(path, **out)
         return out
 
-    def wallclock(self, d: DefenseSetting, models, g_P) -> float:
-        """Seconds per decoding batch of `cost_batch` prompts, full length (no early EOS)."""
-        combiner, specs, params, tangents = defense_setup(d, models, g_P, self.pc.temperature)
-        problems = self.task.problems("test", self.cfg.seed, self.pc.cost_batch)
-        prompts, lens = encode_prompts(problems, self.tokenizer, None)
-
-        def run():
-            return generate(
-                specs,
-                params,
-                prompts,
-                lens,
-                jax.random.key(0),
-                combiner=combiner,
-                max_new_tokens=self.cfg.sample.max_new_tokens,
-                eos_id=-1,
-                pad_id=self.tokenizer.pad_id,
-                greedy=False,
-                tangents=tangents,
-            )["tokens_bn"]
-
-        jax.block_until_ready(run())
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
+    def wallclock_ratios(self, models, g_P) -> dict:
+        """Decoding seconds of each defense setting over standard decoding's, for a batch of `cost_batch` test
+        prompts: measured side by side in one run (the machine's speed drifts between runs) and kept as a
+        stage, so a re-run reports the same ratios."""
+        path = self.dir / f"wallclock-{fingerprint(t=self.task_fp, p=dataclasses.replace(self.pc, distill=None))}.json"
+        if path.exists():
+            return rio.load_json(path)
+        prompts, lens = encode_prompts(
+            self.task.problems("test", self.cfg.seed, self.pc.cost_batch), self.tokenizer, None
+        )
+        args = (models, g_P, self.pc.temperature, prompts, lens, self.cfg.sample.max_new_tokens, self.tokenizer.pad_id)
+        standard = decode_seconds(DefenseSetting(registry.STANDARD), *args)
+        ratios = {
+            d.key: 1.0 if d.name == registry.STANDARD else decode_seconds(d, *args) / standard for d in self.pc.defenses
+        }
+        save_json(path, ratios)
+        return ratios
 
     def student(self, d: DefenseSetting, kind: str, beta: float, models, traces, heldout) -> list[float]:
         return self.student_record(d, kind, beta, models, traces, heldout)["accuracy"]
@@ -340,7 +329,7 @@ class Protocol:
         g_P = self.proxy_gradient(models, clean)
         heldout = self.attacker_heldout(clean)
         rows, world = [], None
-        standard_time = self.wallclock(DefenseSetting(registry.STANDARD), models, g_P)
+        wallclock_ratios = self.wallclock_ratios(models, g_P)
         context = encode_prompts(self.task.problems("test", self.cfg.seed, 64), self.tokenizer, None)[1].mean()
         for d in tqdm(self.pc.defenses, desc="defenses", disable=not self.progress):
             tr = self.traces(d, models, g_P)
@@ -363,8 +352,7 @@ class Protocol:
                 p, a = row["students"]["passive"]["mean"], row["students"][row["adaptive_key"]]["mean"]
                 row["relative_gain"] = (a - p) / p if p > 0 else float("nan")
             cost = cost_model(d, models, int(context + self.cfg.sample.max_new_tokens // 2))
-            standard = d.name == registry.STANDARD
-            cost["wallclock_ratio"] = 1.0 if standard else self.wallclock(d, models, g_P) / standard_time
+            cost["wallclock_ratio"] = wallclock_ratios[d.key]
             row["cost"] = cost
             row["mean_trace_length"] = float(tr["trace_lengths"].mean())
             row["degeneracy_rate"] = float(1 - tr["keep"].mean())
@@ -372,7 +360,7 @@ class Protocol:
             for name in TEXT_COLUMNS:  # tasks with text features (the reasoning task)
                 if f"trace_{name}" in tr:
                     row[f"trace_{name}"] = float(tr[f"trace_{name}"].mean())
-            if standard:
+            if d.name == registry.STANDARD:
                 world = self.teacher_entropy(models, tr)
             rows.append(row)
         results = {

@@ -68,11 +68,15 @@ def test_protocol_end_to_end_and_resume(trained):
     assert "| poe γ=0.5 |" in md and "wall-clock ratio" in md
     assert (trained / "teacher_vs_student.png").stat().st_size > 10_000
 
-    # Re-running reuses every stage: no trace or student file is rewritten.
+    # Re-running reuses every stage: no trace, student or timing file is rewritten, and the wall-clock ratios
+    # are the first run's (re-measured, they would drift with the machine's load).
     stages = {k: v for k, v in _snapshot(trained / "protocol").items()}
+    assert len([p for p in stages if p.name.startswith("wallclock-")]) == 1
     again = distgame("protocol", "--config", "ci", f"run_dir={trained}")
     assert again.returncode == 0, again.stderr
     assert {k: v for k, v in _snapshot(trained / "protocol").items()} == stages
+    rerun = json.loads((trained / "results.json").read_text())
+    assert [r["cost"] for r in rerun["rows"]] == [r["cost"] for r in results["rows"]]
 
 
 def test_protocol_restarts_where_it_was_killed(trained, tmp_path):
