@@ -188,7 +188,8 @@ class Protocol:
         """Decoding seconds of each defense setting over standard decoding's, for a batch of `cost_batch` test
         prompts: measured side by side in one run (the machine's speed drifts between runs) and kept as a
         stage, so a re-run reports the same ratios."""
-        path = self.dir / f"wallclock-{fingerprint(t=self.task_fp, p=dataclasses.replace(self.pc, distill=None))}.json"
+        fp = fingerprint(t=self.task_fp, d=self.pc.defenses, b=self.pc.cost_batch, tau=self.pc.temperature)
+        path = self.dir / f"wallclock-{fp}.json"
         if path.exists():
             return rio.load_json(path)
         prompts, lens = encode_prompts(
