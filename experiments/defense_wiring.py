@@ -77,7 +77,6 @@ def decode_seconds(
 ) -> float:
     """Median seconds of three decodes of `prompts` under defense setting d, full length (no early EOS), after
     one to compile."""
-
     combiner, specs, params, tangents = defense_setup(d, models, g_P, tau)
 
     def run():
