@@ -35,7 +35,7 @@ from models import transformer as tfm
 from models.sampling import Single, generate, greedy_uncached
 
 
-def _time(fn: Callable[[], object], iters: int, warmup: bool = True) -> float:
+def median_seconds(fn: Callable[[], object], iters: int, warmup: bool = True) -> float:
     """Median seconds per call of a jax function (results blocked on)."""
     if warmup:
         jax.block_until_ready(fn())  # compile + warm-up
@@ -54,7 +54,7 @@ def matmul_peak_flops(mesh, n: int = 1024, iters: int = 10) -> float:
     a = jax.device_put(jnp.ones((devices * n, n), jnp.float32), sharding)
     b = jax.device_put(jnp.ones((devices * n, n), jnp.float32), sharding)
     f = jax.jit(lambda a, b: jnp.einsum("xij,xjk->xik", a.reshape(devices, n, n), b.reshape(devices, n, n)))
-    seconds = _time(lambda: f(a, b), iters)
+    seconds = median_seconds(lambda: f(a, b), iters)
     return 2 * devices * n**3 / seconds
 
 
@@ -172,13 +172,13 @@ def run_bench(cfg: Config, compare_hf: bool = False) -> dict:
     # Rounds alternate ours / theirs (and standard / PoE) so that drift in machine speed hits both alike.
     for _ in range(bc.rounds):
         for name, fn in ours.items():
-            times.setdefault(name, []).append(_time(fn, bc.iters, warmup=False))
+            times.setdefault(name, []).append(median_seconds(fn, bc.iters, warmup=False))
             if hf:
                 times.setdefault(f"hf_{name}", []).append(_hf_time(hf[name], bc.iters))
         for kind, fn in distill.items():
-            times.setdefault(f"distill_{kind}", []).append(_time(fn, 1, warmup=False))
+            times.setdefault(f"distill_{kind}", []).append(median_seconds(fn, 1, warmup=False))
     t = {k: float(np.median(v)) for k, v in times.items()}
-    uncached_s = _time(uncached, max(1, bc.iters // 2))
+    uncached_s = median_seconds(uncached, max(1, bc.iters // 2))
 
     train_tokens = bc.batch_size * seq
     train_flops = 3 * tfm.flops_per_token(rc.model, vocab, seq // 2) * train_tokens

@@ -7,12 +7,11 @@ module only knows how to build each expert kind from the roles' models and the p
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import jax
-import numpy as np
 
+from experiments.bench import median_seconds
 from game import registry
 from models import transformer as tfm
 from models.sampling import ExpertSpec, generate
@@ -94,13 +93,7 @@ def decode_seconds(
             tangents=tangents,
         )["tokens_bn"]
 
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return median_seconds(run, iters=3)
 
 
 # ---------------------------------------------------------------------------
