@@ -26,12 +26,6 @@ os.environ.setdefault("DISTGAME_COMPILATION_CACHE_MIN_S", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# The test processes themselves keep no compiled program on disk: their tests rarely compile one program twice,
-# and writing each costs more than the hits save (test_world, test_students and test_sharding in one process: 112 s
-# of CPU without, 174 s with). Without this, a test that runs the CLI in-process turns the cache on for the rest of
-# its worker. Only the subprocesses use the session's cache.
-jax.config.update("jax_enable_compilation_cache", False)
-
 
 def pytest_unconfigure(config):
     if _OWN_CACHE:  # the process that made it: the controller, or a run without xdist
