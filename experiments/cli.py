@@ -12,7 +12,13 @@ from experiments import io as rio
 from experiments import preemption
 from experiments.cli_args import parse_args
 from experiments.config import ROLES, ConfigError, describe, load_config
-from experiments.distributed import CoordinatorError, initialize_distributed, is_main_process, keep_off_absent_tpu
+from experiments.distributed import (
+    CoordinatorError,
+    cpu_devices_per_core,
+    initialize_distributed,
+    is_main_process,
+    keep_off_absent_tpu,
+)
 from experiments.tasks.task_config import TaskError
 from experiments.tasks.text_tokenizers import TokenizerError
 from game.solver import SolverDivergedError
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Before anything touches a jax backend: pick the platform, join the other processes (if any).
         keep_off_absent_tpu()
+        cpu_devices_per_core()
         enable_compilation_cache()
         initialize_distributed(cfg.distributed)
         command = {

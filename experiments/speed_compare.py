@@ -48,7 +48,11 @@ def _worker(config: str, overrides: list[str], distill_steps: int, train_steps: 
 
     from experiments import protocol as P
     from experiments.config import DefenseSetting, load_config
-    from experiments.tasks.encoding import encode_prompts
+
+    try:
+        from experiments.tasks.encoding import encode_prompts
+    except ImportError:  # checkouts before 2026-12-02 kept it in the arithmetic task
+        from experiments.tasks.arithmetic import encode_prompts
     from experiments.tasks.registry import build_task
     from experiments.train import init_role_model, make_mesh
     from models.sampling import generate

@@ -229,3 +229,32 @@ def test_protocol_on_two_processes_writes_results_once(ci_run):
     assert [r["label"] for r in results["rows"]] == ["standard", "poe γ=0.5"]
     assert all(r["mean_trace_length"] > 0 and len(r["students"]["passive"]["values"]) == 2 for r in results["rows"])
     assert (ci_run / "RESULTS.md").exists() and not list(ci_run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("cores, count", [(1, 1), (2, 2), (3, 2), (6, 4), (8, 8), (64, 8)])
+def test_cpu_device_count_is_a_power_of_two_per_core(cores, count):
+    from experiments.distributed import cpu_device_count
+
+    assert cpu_device_count({}, cores=cores) == count
+    assert cpu_device_count({"DISTGAME_CPU_DEVICES": "3"}, cores=cores) == 3  # the user's count wins
+    assert cpu_device_count({"XLA_FLAGS": "--xla_force_host_platform_device_count=5"}, cores=cores) is None
+
+
+@pytest.mark.parametrize("raw", ["0", "-2", "two"])
+def test_bad_cpu_device_count(raw):
+    from experiments.distributed import CoordinatorError, cpu_device_count
+
+    with pytest.raises(CoordinatorError, match=f"DISTGAME_CPU_DEVICES={raw!r}|DISTGAME_CPU_DEVICES={raw} must be"):
+        cpu_device_count({"DISTGAME_CPU_DEVICES": raw})
+
+
+def test_cli_gives_jax_one_cpu_device_per_core():
+    """A fresh process without XLA_FLAGS: the CLI's setup gives JAX the chosen number of CPU devices."""
+    code = (
+        "from experiments.distributed import cpu_devices_per_core; import jax; "
+        "n = cpu_devices_per_core(); print(n, jax.device_count('cpu'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(DISTGAME_CPU_DEVICES="3", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "3"]
