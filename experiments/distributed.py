@@ -116,8 +116,9 @@ ENV_CPU_DEVICES = "DISTGAME_CPU_DEVICES"
 
 def cpu_device_count(env=os.environ, cores: int | None = None) -> int | None:
     """How many CPU devices `cpu_devices_per_core` gives JAX: $DISTGAME_CPU_DEVICES, else the largest power of
-    two <= min(cores, 8); None when XLA_FLAGS already sets --xla_force_host_platform_device_count."""
-    if "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", ""):
+    two <= min(cores, 8); None when the user already chose (XLA_FLAGS' --xla_force_host_platform_device_count,
+    or JAX_NUM_CPU_DEVICES)."""
+    if "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "") or "JAX_NUM_CPU_DEVICES" in env:
         return None
     count = _env_int(env, ENV_CPU_DEVICES)
     if count is not None:
@@ -132,9 +133,10 @@ def cpu_device_count(env=os.environ, cores: int | None = None) -> int | None:
 def cpu_devices_per_core(env=os.environ) -> int | None:
     """Give JAX one CPU device per core (`cpu_device_count`) instead of one device whose every op is split over
     all cores. The mesh's `data: -1` then runs the batch's shards side by side: decoding, a long chain of small
-    matmuls where handing each op to the thread pool costs as much as the op, ran 1.9x faster on a 2-core
-    machine (`distgame bench`, same run); a power of two so that the configs' batch sizes divide. Must run
-    before anything touches a jax backend; no effect on GPU/TPU devices. Returns the count it set, or None."""
+    matmuls where handing each op to the thread pool costs as much as the op, ran 1.6-1.8x faster on a 2-core
+    machine (`distgame bench`, runs alternating 1 and 2 devices); a power of two so that the configs' batch
+    sizes divide. Must run before anything touches a jax backend; no effect on GPU/TPU devices. Returns the
+    count it set, or None."""
     count = cpu_device_count(env)
     if count is not None:
         import jax

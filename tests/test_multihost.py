@@ -238,6 +238,7 @@ def test_cpu_device_count_is_a_power_of_two_per_core(cores, count):
     assert cpu_device_count({}, cores=cores) == count
     assert cpu_device_count({"DISTGAME_CPU_DEVICES": "3"}, cores=cores) == 3  # the user's count wins
     assert cpu_device_count({"XLA_FLAGS": "--xla_force_host_platform_device_count=5"}, cores=cores) is None
+    assert cpu_device_count({"JAX_NUM_CPU_DEVICES": "5"}, cores=cores) is None
 
 
 @pytest.mark.parametrize("raw", ["0", "-2", "two"])
