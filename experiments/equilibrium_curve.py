@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.game_wiring import horizon_optimizer, horizon_steps, make_game
+from experiments.game_wiring import horizon_optimizer, horizon_steps, make_game, on_one_cpu_device
 from experiments.progress import tqdm
 from experiments.stats import mean_stderr
 from game import frontier
@@ -30,7 +30,7 @@ def capability_curves(
     cfg, ec = sweep.cfg, sweep.ec
     steps = horizon_steps(cfg)
     tx = horizon_optimizer(cfg.protocol.distill, steps)
-    theta0 = models["student"].params
+    theta0, eval_batch = on_one_cpu_device((models["student"].params, eval_batch))
 
     def J_after_horizon(beta):
         game = make_game(models["student"], beta, cfg.protocol.distill, cfg.protocol.temperature, "soft", ec.defense)
@@ -48,7 +48,7 @@ def capability_curves(
         for k, g in enumerate(gammas):
             # round 30_000 + s: one sampling key per pool seed, the same for every γ (common random numbers)
             pool = sweep.prefixes(models, gammas[k : k + 1], 30_000 + s, heldout, steps, pool_seed=s)
-            pool = jax.tree.map(lambda x: x[0], pool)
+            pool = on_one_cpu_device(jax.tree.map(lambda x: x[0], pool))
             for beta in betas:
                 J[beta][s, k] = float(J_of[beta](jnp.float32(g), pool))
                 bar.update()

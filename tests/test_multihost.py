@@ -259,3 +259,22 @@ def test_cli_gives_jax_one_cpu_device_per_core():
     env.update(DISTGAME_CPU_DEVICES="3", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["3", "3"]
+
+
+def test_game_inputs_go_to_one_cpu_device():
+    """The equilibrium's horizon students take unsharded pools: on several CPU devices of one process their
+    inputs are committed to one device, so the devices do not each run the whole computation."""
+    import jax
+    import numpy as np
+
+    from experiments.game_wiring import on_one_cpu_device
+
+    assert jax.device_count() > 1  # the suite's simulated devices
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    replicated = jax.device_put(
+        np.ones((4, 3), np.float32), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    )
+    out = on_one_cpu_device({"theta": replicated, "pool": np.arange(6)})
+    for leaf in jax.tree.leaves(out):
+        assert leaf.sharding.device_set == {jax.devices()[0]}
+    np.testing.assert_array_equal(out["pool"], np.arange(6))
