@@ -20,7 +20,7 @@ def on_one_cpu_device(tree):
     """A game computation's inputs committed to one device when the devices are several CPU devices of one
     process (`distributed.cpu_devices_per_core`). The game's pools and batches are not sharded, so on a
     data-parallel mesh every device would run the whole horizon student (a reduced equilibrium's J curves took
-    1.6x the wall time and twice the CPU time on two CPU devices as on one; committed to one device, 1.1x).
+    1.6x the wall time and twice the CPU time on two CPU devices as on one; committed to one device, 1.1-1.3x).
     One CPU device still uses every core through XLA's thread pool. Elsewhere the tree is returned as it is."""
     devices = jax.devices()
     if len(devices) == 1 or jax.process_count() > 1 or devices[0].platform != "cpu":
